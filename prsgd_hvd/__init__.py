@@ -1,0 +1,23 @@
+"""prsgd_hvd: Parallel Restarted SGD (local SGD with periodic model averaging) for Horovod.
+
+``import prsgd_hvd as hvd`` gives everything ``horovod.torch`` exports plus
+``DistributedLocalSGD`` and the schedules; importing the package also registers those names on
+``horovod.torch``, so ``import horovod.torch as hvd; import prsgd_hvd`` works too.
+"""
+from horovod.torch import *  # noqa: F401,F403  (the drop-in promise: every horovod.torch name)
+import horovod.torch as _horovod_torch
+
+from . import ops  # noqa: F401
+from .optimizer import DistributedLocalSGD
+from .schedules import FixedInterval, Schedule, StepPlan
+
+__version__ = "0.1.0"
+
+# The names this package adds to horovod.torch.
+_EXPORTS = {
+    "DistributedLocalSGD": DistributedLocalSGD,
+    "FixedInterval": FixedInterval,
+}
+for _name, _obj in _EXPORTS.items():
+    setattr(_horovod_torch, _name, _obj)
+del _name, _obj

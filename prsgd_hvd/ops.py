@@ -1,0 +1,85 @@
+"""The fused averaging kernels, with their pure-torch references beside them.
+
+``flatten``, ``unflatten_average_`` and ``unflatten_average_sgd_`` dispatch to the compiled
+extension (``prsgd_hvd._C``, CPU and, where built, CUDA) when it is loaded, and to
+:mod:`prsgd_hvd.ops_reference` otherwise. ``has_extension()`` says which. The semantics are the
+reference's; see its docstrings.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import ops_reference as reference
+
+__all__ = ["has_extension", "extension_error", "flatten", "unflatten_average_",
+           "unflatten_average_sgd_", "reference"]
+
+try:  # the compiled kernels register torch.ops.prsgd_hvd.* when imported
+    from . import _C  # type: ignore[attr-defined]  # noqa: F401
+    _EXTENSION_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _C = None
+    _EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def has_extension() -> bool:
+    """True when the compiled kernels are loaded."""
+    return _C is not None
+
+
+def extension_error() -> Optional[str]:
+    """Why the compiled kernels are not loaded (None when they are)."""
+    return _EXTENSION_ERROR
+
+
+def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pack ``tensors`` into one 1-D buffer (cast to ``out.dtype`` when ``out`` is given)."""
+    if _C is None:
+        return reference.flatten(tensors, out)
+    tensors = list(tensors)
+    if not tensors and out is None:  # the dispatcher would have no tensor to pick a device from
+        raise ValueError("flatten: 'tensors' is empty and no 'out' was given to take a dtype from")
+    # Optimizer ops: params are leaves that require grad, and this is not differentiable.
+    with torch.no_grad():
+        return torch.ops.prsgd_hvd.flatten(tensors, out)
+
+
+def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float) -> None:
+    """``params[i] = flat[segment_i] * scale``."""
+    if _C is None:
+        return reference.unflatten_average_(flat, params, scale=scale)
+    with torch.no_grad():
+        torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale))
+
+
+def unflatten_average_sgd_(
+    flat: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[Optional[torch.Tensor]],
+    momentum_buffers: Sequence[Optional[torch.Tensor]],
+    *,
+    scale: float,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: Union[bool, Sequence[bool]] = False,
+) -> None:
+    """One pass: average, then ``torch.optim.SGD``'s update applied to the average."""
+    if _C is None:
+        return reference.unflatten_average_sgd_(
+            flat, params, grads, momentum_buffers, scale=scale, lr=lr, momentum=momentum,
+            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, first_step=first_step)
+    params = list(params)
+    n = len(params)
+    firsts = [bool(first_step)] * n if isinstance(first_step, bool) else [bool(f) for f in first_step]
+    with torch.no_grad():
+        torch.ops.prsgd_hvd.unflatten_average_sgd_(
+            flat, params, list(grads), list(momentum_buffers), firsts, float(scale), float(lr),
+            float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+            bool(maximize))

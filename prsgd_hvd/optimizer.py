@@ -1,0 +1,354 @@
+"""``DistributedLocalSGD``: Parallel Restarted SGD as a drop-in for ``hvd.DistributedOptimizer``.
+
+Each rank steps its own copy of the model; the copies are averaged when the schedule says so
+(every I steps for Algorithm 1). See DESIGN.md §3 for the exact semantics every path honours.
+
+NOTE: [the wrapper is the user's optimizer]
+``DistributedLocalSGD(opt, ...)`` changes ``opt``'s class in place to a dynamic subclass of it,
+the way Horovod's ``DistributedOptimizer`` builds a dynamic subclass, so the result *is* an
+instance of the user's class (``isinstance`` holds, ``lr_scheduler``, ``GradScaler`` and
+``state_dict()`` keep working). Unlike Horovod we keep the object instead of re-constructing it,
+so state loaded before wrapping and constructor arguments that ``param_groups`` do not carry are
+kept. The subclass's ``__module__`` is Horovod's optimizer module on purpose: Horovod's
+``broadcast_optimizer_state`` initialises empty optimizer state by calling the *base* class's
+``step()`` for its own wrappers (and ``optimizer.step()`` for anything else), and our ``step()``
+must not run there -- it would advance the local-SGD counters and could start an averaging round.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from . import ops, ops_reference
+from .averaging import Averager, Bucket
+from .schedules import Schedule, StepPlan, as_schedule
+
+__all__ = ["DistributedLocalSGD"]
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_AVERAGE_EVERY_STEP = StepPlan(average_before=True)
+
+
+def _hvd():
+    import horovod.torch as hvd
+    return hvd
+
+
+class _LocalSGDState:
+    """Everything the wrapper adds to the optimizer, kept off the optimizer's own namespace."""
+
+    def __init__(self, opt: torch.optim.Optimizer, base_cls: type, schedule: Schedule,
+                 warmup_steps: int, process_set, fused: bool, use_kernels: bool,
+                 model: Optional[torch.nn.Module], average_state: bool,
+                 names: Dict[int, str]):
+        hvd = _hvd()
+        self.opt = opt
+        self.base_cls = base_cls
+        self.schedule = schedule
+        self.warmup_steps = warmup_steps
+        self.process_set = process_set
+        self.fused = fused                      # fused average+SGD step on averaging rounds
+        self.model = model
+        self.average_state = average_state
+        self.names = names
+        self.local_step = 0
+        self.rounds = 0
+        self.rank = process_set.rank()
+        self.size = process_set.size()
+        # fused=False is the reference path: no compiled code anywhere in the round.
+        self.averager = Averager(process_set, name="prsgd_hvd.average",
+                                 kernels=ops if use_kernels else ops_reference)
+        self._fused_layout_key: Optional[Tuple] = None
+        self._fused_segments: List[List[Tuple[Optional[int], int, int]]] = []
+        schedule.bind(self.rank, self.size)
+        del hvd
+
+    # ---- what gets averaged ------------------------------------------------------------------
+    def params(self) -> List[torch.Tensor]:
+        seen, out = set(), []
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def tensors(self) -> List[torch.Tensor]:
+        """Params (group by group, so each group is contiguous in its bucket), then extras."""
+        params = self.params()
+        out = list(params)
+        if self.model is not None:
+            ids = {id(p) for p in params}
+            out += [b for b in self.model.buffers()
+                    if b.is_floating_point() and id(b) not in ids]
+        if self.average_state:
+            for p in params:
+                st = self.opt.state.get(p, {})
+                for key in sorted(st):
+                    v = st[key]
+                    if torch.is_tensor(v) and v.is_floating_point() and v.shape == p.shape:
+                        out.append(v)
+        return out
+
+    # ---- schedule ----------------------------------------------------------------------------
+    def plan(self, t: int) -> StepPlan:
+        if t <= self.warmup_steps:
+            return _AVERAGE_EVERY_STEP
+        return self.schedule.plan(t)
+
+    # ---- the fused path ----------------------------------------------------------------------
+    def fused_segments(self, buckets: List[Bucket]) -> List[List[Tuple[Optional[int], int, int]]]:
+        """Per bucket: runs (group index or None for non-params, first, last) of its tensors."""
+        key = tuple(id(b.flat) for b in buckets)
+        if key != self._fused_layout_key:
+            group_of: Dict[int, int] = {}
+            for gi, group in enumerate(self.opt.param_groups):
+                for p in group["params"]:
+                    group_of.setdefault(id(p), gi)
+            layout = []
+            for b in buckets:
+                runs: List[Tuple[Optional[int], int, int]] = []
+                for i, t in enumerate(b.tensors):
+                    g = group_of.get(id(t))
+                    if runs and runs[-1][0] == g:
+                        runs[-1] = (g, runs[-1][1], i + 1)
+                    else:
+                        runs.append((g, i, i + 1))
+                layout.append(runs)
+            self._fused_layout_key, self._fused_segments = key, layout
+        return self._fused_segments
+
+    def can_fuse(self, buckets: List[Bucket]) -> bool:
+        for b in buckets:
+            if b.device.type not in ("cpu", "cuda") or b.dtype not in _FUSED_DTYPES:
+                return False
+        for group in self.opt.param_groups:
+            if group.get("differentiable", False):
+                return False
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    return False
+        return True
+
+    @torch.no_grad()
+    def fused_write_back_and_step(self, buckets: List[Bucket]) -> None:
+        """Kernel 2 of the round: average and apply ``torch.optim.SGD``'s update in one pass."""
+        scale = 1.0 / self.size
+        for b, runs in zip(buckets, self.fused_segments(buckets)):
+            for g, first, last in runs:
+                flat = b.segment(first, last)
+                tensors = b.tensors[first:last]
+                if g is None:
+                    ops.unflatten_average_(flat, tensors, scale=scale)
+                    continue
+                group = self.opt.param_groups[g]
+                params = tensors
+                momentum = float(group["momentum"])
+                grads, bufs, firsts = [], [], []
+                for p in params:
+                    grads.append(p.grad)
+                    buf, first = None, False
+                    if p.grad is not None and momentum != 0:
+                        state = self.opt.state[p]
+                        buf = state.get("momentum_buffer")
+                        if buf is None:
+                            buf = torch.empty_like(p.data, memory_format=torch.preserve_format)
+                            state["momentum_buffer"] = buf
+                            first = True
+                    bufs.append(buf)
+                    firsts.append(first)
+                ops.unflatten_average_sgd_(
+                    flat, tensors, grads, bufs, scale=scale, lr=float(group["lr"]),
+                    momentum=momentum, dampening=float(group["dampening"]),
+                    weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+                    maximize=bool(group.get("maximize", False)), first_step=firsts)
+
+    # ---- one averaging round -----------------------------------------------------------------
+    def average(self) -> None:
+        """Blocking average of everything that is averaged (no optimizer update)."""
+        self.averager.start(self.tensors())
+        self.averager.write_back(self.averager.wait())
+        self.rounds += 1
+
+
+class _LocalSGDMethods:
+    """Methods of the dynamic subclass (copied into it, as Horovod does)."""
+
+    # NOTE: [the wrapper is the user's optimizer] explains this module name.
+    __module__ = "horovod.torch.optimizer"
+
+    @property
+    def local_step(self) -> int:
+        """Calls of ``step()`` so far on this rank."""
+        return self._local_sgd.local_step
+
+    @property
+    def rounds(self) -> int:
+        """Averaging rounds so far (scheduled ones, ``average_now()`` and ``finalize()``)."""
+        return self._local_sgd.rounds
+
+    def step(self, closure=None, **kwargs):
+        ls: _LocalSGDState = self._local_sgd
+        base_step = super(self.__class__, self).step
+        loss = None
+        if closure is not None:
+            # The gradient must be taken at the local point x_i^{t-1}, before any averaging.
+            with torch.enable_grad():
+                loss = closure()
+        t = ls.local_step + 1
+        plan = ls.plan(t)
+        if plan.lr is not None:
+            for group in self.param_groups:
+                group["lr"] = plan.lr
+        if plan.average_before:
+            ls.averager.start(ls.tensors())
+            buckets = ls.averager.wait()
+            if ls.fused and not kwargs and ls.can_fuse(buckets):
+                ls.fused_write_back_and_step(buckets)
+            else:
+                ls.averager.write_back(buckets)
+                base_step(**kwargs)
+            ls.rounds += 1
+        else:
+            base_step(**kwargs)
+        if plan.average_after:
+            ls.average()
+        ls.local_step = t
+        return loss
+
+    def average_now(self) -> None:
+        """Collective: average every rank's model now, outside the schedule.
+
+        Every rank of the process set must call it at the same point. Counts as a round.
+        """
+        self._local_sgd.average()
+
+    def finalize(self) -> None:
+        """Collective: end training with every rank holding the same averaged model."""
+        self._local_sgd.average()
+
+    def stats(self) -> Dict[str, Any]:
+        ls: _LocalSGDState = self._local_sgd
+        return {
+            "local_step": ls.local_step,
+            "rounds": ls.rounds,
+            "bytes_sent": ls.averager.bytes_sent,
+            "comm_seconds": ls.averager.comm_seconds,
+            "exposed_comm_seconds": ls.averager.wait_seconds,
+            "fused": ls.fused,
+            "schedule": repr(ls.schedule),
+            "world_size": ls.size,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super(self.__class__, self).state_dict()
+        ls: _LocalSGDState = self._local_sgd
+        sd["local_sgd"] = {
+            "local_step": ls.local_step,
+            "rounds": ls.rounds,
+            "warmup_steps": ls.warmup_steps,
+            "schedule": ls.schedule.state_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        local = state_dict.pop("local_sgd", None)
+        super(self.__class__, self).load_state_dict(state_dict)
+        if local is not None:
+            ls: _LocalSGDState = self._local_sgd
+            ls.local_step = int(local["local_step"])
+            ls.rounds = int(local["rounds"])
+            ls.schedule.load_state_dict(local.get("schedule", {}))
+
+
+def _check_named_parameters(optimizer, named_parameters) -> Dict[int, str]:
+    if named_parameters is None:
+        return {}
+    named = list(named_parameters)
+    if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
+        raise ValueError("DistributedLocalSGD: 'named_parameters' must be (name, tensor) pairs, "
+                         "e.g. model.named_parameters()")
+    names = [n for n, _ in named]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError(f"DistributedLocalSGD: 'named_parameters' has duplicate names: {dups}")
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in named if id(p) not in in_opt]
+    if missing:
+        raise ValueError(f"DistributedLocalSGD: 'named_parameters' names parameters that are not in "
+                         f"the optimizer: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return {id(p): n for n, p in named}
+
+
+def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
+                        named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
+                        warmup_steps: int = 0, process_set=None, fused: Optional[bool] = None,
+                        model: Optional[torch.nn.Module] = None, average_state: bool = False):
+    """Wrap ``optimizer`` for Parallel Restarted SGD (local SGD with periodic model averaging).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``; it is returned, re-classed (see the NOTE above).
+        interval: an ``int >= 1`` (average every ``interval`` steps, Algorithm 1) or a schedule
+            (``FixedInterval``, ...).
+        named_parameters: ``model.named_parameters()``, for error messages that name parameters.
+        warmup_steps: average at every step for the first ``warmup_steps`` steps.
+        process_set: the Horovod process set to average over (default: all ranks).
+        fused: ``None`` uses the compiled kernels when available (the fused average+update for
+            ``torch.optim.SGD``), ``True`` requires them, ``False`` uses the pure-torch reference.
+        model: when given, its floating-point buffers (BatchNorm statistics) are averaged too.
+        average_state: also average optimizer state tensors shaped like their parameter
+            (momentum buffers, Adam moments). Off by default: the paper keeps them local.
+    """
+    hvd = _hvd()
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"DistributedLocalSGD: 'optimizer' must be a torch.optim.Optimizer, "
+                        f"got {type(optimizer).__name__}")
+    if hasattr(optimizer, "_local_sgd"):
+        raise ValueError("DistributedLocalSGD: this optimizer is already wrapped")
+    if "step" in vars(optimizer):
+        raise ValueError("DistributedLocalSGD: 'optimizer.step' was replaced on the instance (an "
+                         "LR scheduler created before wrapping does this); create LR schedulers "
+                         "after DistributedLocalSGD(...)")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"DistributedLocalSGD: 'warmup_steps' must be an int >= 0, got {warmup_steps!r}")
+    if fused not in (None, True, False):
+        raise ValueError(f"DistributedLocalSGD: 'fused' must be None, True or False, got {fused!r}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"DistributedLocalSGD: 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    schedule = as_schedule(interval)
+    names = _check_named_parameters(optimizer, named_parameters)
+    if process_set is None:
+        process_set = hvd.global_process_set
+    try:
+        process_set.size()
+    except ValueError as exc:
+        raise RuntimeError("DistributedLocalSGD: Horovod is not initialised; call hvd.init() "
+                           "before wrapping the optimizer") from exc
+    if not process_set.included():
+        raise ValueError("DistributedLocalSGD: this rank is not in 'process_set'; wrap the "
+                         "optimizer only on the ranks of the process set")
+
+    is_sgd = type(optimizer) is torch.optim.SGD
+    if fused is True:
+        if not ops.has_extension():
+            raise ValueError("DistributedLocalSGD: fused=True but the compiled kernels are not "
+                             f"loaded ({ops.extension_error()}); rebuild with "
+                             "`pip install --no-build-isolation -e .` or pass fused=None")
+        if not is_sgd:
+            raise ValueError(f"DistributedLocalSGD: fused=True needs torch.optim.SGD, got "
+                             f"{type(optimizer).__name__}; pass fused=None to use the kernels "
+                             "for averaging and the optimizer's own step")
+    use_kernels = fused is not False and ops.has_extension()
+    fuse_step = use_kernels and is_sgd
+
+    base_cls = type(optimizer)
+    methods = {k: v for k, v in vars(_LocalSGDMethods).items() if k not in ("__dict__", "__weakref__")}
+    cls = type(base_cls.__name__, (base_cls,), methods)
+    optimizer.__class__ = cls
+    optimizer._local_sgd = _LocalSGDState(
+        optimizer, base_cls, schedule, warmup_steps, process_set, fuse_step, use_kernels,
+        model, average_state, names)
+    return optimizer

@@ -1,0 +1,65 @@
+"""Model, data and optimizer construction shared by the workers and the float64 reference.
+
+Deliberately free of prsgd_hvd: the reference simulation must not reuse the code under test.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IN, HIDDEN, OUT, BATCH = 6, 5, 3, 8
+
+
+class Net(nn.Module):
+    """Small non-convex model with awkward parameter shapes and a rank-dependent branch.
+
+    ``branch`` is used only on rank 0, so on other ranks its parameters get no gradient
+    (``.grad is None``) -- they must still be averaged every round.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(IN, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, OUT)
+        self.gain = nn.Parameter(torch.tensor(1.0))        # 0-dim parameter
+        self.branch = nn.Linear(OUT, OUT, bias=False)
+
+    def forward(self, x, rank: int):
+        h = torch.tanh(self.fc1(x))
+        y = self.fc2(h) * self.gain
+        if rank == 0:
+            y = y + 0.1 * self.branch(y)
+        return y
+
+
+def make_model(seed: int) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def batch(seed: int, rank: int, t: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed * 100003 + rank * 1009 + t)
+    x = torch.randn(BATCH, IN, generator=g)
+    y = torch.randn(BATCH, OUT, generator=g)
+    return x.to(dtype), y.to(dtype)
+
+
+def loss_fn(model: Net, seed: int, rank: int, t: int, dtype=torch.float32):
+    x, y = batch(seed, rank, t, dtype)
+    return ((model(x, rank) - y) ** 2).mean()
+
+
+OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+def make_optimizer(spec: dict, model: nn.Module) -> torch.optim.Optimizer:
+    return OPTIMIZERS[spec["opt"]](model.parameters(), **spec.get("opt_kwargs", {}))
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])

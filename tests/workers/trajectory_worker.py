@@ -1,0 +1,75 @@
+"""Run training scenarios with DistributedLocalSGD and save every rank's parameters per step.
+
+Usage (under horovodrun): trajectory_worker.py --out DIR --scenarios JSON
+Each scenario: name, opt, opt_kwargs, interval, warmup, steps, seed, and optionally
+fused (None/True/False), resume_at (checkpoint round trip after that step), lr_step
+([step_size, gamma] for StepLR), broadcast_state (call hvd.broadcast_optimizer_state).
+"""
+import argparse
+import io
+import json
+
+import torch
+
+import prsgd_hvd as hvd
+from common import flat_params, loss_fn, make_model, make_optimizer
+
+
+def build(spec, rank):
+    model = make_model(spec["seed"])
+    opt = make_optimizer(spec, model)
+    opt = hvd.DistributedLocalSGD(opt, interval=spec["interval"],
+                                  named_parameters=model.named_parameters(),
+                                  warmup_steps=spec.get("warmup", 0), fused=spec.get("fused"))
+    sched = None
+    if spec.get("lr_step"):
+        size, gamma = spec["lr_step"]
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=size, gamma=gamma)
+    return model, opt, sched
+
+
+def run(spec, rank):
+    model, opt, sched = build(spec, rank)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    if spec.get("broadcast_state"):
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+        assert opt.local_step == 0 and opt.rounds == 0, "broadcast_optimizer_state moved counters"
+    traj = []
+    for t in range(1, spec["steps"] + 1):
+        opt.zero_grad()
+        loss_fn(model, spec["seed"], rank, t).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        traj.append(flat_params(model))
+        if spec.get("resume_at") == t:
+            # Checkpoint round trip mid-interval into freshly built objects.
+            buf = io.BytesIO()
+            ckpt = {"model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict() if sched else None}
+            torch.save(ckpt, buf)
+            buf.seek(0)
+            ckpt = torch.load(buf, weights_only=False)
+            model, opt, sched = build(spec, rank)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            if sched is not None:
+                sched.load_state_dict(ckpt["sched"])
+            assert opt.local_step == t, (opt.local_step, t)
+    return {"traj": torch.stack(traj), "local_step": opt.local_step, "rounds": opt.rounds,
+            "stats": opt.stats(), "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0))))}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenarios", required=True)
+    args = ap.parse_args()
+    hvd.init()
+    torch.set_num_threads(1)
+    results = {spec["name"]: run(spec, hvd.rank()) for spec in json.loads(args.scenarios)}
+    torch.save(results, f"{args.out}/rank{hvd.rank()}.pt")
+
+
+if __name__ == "__main__":
+    main()
