@@ -1,0 +1,37 @@
+// Operator schemas of prsgd_hvd and the Python module stub.
+//
+// One schema per op (pytorch/extension-cpp style); the CPU kernels are registered in
+// cpu_ops.cpp and the CUDA ones in cuda/cuda_ops.cpp, which only CUDA builds compile.
+// Python reaches the ops through torch.ops.prsgd_hvd.*; importing prsgd_hvd._C runs the static
+// registrations below.
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: `from prsgd_hvd import _C` only needs to load this library so that the
+// TORCH_LIBRARY blocks run. No pybind11 bindings are needed.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // m_name
+      "prsgd_hvd kernels; the ops live in torch.ops.prsgd_hvd",  // m_doc
+      -1,    // m_size
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(prsgd_hvd, m) {
+  // Packs `tensors` (any shapes/strides) back to back into `out` (cast to out's dtype), or into
+  // a new tensor of tensors[0]'s dtype. Returns the packed buffer.
+  m.def("flatten(Tensor[] tensors, Tensor(a!)? out=None) -> Tensor");
+  // params[i] = flat[segment_i] * scale.
+  m.def("unflatten_average_(Tensor flat, Tensor(a!)[] params, float scale) -> ()");
+  // params[i] = SGD step applied to flat[segment_i] * scale; momentum buffers updated.
+  m.def(
+      "unflatten_average_sgd_(Tensor flat, Tensor(a!)[] params, Tensor?[] grads, "
+      "Tensor(b!)?[] momentum_buffers, bool[] first_step, float scale, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize) -> ()");
+}

@@ -1,0 +1,342 @@
+"""The compiled kernels (prsgd_hvd._C) against their pure-torch reference (ops_reference).
+
+CPU and CUDA share every test body (pytorch/extension-cpp style); the CUDA cases skip where
+torch has no GPU. Data is random with a fresh seed per test, printed so that a failure shows it
+(pytest prints captured stdout of failing tests); set PRSGD_TEST_SEED to replay one. Outputs are
+filled with NaN before each call, so an element a kernel forgets to write shows up.
+
+Everything skips when the extension is not built, except test_extension_required, which fails
+when PRSGD_REQUIRE_EXTENSION=1 (CI sets it) and the extension did not load.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+
+import pytest
+import torch
+
+from prsgd_hvd import ops
+from prsgd_hvd import ops_reference as ref
+
+needs_ext = pytest.mark.skipif(not ops.has_extension(),
+                               reason=f"prsgd_hvd._C not built: {ops.extension_error()}")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available"))]
+
+# Must match kChunkSize in csrc/cuda/multi_segment.h and at::internal::GRAIN_SIZE on CPU.
+CHUNK = 32768
+# Element counts around every boundary the kernels have: empty, one element, the CPU vector
+# step (16 fp32 / 8 fp64 with the generic 32-byte Vectorized, 64 with AVX-512), the CUDA ILP
+# of 4, odd primes (never aligned after the first), and the CUDA chunk / CPU grain size +-1.
+SMALL_SHAPES = [(), (0,), (1,), (3,), (4,), (5,), (7,), (8,), (9,), (15,), (16,), (17,),
+                (31,), (32,), (33,), (63,), (64,), (65,), (13,), (2, 3, 5), (101,), (0, 4),
+                (1, 1, 1), (4099,)]
+BIG_SHAPES = [(CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2 * CHUNK + 3,), (97, 89)]
+
+PAIRS = [  # (flat dtype, param dtype) combinations the unflatten kernels support
+    (torch.float32, torch.float32), (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64),
+    (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+]
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("PRSGD_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"PRSGD_TEST_SEED={seed}")
+    g = torch.Generator().manual_seed(seed)
+    yield g
+
+
+def rand(shape, dtype, device, g, lo=-1.0, hi=1.0):
+    x = torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
+    return x.to(dtype=dtype, device=device)
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+def assert_close(actual, expected, what=""):
+    tol = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12),
+           torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}[expected.dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert not actual.isnan().any(), f"{what}: unwritten (NaN) elements"
+    torch.testing.assert_close(actual, expected, rtol=tol[0], atol=tol[1], msg=lambda m: f"{what}: {m}")
+
+
+def make_params(shapes, dtype, device, g):
+    return [rand(s, dtype, device, g) for s in shapes]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_extension_required():
+    if os.environ.get("PRSGD_REQUIRE_EXTENSION") != "1":
+        pytest.skip("PRSGD_REQUIRE_EXTENSION is not set")
+    assert ops.has_extension(), f"prsgd_hvd._C failed to load: {ops.extension_error()}"
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("src", FLOATS, ids=_name)
+@pytest.mark.parametrize("dst", FLOATS + [None], ids=lambda d: _name(d) if d else "none")
+def test_flatten(device, src, dst, gen):
+    tensors = make_params(SMALL_SHAPES + BIG_SHAPES[:2], src, device, gen)
+    base = rand((40, 30), src, device, gen)
+    tensors += [base.t(), base[::3, 1:], rand((5, 6, 7), src, device, gen).permute(2, 0, 1),
+                rand((64,), src, device, gen)[1:], base.t()[0]]
+    total = sum(t.numel() for t in tensors)
+    if dst is None:
+        out = ops.flatten(tensors)
+        expected = ref.flatten(tensors)
+    else:
+        out = torch.full((total,), float("nan"), dtype=dst, device=device)
+        result = ops.flatten(tensors, out)
+        assert result.data_ptr() == out.data_ptr()
+        expected = ref.flatten(tensors, torch.empty_like(out))
+    assert out.device.type == device
+    assert torch.equal(out, expected), f"{_name(src)} -> {dst}"  # a pure copy/cast is exact
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_flatten_mixed_dtypes_and_many(device, gen):
+    r = random.Random(gen.initial_seed())
+    tensors = [rand((r.randrange(0, 300),), r.choice(FLOATS), device, gen) for _ in range(300)]
+    for dst in (torch.float32, torch.bfloat16):
+        out = torch.full((sum(t.numel() for t in tensors),), float("nan"), dtype=dst, device=device)
+        ops.flatten(tensors, out)
+        assert torch.equal(out, ref.flatten(tensors, torch.empty_like(out)))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flat_dtype,param_dtype", PAIRS, ids=lambda d: _name(d))
+@pytest.mark.parametrize("shapes", ["small", "big"])
+def test_unflatten_average(device, flat_dtype, param_dtype, shapes, gen):
+    shapes = SMALL_SHAPES if shapes == "small" else BIG_SHAPES
+    total = sum(torch.Size(s).numel() for s in shapes)
+    flat = rand((total,), flat_dtype, device, gen, -4, 4)
+    scale = 1.0 / 3.0
+    params = [torch.full(s, float("nan"), dtype=param_dtype, device=device) for s in shapes]
+    expected = [torch.empty_like(p) for p in params]
+    ops.unflatten_average_(flat, params, scale=scale)
+    ref.unflatten_average_(flat, expected, scale=scale)
+    for i, (a, e) in enumerate(zip(params, expected)):
+        assert_close(a, e, f"params[{i}] shape {tuple(e.shape)}")
+
+
+def _sgd_case(device, flat_dtype, param_dtype, shapes, gen, *, first_step, momentum, none_grads,
+              **opts):
+    """Runs the kernel and the reference on identical copies; returns both results."""
+    n = len(shapes)
+    total = sum(torch.Size(s).numel() for s in shapes)
+    flat = rand((total,), flat_dtype, device, gen, -4, 4)
+    grads = [rand(s, param_dtype, device, gen) for s in shapes]
+    for i in none_grads:
+        grads[i] = None
+    if momentum == 0:
+        bufs = [None] * n
+    else:
+        bufs = [rand(s, param_dtype, device, gen) for s in shapes]
+    firsts = first_step if isinstance(first_step, bool) else [bool(f) for f in first_step]
+    is_first = [firsts] * n if isinstance(firsts, bool) else firsts
+    # Outputs start as NaN; buffers too where first_step means they are write-only.
+    params = [torch.full(s, float("nan"), dtype=param_dtype, device=device) for s in shapes]
+    bufs_k = [None if b is None else (nan_like(b) if is_first[i] and grads[i] is not None
+                                      else b.clone()) for i, b in enumerate(bufs)]
+    params_r = [torch.empty_like(p) for p in params]
+    bufs_r = [None if b is None else b.clone() for b in bufs]
+    kw = dict(scale=0.25, lr=0.05, momentum=momentum, first_step=firsts, **opts)
+    ops.unflatten_average_sgd_(flat, params, grads, bufs_k, **kw)
+    ref.unflatten_average_sgd_(flat, params_r, grads, bufs_r, **kw)
+    return params, params_r, bufs_k, bufs_r, bufs, grads
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flat_dtype,param_dtype", PAIRS, ids=lambda d: _name(d))
+@pytest.mark.parametrize("momentum,dampening,nesterov",
+                         [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.0, True),
+                          (0.9, 0.3, False), (0.9, 0.3, True)])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("first_step", ["true", "false", "mixed"])
+def test_unflatten_average_sgd(device, flat_dtype, param_dtype, momentum, dampening, nesterov,
+                               weight_decay, maximize, first_step, gen):
+    shapes = SMALL_SHAPES
+    n = len(shapes)
+    firsts = {"true": True, "false": False,
+              "mixed": [bool(i % 3 == 1) for i in range(n)]}[first_step]
+    none_grads = [2, 5, 11, n - 1]  # a 0-dim, and some that straddle vector boundaries
+    params, params_r, bufs_k, bufs_r, bufs, grads = _sgd_case(
+        device, flat_dtype, param_dtype, shapes, gen, first_step=firsts, momentum=momentum,
+        none_grads=none_grads, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov, maximize=maximize)
+    for i in range(n):
+        assert_close(params[i], params_r[i], f"params[{i}] shape {shapes[i]}")
+        if bufs[i] is None:
+            continue
+        if grads[i] is None:  # no grad: the buffer is left alone
+            assert torch.equal(bufs_k[i], bufs[i]), f"momentum_buffers[{i}] was modified"
+        else:
+            assert_close(bufs_k[i], bufs_r[i], f"momentum_buffers[{i}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flat_dtype,param_dtype", PAIRS[:1] + PAIRS[-1:], ids=lambda d: _name(d))
+def test_unflatten_average_sgd_big_and_many(device, flat_dtype, param_dtype, gen):
+    r = random.Random(gen.initial_seed())
+    # 300 tensors: more than one MultiTensorApply-style launch holds (it takes ~110), plus
+    # chunk-boundary sizes.
+    shapes = [(r.choice([0, 1, 3, 64, 65, 257, 1000]),) for _ in range(300)] + BIG_SHAPES
+    params, params_r, bufs_k, bufs_r, _, _ = _sgd_case(
+        device, flat_dtype, param_dtype, shapes, gen, first_step=False, momentum=0.9,
+        none_grads=[0, 7, 299], dampening=0.1, weight_decay=1e-3, nesterov=False,
+        maximize=False)
+    for i in range(len(shapes)):
+        assert_close(params[i], params_r[i], f"params[{i}]")
+        if i not in (0, 7, 299):
+            assert_close(bufs_k[i], bufs_r[i], f"momentum_buffers[{i}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_does_not_change_results(device, threads, gen):
+    shapes = [(CHUNK * 3 + 5,), (17,), (CHUNK - 1,)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        params, params_r, bufs_k, bufs_r, _, _ = _sgd_case(
+            device, torch.float32, torch.float32, shapes, gen, first_step=False, momentum=0.9,
+            none_grads=[], dampening=0.0, weight_decay=1e-4, nesterov=True, maximize=False)
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(params + bufs_k, params_r + bufs_r):
+        assert_close(a, e)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nesterov,dampening,weight_decay,maximize",
+                         [(False, 0.0, 0.0, False), (True, 0.0, 5e-4, False),
+                          (False, 0.2, 1e-2, True)])
+def test_matches_torch_optim_sgd(device, nesterov, dampening, weight_decay, maximize, gen):
+    """Two rounds against torch.optim.SGD run on a copy whose params were set to flat * scale."""
+    shapes = [(8, 3, 3, 3), (8,), (16, 8), (), (5,), (0,)]
+    lr, momentum, scale = 0.1, 0.9, 0.5
+    ours = [torch.nn.Parameter(rand(s, torch.float32, device, gen)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = torch.optim.SGD(theirs, lr=lr, momentum=momentum, dampening=dampening,
+                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                          foreach=False)
+    bufs = [torch.empty_like(p) for p in ours]
+    total = sum(p.numel() for p in ours)
+    for rnd in range(2):
+        flat = rand((total,), torch.float32, device, gen, -2, 2)  # the allreduced sum
+        grads = [rand(s, torch.float32, device, gen) for s in shapes]
+        grads[4] = None  # this param only takes the average
+        with torch.no_grad():
+            ref.unflatten_average_(flat, theirs, scale=scale)
+        for p, g in zip(theirs, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        ops.unflatten_average_sgd_(flat, ours, grads, bufs, scale=scale, lr=lr, momentum=momentum,
+                                   dampening=dampening, weight_decay=weight_decay,
+                                   nesterov=nesterov, maximize=maximize, first_step=rnd == 0)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_close(a.detach(), b.detach(), f"round {rnd} params[{i}]")
+            if grads[i] is not None:
+                assert_close(bufs[i], opt.state[b]["momentum_buffer"], f"round {rnd} buf[{i}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_params_requiring_grad(device, gen):
+    p = torch.nn.Parameter(rand((10,), torch.float32, device, gen))
+    flat = rand((10,), torch.float32, device, gen)
+    ops.unflatten_average_(flat, [p], scale=2.0)
+    assert torch.equal(p.detach(), flat * 2.0)
+    out = ops.flatten([p])
+    assert not out.requires_grad and torch.equal(out, flat * 2.0)
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+ERR = (ValueError, TypeError, RuntimeError)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors(device, gen):
+    f32 = torch.float32
+    p = [rand((3,), f32, device, gen), rand((2, 2), f32, device, gen)]
+    flat = rand((7,), f32, device, gen)
+    g = [torch.ones_like(t) for t in p]
+    b = [torch.zeros_like(t) for t in p]
+    sgd = dict(scale=0.5, lr=0.1, momentum=0.9)
+
+    def raises(match, fn, *args, **kw):
+        with pytest.raises(ERR, match=match):
+            fn(*args, **kw)
+
+    raises("'out' must be 1-D with 7", ops.flatten, p, torch.empty(8, device=device))
+    raises("'out' must be 1-D with 7", ops.flatten, p, torch.empty(7, 1, device=device))
+    raises("empty", ops.flatten, [])
+    raises("tensors\\[0\\] has unsupported dtype", ops.flatten,
+           [torch.ones(3, dtype=torch.int64, device=device)], torch.empty(3, device=device))
+    raises("'out' must be float32", ops.flatten, p, torch.empty(7, dtype=torch.int32,
+                                                                device=device))
+    raises("'flat' must be 1-D with 7", ops.unflatten_average_, flat[:6], p, scale=1.0)
+    raises("'flat' must be 1-D with 7", ops.unflatten_average_sgd_, flat[:6], p, g, b, **sgd)
+    raises("'flat' must be contiguous", ops.unflatten_average_,
+           rand((14,), f32, device, gen)[::2], p, scale=1.0)
+    raises("unsupported dtypes.*params\\[1\\]", ops.unflatten_average_, flat,
+           [p[0], p[1].double()], scale=1.0)
+    raises("unsupported dtypes", ops.unflatten_average_, flat.half(), p, scale=1.0)
+    raises("params\\[1\\] must be contiguous", ops.unflatten_average_, flat,
+           [p[0], p[1].t()], scale=1.0)
+    raises("same length", ops.unflatten_average_sgd_, flat, p, g[:1], b, **sgd)
+    raises("same length", ops.unflatten_average_sgd_, flat, p, g, b[:1], **sgd)
+    raises("first_step", ops.unflatten_average_sgd_, flat, p, g, b, first_step=[True], **sgd)
+    raises("grads\\[1\\] has shape", ops.unflatten_average_sgd_, flat, p,
+           [g[0], torch.ones(4, device=device)], b, **sgd)
+    raises("grads\\[0\\] has dtype", ops.unflatten_average_sgd_, flat, p,
+           [g[0].double(), g[1]], b, **sgd)
+    raises("grads\\[1\\] must be contiguous", ops.unflatten_average_sgd_, flat, p,
+           [g[0], g[1].t()], b, **sgd)
+    raises("momentum_buffers\\[1\\] is None", ops.unflatten_average_sgd_, flat, p, g,
+           [b[0], None], **sgd)
+    raises("momentum_buffers\\[0\\] has shape", ops.unflatten_average_sgd_, flat, p, g,
+           [torch.zeros(2, device=device), b[1]], **sgd)
+    raises("momentum_buffers\\[1\\] has dtype", ops.unflatten_average_sgd_, flat, p, g,
+           [b[0], b[1].half()], **sgd)
+    # momentum 0: buffers may be None; a missing grad needs no buffer either.
+    ops.unflatten_average_sgd_(flat, p, g, [None, None], scale=0.5, lr=0.1)
+    ops.unflatten_average_sgd_(flat, p, [g[0], None], [b[0], None], **sgd)
+    if device == "cuda":
+        cpu = [t.cpu() for t in p]
+        raises("params\\[0\\] is on cpu", ops.unflatten_average_, flat, cpu, scale=1.0)
+        raises("grads\\[0\\] is on cpu", ops.unflatten_average_sgd_, flat, p,
+               [g[0].cpu(), g[1]], b, **sgd)
+        raises("momentum_buffers\\[1\\] is on cpu", ops.unflatten_average_sgd_, flat, p, g,
+               [b[0], b[1].cpu()], **sgd)
+        raises("is on cpu", ops.flatten, cpu, torch.empty(7, device=device))
+
+
+@needs_ext
+def test_schemas_mark_mutation():
+    schema = str(torch.ops.prsgd_hvd.unflatten_average_sgd_.default._schema)
+    assert "Tensor(a!)[] params" in schema and "Tensor?(b!)[] momentum_buffers" in schema
+    assert "Tensor(a!)[] params" in str(torch.ops.prsgd_hvd.unflatten_average_.default._schema)
