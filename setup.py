@@ -24,7 +24,9 @@ if cpp_sources and os.environ.get("PRSGD_NO_EXTENSION") != "1":
     if with_cuda:
         ext = CUDAExtension(
             "prsgd_hvd._C",
-            cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            # CUDA glue (csrc/cuda/*.cpp, torch CUDA headers) and the torch-free kernels
+            # (csrc/cuda/*.cu) exist only in CUDA builds; the CPU build never sees them.
+            cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
             include_dirs=[os.path.abspath("csrc")],
             define_macros=[("PRSGD_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags,

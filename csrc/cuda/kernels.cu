@@ -1,0 +1,303 @@
+// Multi-tensor CUDA kernels of prsgd_hvd (torch-free: raw pointers and a cudaStream_t).
+//
+// Structure after PyTorch's MultiTensorApply.cuh / FusedSgdKernel.cu and apex's
+// multi_tensor_sgd_kernel.cu: a small *_math device helper holds the arithmetic, one functor per
+// op maps it over a chunk of one tensor, and one generic kernel hands chunks to blocks. Unlike
+// MultiTensorApply the tensor list is not packed into kernel arguments: the kernel reads the
+// segment table from device memory (NOTE: [Segment table] in multi_segment.h), so one launch
+// covers any number of tensors, and a persistent grid sized to the SM count loops over chunks.
+//
+// Tensor lists and their roles (one Segment per tensor):
+//   flatten:                  tensor (read, any strides made contiguous by the glue) -> flat (written)
+//   unflatten_average_:       flat (read, the allreduced sum)   -> tensor = param (written)
+//   unflatten_average_sgd_:   flat (read), grad (read, may be absent), momentum_buf (read
+//                             unless first_step, written when momentum != 0) -> param (written)
+//
+// Arithmetic is done in opmath (fp32; fp64 for double) and rounded once when stored.
+// NOTE: [No FMA] (see csrc/cpu_ops.cpp): products and sums use __fmul_rn/__fadd_rn so nvcc
+// cannot contract them into FMAs, and results match the reference (and the CPU kernel) exactly.
+#include "multi_segment.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <type_traits>
+
+namespace prsgd {
+namespace cuda {
+namespace {
+
+constexpr int kBlockSize = 256;
+constexpr int kBlocksPerSm = 8;  // 2048 resident threads per SM on sm_80/sm_90
+constexpr int kILP = 4;          // elements per thread per step: 16-byte loads for fp32
+
+// ---- element conversion and unfused arithmetic -------------------------------------------
+
+template <typename T>
+using opmath_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
+
+__device__ __forceinline__ float to_op(float x) { return x; }
+__device__ __forceinline__ double to_op(double x) { return x; }
+__device__ __forceinline__ float to_op(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_op(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_op(float x);
+template <> __device__ __forceinline__ float from_op<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_op<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_op<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <typename T> __device__ __forceinline__ T from_op(double x);
+template <> __device__ __forceinline__ double from_op<double>(double x) { return x; }
+
+__device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
+
+// ---- vector loads ------------------------------------------------------------------------
+
+template <typename T>
+struct alignas(sizeof(T) * kILP) Pack {
+  T v[kILP];
+};
+
+template <typename T>
+__device__ __forceinline__ bool is_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(Pack<T>) == 0;
+}
+
+// out[k] = base[i + k], k < kILP, in one vector load; base + i must be aligned.
+template <typename op_t, typename T>
+__device__ __forceinline__ void load_pack(op_t (&out)[kILP], const T* base, int64_t i) {
+  const Pack<T> pk = *reinterpret_cast<const Pack<T>*>(base + i);
+#pragma unroll
+  for (int k = 0; k < kILP; ++k) out[k] = to_op(pk.v[k]);
+}
+
+template <typename T, typename op_t>
+__device__ __forceinline__ void store_pack(T* base, int64_t i, const op_t (&in)[kILP]) {
+  Pack<T> pk;
+#pragma unroll
+  for (int k = 0; k < kILP; ++k) pk.v[k] = from_op<T>(in[k]);
+  *reinterpret_cast<Pack<T>*>(base + i) = pk;
+}
+
+// ---- math --------------------------------------------------------------------------------
+
+template <typename op_t>
+struct SgdConsts {
+  op_t scale, lr, momentum, one_minus_dampening, weight_decay;
+  bool has_weight_decay, has_momentum, nesterov, maximize;
+};
+
+template <typename op_t>
+SgdConsts<op_t> make_consts(const SgdHyper& h) {
+  // Rounded to opmath as torch rounds a Python scalar multiplying an opmath tensor;
+  // (1 - dampening) is formed in double first, as in the reference.
+  return {op_t(h.scale), op_t(h.lr), op_t(h.momentum), op_t(1.0 - h.dampening),
+          op_t(h.weight_decay), h.weight_decay != 0.0, h.momentum != 0.0, h.nesterov != 0,
+          h.maximize != 0};
+}
+
+// torch.optim.SGD's update applied to the average x = sum * scale, in the reference's order:
+//   d = (maximize ? -g : g) + weight_decay * x
+//   buf = first ? d : momentum * buf + (1 - dampening) * d;  d = nesterov ? d + momentum * buf : buf
+//   return x - lr * d
+template <typename op_t>
+__device__ __forceinline__ op_t average_sgd_math(op_t sum, op_t g, op_t& buf, bool first,
+                                                 const SgdConsts<op_t>& c) {
+  const op_t x = mul(sum, c.scale);
+  op_t d = c.maximize ? -g : g;
+  if (c.has_weight_decay) d = add(d, mul(c.weight_decay, x));
+  if (c.has_momentum) {
+    buf = first ? d : add(mul(buf, c.momentum), mul(c.one_minus_dampening, d));
+    d = c.nesterov ? add(d, mul(c.momentum, buf)) : buf;
+  }
+  return sub(x, mul(c.lr, d));
+}
+
+// ---- functors: one chunk [start, start + len) of one segment ------------------------------
+
+template <typename src_t, typename dst_t>
+struct FlattenFunctor {
+  dst_t* flat;
+
+  __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len) const {
+    using op_t = std::conditional_t<std::is_same<src_t, double>::value, double, float>;
+    const src_t* src = static_cast<const src_t*>(s.tensor) + start;
+    dst_t* dst = flat + s.flat_offset + start;
+    const int64_t n_vec = (is_aligned(src) && is_aligned(dst)) ? len / kILP * kILP : 0;
+    for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
+      op_t v[kILP];
+      load_pack(v, src, i);
+      store_pack(dst, i, v);
+    }
+    // Masked tail: the last len % kILP elements, or the whole chunk when unaligned.
+    for (int64_t i = n_vec + threadIdx.x; i < len; i += blockDim.x) {
+      dst[i] = from_op<dst_t>(static_cast<op_t>(to_op(src[i])));
+    }
+  }
+};
+
+template <typename flat_t, typename param_t, bool kSgd>
+struct AverageFunctor {
+  using op_t = opmath_t<param_t>;
+  const flat_t* flat;
+  SgdConsts<op_t> c;
+
+  __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len) const {
+    const flat_t* f = flat + s.flat_offset + start;
+    param_t* p = static_cast<param_t*>(s.tensor) + start;
+    const param_t* g = (kSgd && s.grad) ? static_cast<const param_t*>(s.grad) + start : nullptr;
+    param_t* b = (g && c.has_momentum) ? static_cast<param_t*>(s.momentum_buf) + start : nullptr;
+    const bool first = s.first_step != 0;
+    const bool read_buf = b != nullptr && !first;
+    const bool aligned = is_aligned(f) && is_aligned(p) && (g == nullptr || is_aligned(g)) &&
+                         (b == nullptr || is_aligned(b));
+    const int64_t n_vec = aligned ? len / kILP * kILP : 0;
+
+    for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
+      op_t x[kILP];
+      load_pack(x, f, i);
+      if (g == nullptr) {
+#pragma unroll
+        for (int k = 0; k < kILP; ++k) x[k] = mul(x[k], c.scale);
+      } else {
+        op_t gv[kILP], bv[kILP] = {};
+        load_pack(gv, g, i);
+        if (read_buf) load_pack(bv, b, i);
+#pragma unroll
+        for (int k = 0; k < kILP; ++k) x[k] = average_sgd_math(x[k], gv[k], bv[k], first, c);
+        if (b) store_pack(b, i, bv);
+      }
+      store_pack(p, i, x);
+    }
+    for (int64_t i = n_vec + threadIdx.x; i < len; i += blockDim.x) {
+      const op_t sum = to_op(f[i]);
+      if (g == nullptr) {
+        p[i] = from_op<param_t>(mul(sum, c.scale));
+      } else {
+        op_t bv = read_buf ? to_op(b[i]) : op_t(0);
+        p[i] = from_op<param_t>(average_sgd_math(sum, to_op(g[i]), bv, first, c));
+        if (b) b[i] = from_op<param_t>(bv);
+      }
+    }
+  }
+};
+
+// ---- the kernel --------------------------------------------------------------------------
+
+// Block b handles chunks b, b + gridDim.x, ...; a chunk's segment is the last one whose
+// chunk_begin is <= the chunk index (binary search over the table; every thread of the block
+// reads the same entries, which the cache broadcasts).
+template <typename Functor>
+__global__ void __launch_bounds__(kBlockSize)
+    multi_segment_kernel(const Segment* __restrict__ table, int32_t num_segments,
+                         int64_t num_chunks, Functor op) {
+  for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
+    int32_t lo = 0, hi = num_segments - 1;
+    while (lo < hi) {
+      const int32_t mid = lo + (hi - lo + 1) / 2;
+      if (table[mid].chunk_begin <= chunk) lo = mid; else hi = mid - 1;
+    }
+    const Segment s = table[lo];
+    const int64_t start = (chunk - s.chunk_begin) * kChunkSize;
+    const int64_t len = s.numel - start < kChunkSize ? s.numel - start : kChunkSize;
+    op(s, start, len);
+  }
+}
+
+// SM count of the current device, cached per device (cudaDeviceGetAttribute is not free).
+int sm_count() {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
+  if (dev < 64) {
+    const int cached = cache[dev].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      sms <= 0) {
+    sms = 1;
+  }
+  if (dev < 64) cache[dev].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+template <typename Functor>
+cudaError_t launch(const Segment* table, int32_t num_segments, int64_t num_chunks,
+                   const Functor& op, cudaStream_t stream) {
+  if (num_segments <= 0 || num_chunks <= 0) return cudaSuccess;
+  const int64_t max_blocks = int64_t(sm_count()) * kBlocksPerSm;
+  const unsigned grid = static_cast<unsigned>(num_chunks < max_blocks ? num_chunks : max_blocks);
+  multi_segment_kernel<<<grid, kBlockSize, 0, stream>>>(table, num_segments, num_chunks, op);
+  return cudaGetLastError();
+}
+
+// Calls f(T{}) for the device type of a dtype; false if unknown.
+template <typename F>
+bool dispatch(DType t, const F& f) {
+  switch (t) {
+    case DType::kFloat32: f(float{}); return true;
+    case DType::kFloat16: f(__half{}); return true;
+    case DType::kBFloat16: f(__nv_bfloat16{}); return true;
+    case DType::kFloat64: f(double{}); return true;
+  }
+  return false;
+}
+
+template <typename T>
+constexpr bool is_reduced = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+
+}  // namespace
+
+cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t num_segments,
+                           int64_t num_chunks, void* flat, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch(src, [&](auto src_tag) {
+    dispatch(dst, [&](auto dst_tag) {
+      using src_t = decltype(src_tag);
+      using dst_t = decltype(dst_tag);
+      constexpr bool same = std::is_same<src_t, dst_t>::value;
+      constexpr bool via_fp32 = !std::is_same<src_t, double>::value &&
+                                !std::is_same<dst_t, double>::value;
+      if constexpr (same || via_fp32) {
+        err = launch(table, num_segments, num_chunks,
+                     FlattenFunctor<src_t, dst_t>{static_cast<dst_t*>(flat)}, stream);
+      }
+    });
+  });
+  return err;
+}
+
+cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
+                                     int32_t num_segments, int64_t num_chunks, const void* flat,
+                                     const SgdHyper& hyper, bool sgd, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch(flat_dtype, [&](auto flat_tag) {
+    dispatch(param_dtype, [&](auto param_tag) {
+      using flat_t = decltype(flat_tag);
+      using param_t = decltype(param_tag);
+      using op_t = opmath_t<param_t>;
+      if constexpr (std::is_same<flat_t, param_t>::value ||
+                    (std::is_same<flat_t, float>::value && is_reduced<param_t>)) {
+        const auto* f = static_cast<const flat_t*>(flat);
+        const SgdConsts<op_t> c = make_consts<op_t>(hyper);
+        err = sgd ? launch(table, num_segments, num_chunks,
+                           AverageFunctor<flat_t, param_t, true>{f, c}, stream)
+                  : launch(table, num_segments, num_chunks,
+                           AverageFunctor<flat_t, param_t, false>{f, c}, stream);
+      }
+    });
+  });
+  return err;
+}
+
+}  // namespace cuda
+}  // namespace prsgd
