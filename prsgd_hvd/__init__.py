@@ -9,7 +9,7 @@ import horovod.torch as _horovod_torch
 
 from . import ops  # noqa: F401
 from .optimizer import DistributedLocalSGD
-from .schedules import FixedInterval, Schedule, StepPlan
+from .schedules import FixedInterval, Heterogeneous, Schedule, StepPlan, TimeVarying
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DistributedLocalSGD": DistributedLocalSGD,
     "FixedInterval": FixedInterval,
+    "TimeVarying": TimeVarying,
+    "Heterogeneous": Heterogeneous,
 }
 for _name, _obj in _EXPORTS.items():
     setattr(_horovod_torch, _name, _obj)

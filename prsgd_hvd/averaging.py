@@ -2,13 +2,21 @@
 
 One averaging round:
 
-    start():  pack each bucket (kernel 1: ops.flatten)  ->  hvd.allreduce_async_(Sum)
-    finish(): wait for the allreduce, then write the mean back (kernel 2: ops.unflatten_average_,
-              or the caller's fused average+SGD step on the same flat buffer)
+    start():  pack each bucket (kernel 1: flatten)  ->  hvd.allreduce_async_(Sum)
+    wait():   the sums have arrived
+    write_back() (kernel 2: unflatten_average_), or the caller's fused average+SGD step on the
+              same flat buffers, scaled by ``Round.scale``
 
 A bucket holds every tensor of one (device, dtype); fp16/bf16 tensors are summed in an fp32
 buffer so that the mean of low-precision models is computed accurately and rounded once.
 The bucket layout is built once and reused until the set of tensors changes.
+
+NOTE: [control elements]
+Bucket 0's flat buffer carries two extra elements after the payload, summed with it in the same
+allreduce: this rank's weight in the average and 1.0 if this rank is still training (0.0 once
+it is in ``finalize()``). The sums give the divisor of the (possibly weighted) mean and tell a
+finishing rank whether the round it joined was someone's scheduled round or the final one --
+the join protocol of ``finalize()`` -- without a second collective per round.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import torch
 from . import ops
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_N_CONTROL = 2  # weight, still-training flag
 
 
 @dataclass
@@ -31,14 +40,35 @@ class Bucket:
     device: torch.device
     dtype: torch.dtype
     tensors: List[torch.Tensor]
-    flat: torch.Tensor
-    handle: Optional[int] = None
-    # Where each tensor's segment starts in ``flat`` (and one past the end, last).
+    flat: torch.Tensor              # payload, then the control elements in bucket 0
+    # Where each tensor's segment starts in the payload (and one past the end, last).
     offsets: List[int] = field(default_factory=list)
+    handle: Optional[int] = None
+
+    @property
+    def payload(self) -> torch.Tensor:
+        return self.flat[:self.offsets[-1]]
+
+    @property
+    def control(self) -> torch.Tensor:
+        return self.flat[self.offsets[-1]:]
 
     def segment(self, first: int, last: int) -> torch.Tensor:
-        """The part of ``flat`` holding tensors[first:last] (contiguous by construction)."""
+        """The part of the payload holding tensors[first:last] (contiguous by construction)."""
         return self.flat[self.offsets[first]:self.offsets[last]]
+
+
+@dataclass
+class Round:
+    """The outcome of one round: the summed buckets and what the control elements said."""
+
+    buckets: List[Bucket]
+    weight_sum: float     # divisor of the mean
+    active_ranks: int     # ranks still training (0: every rank is finishing)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.weight_sum
 
 
 def flat_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -62,7 +92,7 @@ class Averager:
         self.size = process_set.size()
         self._buckets: List[Bucket] = []
         self._signature: Optional[Tuple] = None
-        self._started_at: Optional[float] = None
+        self._started_at = 0.0
         self.in_flight = False
         # Telemetry, read by DistributedLocalSGD.stats().
         self.bytes_sent = 0
@@ -83,36 +113,44 @@ class Averager:
                 if not t.is_floating_point():
                     raise TypeError(f"can only average floating-point tensors, got {t.dtype}")
                 by_key.setdefault((t.device, t.dtype), []).append(t)
+            if not by_key:  # nothing to average still needs bucket 0 for the control elements
+                by_key[(torch.device("cpu"), torch.float32)] = []
             buckets = []
             for i, ((device, dtype), ts) in enumerate(by_key.items()):
                 offsets = [0]
                 for t in ts:
                     offsets.append(offsets[-1] + t.numel())
-                flat = torch.empty(offsets[-1], dtype=flat_dtype_for(dtype), device=device)
+                extra = _N_CONTROL if i == 0 else 0
+                flat = torch.empty(offsets[-1] + extra, dtype=flat_dtype_for(dtype), device=device)
                 buckets.append(Bucket(i, device, dtype, ts, flat, offsets=offsets))
             self._buckets, self._signature = buckets, sig
         return self._buckets
 
     # ---- one round ------------------------------------------------------------------------
     @torch.no_grad()
-    def start(self, tensors: Sequence[torch.Tensor]) -> List[Bucket]:
-        """Pack ``tensors`` and start summing them across ranks; returns the buckets."""
+    def start(self, tensors: Sequence[torch.Tensor], weight: float = 1.0,
+              active: bool = True) -> None:
+        """Pack ``tensors`` (times ``weight``) and start summing them across ranks."""
         if self.in_flight:
-            raise RuntimeError("an averaging round is already in flight; finish() it first")
+            raise RuntimeError("an averaging round is already in flight; wait() for it first")
         buckets = self.buckets_for(tensors)
         self._started_at = time.perf_counter()
         for b in buckets:
-            self.kernels.flatten(b.tensors, out=b.flat)
+            self.kernels.flatten(b.tensors, out=b.payload)
+            if weight != 1.0:
+                b.payload.mul_(weight)
+            if b.index == 0:
+                b.control[0].fill_(weight)
+                b.control[1].fill_(1.0 if active else 0.0)
             if self.size > 1:
                 b.handle = self._hvd.allreduce_async_(
                     b.flat, name=f"{self.name}.bucket{b.index}", op=self._hvd.Sum,
                     process_set=self.process_set)
                 self.bytes_sent += b.flat.numel() * b.flat.element_size()
         self.in_flight = True
-        return buckets
 
-    def wait(self) -> List[Bucket]:
-        """Block until every bucket's sum has arrived; ``flat`` then holds the sum over ranks."""
+    def wait(self) -> Round:
+        """Block until every bucket's sum has arrived."""
         if not self.in_flight:
             raise RuntimeError("no averaging round in flight; call start() first")
         t0 = time.perf_counter()
@@ -124,16 +162,18 @@ class Averager:
         self.wait_seconds += now - t0
         self.comm_seconds += now - self._started_at
         self.in_flight = False
-        return self._buckets
+        weight_sum, active = self._buckets[0].control.tolist()
+        return Round(self._buckets, weight_sum, int(round(active)))
 
     @torch.no_grad()
-    def write_back(self, buckets: Sequence[Bucket]) -> None:
-        """``tensor = sum / size`` for every tensor of ``buckets`` (after :meth:`wait`)."""
-        scale = 1.0 / self.size
-        for b in buckets:
-            self.kernels.unflatten_average_(b.flat, b.tensors, scale=scale)
+    def write_back(self, rnd: Round) -> None:
+        """``tensor = sum / weight_sum`` for every tensor of the round."""
+        for b in rnd.buckets:
+            self.kernels.unflatten_average_(b.payload, b.tensors, scale=rnd.scale)
 
-    def average_(self, tensors: Sequence[torch.Tensor]) -> None:
+    def average_(self, tensors: Sequence[torch.Tensor], active: bool = True) -> Round:
         """Blocking: replace every tensor by its mean over the process set."""
-        self.start(tensors)
-        self.write_back(self.wait())
+        self.start(tensors, active=active)
+        rnd = self.wait()
+        self.write_back(rnd)
+        return rnd

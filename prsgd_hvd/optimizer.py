@@ -16,13 +16,14 @@ must not run there -- it would advance the local-SGD counters and could start an
 """
 from __future__ import annotations
 
-import time
+import contextlib
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from . import ops, ops_reference
-from .averaging import Averager, Bucket
+from .averaging import Averager, Bucket, Round
+from .collectives import allgather_object
 from .schedules import Schedule, StepPlan, as_schedule
 
 __all__ = ["DistributedLocalSGD"]
@@ -39,13 +40,10 @@ def _hvd():
 class _LocalSGDState:
     """Everything the wrapper adds to the optimizer, kept off the optimizer's own namespace."""
 
-    def __init__(self, opt: torch.optim.Optimizer, base_cls: type, schedule: Schedule,
-                 warmup_steps: int, process_set, fused: bool, use_kernels: bool,
-                 model: Optional[torch.nn.Module], average_state: bool,
-                 names: Dict[int, str]):
-        hvd = _hvd()
+    def __init__(self, opt: torch.optim.Optimizer, schedule: Schedule, warmup_steps: int,
+                 process_set, fused: bool, use_kernels: bool, model: Optional[torch.nn.Module],
+                 average_state: bool, names: Dict[int, str]):
         self.opt = opt
-        self.base_cls = base_cls
         self.schedule = schedule
         self.warmup_steps = warmup_steps
         self.process_set = process_set
@@ -62,8 +60,13 @@ class _LocalSGDState:
                                  kernels=ops if use_kernels else ops_reference)
         self._fused_layout_key: Optional[Tuple] = None
         self._fused_segments: List[List[Tuple[Optional[int], int, int]]] = []
-        schedule.bind(self.rank, self.size)
-        del hvd
+        self._n_gathers = 0
+        schedule.bind(self.rank, self.size, self.allgather)
+
+    def allgather(self, obj: Any) -> List[Any]:
+        """Collective over the process set (used by schedules that agree on measured values)."""
+        self._n_gathers += 1
+        return allgather_object(obj, self.process_set, f"prsgd_hvd.gather{self._n_gathers}")
 
     # ---- what gets averaged ------------------------------------------------------------------
     def params(self) -> List[torch.Tensor]:
@@ -92,11 +95,40 @@ class _LocalSGDState:
                         out.append(v)
         return out
 
+    # ---- cross-rank agreement ----------------------------------------------------------------
+    def check_ranks_agree(self) -> None:
+        """One small collective at construction: every rank must have the same schedule and
+        the same parameters in the same order, or the first round would hang or mix models.
+        Raises the same error on every rank, naming the difference and the ranks."""
+        if self.size == 1:
+            return
+        params = self.params()
+        mine = {
+            "schedule": self.schedule.describe(),
+            "warmup_steps": self.warmup_steps,
+            "average_state": self.average_state,
+            "model buffers": self.model is not None,
+            "parameters": [(self.names.get(id(p), f"#{i}"), tuple(p.shape), str(p.dtype),
+                            p.device.type) for i, p in enumerate(params)],
+        }
+        everyone = self.allgather(mine)
+        problems = []
+        for key in mine:
+            values = [e[key] for e in everyone]
+            if any(v != values[0] for v in values):
+                problems.append(_describe_mismatch(key, values))
+        if problems:
+            raise ValueError("DistributedLocalSGD: the ranks disagree, so averaging would hang or "
+                             "mix different models:\n  " + "\n  ".join(problems))
+
     # ---- schedule ----------------------------------------------------------------------------
-    def plan(self, t: int) -> StepPlan:
+    def before_step(self, t: int) -> StepPlan:
         if t <= self.warmup_steps:
             return _AVERAGE_EVERY_STEP
-        return self.schedule.plan(t)
+        return self.schedule.before_step(t)
+
+    def after_step(self, t: int) -> bool:
+        return t > self.warmup_steps and self.schedule.after_step(t)
 
     # ---- the fused path ----------------------------------------------------------------------
     def fused_segments(self, buckets: List[Bucket]) -> List[List[Tuple[Optional[int], int, int]]]:
@@ -122,7 +154,7 @@ class _LocalSGDState:
 
     def can_fuse(self, buckets: List[Bucket]) -> bool:
         for b in buckets:
-            if b.device.type not in ("cpu", "cuda") or b.dtype not in _FUSED_DTYPES:
+            if b.tensors and (b.device.type not in ("cpu", "cuda") or b.dtype not in _FUSED_DTYPES):
                 return False
         for group in self.opt.param_groups:
             if group.get("differentiable", False):
@@ -133,10 +165,10 @@ class _LocalSGDState:
         return True
 
     @torch.no_grad()
-    def fused_write_back_and_step(self, buckets: List[Bucket]) -> None:
+    def fused_write_back_and_step(self, rnd: Round) -> None:
         """Kernel 2 of the round: average and apply ``torch.optim.SGD``'s update in one pass."""
-        scale = 1.0 / self.size
-        for b, runs in zip(buckets, self.fused_segments(buckets)):
+        scale = rnd.scale
+        for b, runs in zip(rnd.buckets, self.fused_segments(rnd.buckets)):
             for g, first, last in runs:
                 flat = b.segment(first, last)
                 tensors = b.tensors[first:last]
@@ -144,17 +176,16 @@ class _LocalSGDState:
                     ops.unflatten_average_(flat, tensors, scale=scale)
                     continue
                 group = self.opt.param_groups[g]
-                params = tensors
                 momentum = float(group["momentum"])
                 grads, bufs, firsts = [], [], []
-                for p in params:
+                for p in tensors:
                     grads.append(p.grad)
                     buf, first = None, False
                     if p.grad is not None and momentum != 0:
                         state = self.opt.state[p]
                         buf = state.get("momentum_buffer")
                         if buf is None:
-                            buf = torch.empty_like(p.data, memory_format=torch.preserve_format)
+                            buf = torch.empty_like(p, memory_format=torch.preserve_format)
                             state["momentum_buffer"] = buf
                             first = True
                     bufs.append(buf)
@@ -165,12 +196,48 @@ class _LocalSGDState:
                     weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                     maximize=bool(group.get("maximize", False)), first_step=firsts)
 
-    # ---- one averaging round -----------------------------------------------------------------
-    def average(self) -> None:
-        """Blocking average of everything that is averaged (no optimizer update)."""
-        self.averager.start(self.tensors())
-        self.averager.write_back(self.averager.wait())
+    # ---- rounds ------------------------------------------------------------------------------
+    def scheduled_round(self, base_step, kwargs, weight: float, then_step: bool) -> None:
+        """A round the schedule asked for; with ``then_step`` the update follows the average."""
+        self.averager.start(self.tensors(), weight=weight)
+        rnd = self.averager.wait()
+        if then_step and self.fused and not kwargs and self.can_fuse(rnd.buckets):
+            self.fused_write_back_and_step(rnd)
+        else:
+            self.averager.write_back(rnd)
+            if then_step:
+                base_step(**kwargs)
         self.rounds += 1
+
+    def average_now(self) -> None:
+        self.averager.average_(self.tensors())
+        self.rounds += 1
+
+    def finalize(self) -> None:
+        """Join protocol: keep contributing this rank's model to the rounds of ranks that are
+        still training, until a round in which no rank is (see NOTE: [control elements])."""
+        while True:
+            rnd = self.averager.average_(self.tensors(), active=False)
+            self.rounds += 1
+            if rnd.active_ranks == 0:
+                return
+
+
+def _describe_mismatch(key: str, values: List[Any]) -> str:
+    if key == "parameters":
+        lengths = {len(v) for v in values}
+        if len(lengths) > 1:
+            counts = ", ".join(f"rank {r}: {len(v)}" for r, v in enumerate(values))
+            return f"number of parameters differs ({counts})"
+        for i, entries in enumerate(zip(*values)):
+            if any(e != entries[0] for e in entries):
+                per_rank = "; ".join(f"rank {r}: {e[0]} {e[1]} {e[2]} on {e[3]}"
+                                     for r, e in enumerate(entries))
+                return f"parameter {i} differs ({per_rank})"
+    groups: Dict[str, List[int]] = {}
+    for r, v in enumerate(values):
+        groups.setdefault(repr(v), []).append(r)
+    return f"{key} differs: " + "; ".join(f"ranks {rs}: {v}" for v, rs in groups.items())
 
 
 class _LocalSGDMethods:
@@ -198,23 +265,21 @@ class _LocalSGDMethods:
             with torch.enable_grad():
                 loss = closure()
         t = ls.local_step + 1
-        plan = ls.plan(t)
+        plan = ls.before_step(t)
         if plan.lr is not None:
             for group in self.param_groups:
                 group["lr"] = plan.lr
+        in_warmup = t <= ls.warmup_steps
         if plan.average_before:
-            ls.averager.start(ls.tensors())
-            buckets = ls.averager.wait()
-            if ls.fused and not kwargs and ls.can_fuse(buckets):
-                ls.fused_write_back_and_step(buckets)
-            else:
-                ls.averager.write_back(buckets)
-                base_step(**kwargs)
-            ls.rounds += 1
+            weight = 1.0 if in_warmup else ls.schedule.round_weight()
+            ls.scheduled_round(base_step, kwargs, weight, then_step=True)
+            if not in_warmup:
+                ls.schedule.round_done()
         else:
             base_step(**kwargs)
-        if plan.average_after:
-            ls.average()
+        if ls.after_step(t):
+            ls.scheduled_round(base_step, kwargs, ls.schedule.round_weight(), then_step=False)
+            ls.schedule.round_done()
         ls.local_step = t
         return loss
 
@@ -223,11 +288,24 @@ class _LocalSGDMethods:
 
         Every rank of the process set must call it at the same point. Counts as a round.
         """
-        self._local_sgd.average()
+        self._local_sgd.average_now()
 
     def finalize(self) -> None:
-        """Collective: end training with every rank holding the same averaged model."""
-        self._local_sgd.average()
+        """Collective: end training with every rank holding the same averaged model.
+
+        Ranks may call it after different numbers of steps (uneven data): a rank that has
+        finished keeps joining the averaging rounds of the ranks still training, contributing
+        its model and taking the average (as ``hvd.join`` does for gradients), until every rank
+        has called ``finalize()``; then all take one last plain average.
+        """
+        self._local_sgd.finalize()
+
+    @contextlib.contextmanager
+    def local_sgd(self):
+        """``with opt.local_sgd(): <training loop>`` calls :meth:`finalize` when the loop ends
+        (not when it raises: the error ends the job, a final average would wait forever)."""
+        yield self
+        self.finalize()
 
     def stats(self) -> Dict[str, Any]:
         ls: _LocalSGDState = self._local_sgd
@@ -249,6 +327,7 @@ class _LocalSGDMethods:
             "local_step": ls.local_step,
             "rounds": ls.rounds,
             "warmup_steps": ls.warmup_steps,
+            "world_size": ls.size,
             "schedule": ls.schedule.state_dict(),
         }
         return sd
@@ -347,8 +426,9 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
     base_cls = type(optimizer)
     methods = {k: v for k, v in vars(_LocalSGDMethods).items() if k not in ("__dict__", "__weakref__")}
     cls = type(base_cls.__name__, (base_cls,), methods)
+    state = _LocalSGDState(optimizer, schedule, warmup_steps, process_set, fuse_step,
+                           use_kernels, model, average_state, names)
+    state.check_ranks_agree()  # before the class swap: a mismatch leaves the optimizer as it was
     optimizer.__class__ = cls
-    optimizer._local_sgd = _LocalSGDState(
-        optimizer, base_cls, schedule, warmup_steps, process_set, fuse_step, use_kernels,
-        model, average_state, names)
+    optimizer._local_sgd = state
     return optimizer

@@ -1,42 +1,68 @@
 """When to average: the schedules accepted by ``DistributedLocalSGD(interval=...)``.
 
-A schedule answers one question per ``step()`` call t = 1, 2, ... on this rank: average the
-models before this step's update (Algorithm 1: the update is applied to the average), after it
-(Algorithms 2 and 3: the epoch ends with an average, so the next gradient is taken there), or
-not at all -- and which learning rate, if any, to set first.
+A schedule is asked twice per ``step()`` call t = 1, 2, ... on this rank:
+
+* ``before_step(t)``: average the models *before* this step's update (Algorithm 1: the update,
+  computed from the local gradient, is applied to the average), and which learning rate to set;
+* ``after_step(t)``: average *after* the update (Algorithms 2 and 3: an epoch ends with an
+  average, so the next gradient is taken at the average).
 
 NOTE: [schedules are deterministic per rank]
 Every rank must reach the same number of averaging rounds in the same order, because each round
-is a collective. A schedule therefore decides from its own counters and from values agreed at
-construction, never from anything that differs between ranks at run time. The optimizer checks
-at construction that all ranks describe the same schedule (``describe()``).
+is a collective. A schedule therefore decides from its own counters, from values every rank
+agreed on (``describe()`` is compared across ranks at construction; ``by_speed`` agrees on its
+intervals with one allgather), or -- only for ``Heterogeneous.every_seconds`` -- from a clock
+whose epochs all ranks start together at the end of a round. Ranks with different step counts
+per epoch still meet: every rank joins every round, whatever its count.
 """
 from __future__ import annotations
 
+import math
+import statistics
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-__all__ = ["Schedule", "StepPlan", "FixedInterval", "as_schedule"]
+__all__ = ["Schedule", "StepPlan", "FixedInterval", "TimeVarying", "Heterogeneous", "as_schedule"]
+
+ValueSpec = Union[Sequence[float], Callable[[int], float]]
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one ``step()`` does besides the optimizer's own update."""
+    """What ``step()`` does before the optimizer's own update."""
 
     average_before: bool = False  # x_i <- avg(x^{t-1}) before the update (Algorithm 1)
-    average_after: bool = False   # x_i <- avg(x^t) after the update (end of an epoch, Alg. 2/3)
     lr: Optional[float] = None    # set on every param group before the update, when not None
 
 
+NO_ACTION = StepPlan()
+
+
 class Schedule:
-    """Base class. Subclasses implement :meth:`plan` and keep their position in ``state_dict``."""
+    """Base class. Subclasses override the decisions they make and keep their position in
+    ``state_dict`` so that a resumed run averages at the same steps."""
 
-    def bind(self, rank: int, size: int) -> None:
-        """Called once by the optimizer with this rank's index and the number of ranks."""
-        self.rank, self.size = rank, size
+    rank = 0
+    size = 1
 
-    def plan(self, t: int) -> StepPlan:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def bind(self, rank: int, size: int, allgather: Callable[[Any], List[Any]]) -> None:
+        """Called once by the optimizer: this rank, the number of ranks, and a collective
+        ``allgather(obj) -> [obj of rank 0, ...]`` over the optimizer's process set."""
+        self.rank, self.size, self._allgather = rank, size, allgather
+
+    def before_step(self, t: int) -> StepPlan:
+        return NO_ACTION
+
+    def after_step(self, t: int) -> bool:
+        return False
+
+    def round_weight(self) -> float:
+        """This rank's weight in the average about to be taken (1.0: plain mean)."""
+        return 1.0
+
+    def round_done(self) -> None:
+        """Called after every averaging round, scheduled or not."""
 
     def describe(self) -> Dict[str, Any]:
         """What every rank must agree on (compared across ranks at construction)."""
@@ -49,15 +75,19 @@ class Schedule:
         pass
 
 
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+    return value
+
+
 class FixedInterval(Schedule):
     """Algorithm 1: average every ``interval`` steps (at t = I, 2I, ...), before the update."""
 
     def __init__(self, interval: int):
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"FixedInterval: 'interval' must be an int >= 1, got {interval!r}")
-        self.interval = interval
+        self.interval = _positive_int(interval, "FixedInterval: 'interval'")
 
-    def plan(self, t: int) -> StepPlan:
+    def before_step(self, t: int) -> StepPlan:
         return StepPlan(average_before=(t % self.interval == 0))
 
     def describe(self) -> Dict[str, Any]:
@@ -65,6 +95,302 @@ class FixedInterval(Schedule):
 
     def __repr__(self) -> str:
         return f"FixedInterval({self.interval})"
+
+
+class _Sequence:
+    """``s -> value`` for s = 1, 2, ... from a sequence or a callable, validated on use."""
+
+    def __init__(self, spec: ValueSpec, what: str, repeat_last: bool, check: Callable[[Any], bool],
+                 requirement: str):
+        if not callable(spec):
+            spec = list(spec)
+            if not spec:
+                raise ValueError(f"TimeVarying: '{what}' is empty")
+            for s, v in enumerate(spec, 1):
+                if not check(v):
+                    raise ValueError(f"TimeVarying: '{what}' must hold {requirement}; "
+                                     f"epoch {s} has {v!r}")
+        self.spec, self.what, self.repeat_last = spec, what, repeat_last
+        self.check, self.requirement = check, requirement
+
+    def __call__(self, s: int):
+        if callable(self.spec):
+            v = self.spec(s)
+        elif s <= len(self.spec):
+            v = self.spec[s - 1]
+        elif self.repeat_last:
+            v = self.spec[-1]
+        else:
+            raise IndexError(f"TimeVarying: '{self.what}' has {len(self.spec)} entries but epoch "
+                             f"{s} has begun; give more entries, a callable s -> value, or "
+                             f"repeat_last=True to keep the last value")
+        if not self.check(v):
+            raise ValueError(f"TimeVarying: '{self.what}' must give {self.requirement}; "
+                             f"epoch {s} got {v!r}")
+        return v
+
+    def describe(self):
+        return "callable" if callable(self.spec) else list(self.spec)
+
+
+def _is_epoch_length(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_lr(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+class _Epochs(Schedule):
+    """Shared machinery of Algorithms 2 and 3: epochs of local steps, each ended by an average."""
+
+    def __init__(self):
+        self.epoch = 1          # s, 1-based
+        self.step_in_epoch = 0  # local steps taken in the current epoch
+
+    def epoch_length(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, t: int) -> bool:
+        self.step_in_epoch += 1
+        return self.step_in_epoch >= self.epoch_length()
+
+    def round_done(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            self.epoch = int(state["epoch"])
+            self.step_in_epoch = int(state["step_in_epoch"])
+
+
+class TimeVarying(_Epochs):
+    """Algorithm 2: epoch s runs K^s local steps with learning rate gamma^s, then averages.
+
+    Args:
+        epoch_lengths: K^s, a sequence (epoch 1 first) or a callable ``s -> int >= 1``.
+        lrs: gamma^s likewise, set on every param group when epoch s begins; ``None`` leaves the
+            learning rate alone (so a ``torch.optim.lr_scheduler`` can drive it).
+        repeat_last: when a sequence runs out, keep its last value instead of raising.
+    """
+
+    def __init__(self, epoch_lengths: ValueSpec, lrs: Optional[ValueSpec] = None,
+                 repeat_last: bool = False):
+        super().__init__()
+        self.epoch_lengths = _Sequence(epoch_lengths, "epoch_lengths", repeat_last,
+                                       _is_epoch_length, "ints >= 1")
+        self.lrs = None if lrs is None else _Sequence(lrs, "lrs", repeat_last, _is_lr,
+                                                      "finite numbers >= 0")
+        self._length_cache = (0, 0)
+
+    @classmethod
+    def paper(cls, *, lr0: float, n_workers: Optional[int] = None, k0: float = 1.0,
+              lr_max: Optional[float] = None) -> "TimeVarying":
+        """The slides' schedule: K^s = max(1, floor(k0 s^(1/3) / N)), gamma^s = min(lr_max,
+        lr0 N / s^(2/3)).
+
+        The theorem states K^s = floor(s^(1/3)/N) and gamma^s = N/s^(2/3) up to constants; the
+        max(1, .) (an epoch has at least one step), the scale factors k0 and lr0, and the cap
+        lr_max are our reading. ``n_workers=None`` takes N from the optimizer's process set.
+        """
+        sched = cls(lambda s: 1, None)
+        sched._paper = {"lr0": lr0, "n_workers": n_workers, "k0": k0, "lr_max": lr_max}
+        if not _is_lr(lr0) or lr0 == 0:
+            raise ValueError(f"TimeVarying.paper: 'lr0' must be a finite number > 0, got {lr0!r}")
+        if k0 <= 0:
+            raise ValueError(f"TimeVarying.paper: 'k0' must be > 0, got {k0!r}")
+        return sched
+
+    def bind(self, rank: int, size: int, allgather) -> None:
+        super().bind(rank, size, allgather)
+        paper = getattr(self, "_paper", None)
+        if paper is not None:
+            n = paper["n_workers"] or size
+            k0, lr0, lr_max = paper["k0"], paper["lr0"], paper["lr_max"]
+            self.epoch_lengths = _Sequence(lambda s: max(1, math.floor(k0 * s ** (1 / 3) / n)),
+                                           "epoch_lengths", False, _is_epoch_length, "ints >= 1")
+            lr_fn = (lambda s: lr0 * n / s ** (2 / 3)) if lr_max is None else \
+                (lambda s: min(lr_max, lr0 * n / s ** (2 / 3)))
+            self.lrs = _Sequence(lr_fn, "lrs", False, _is_lr, "finite numbers >= 0")
+
+    def epoch_length(self) -> int:
+        s, k = self._length_cache
+        if s != self.epoch:
+            k = self.epoch_lengths(self.epoch)
+            self._length_cache = (self.epoch, k)
+        return k
+
+    def before_step(self, t: int) -> StepPlan:
+        if self.step_in_epoch == 0:
+            self.epoch_length()  # a run-out sequence fails here, before the update
+            if self.lrs is not None:
+                return StepPlan(lr=float(self.lrs(self.epoch)))
+        return NO_ACTION
+
+    def describe(self) -> Dict[str, Any]:
+        d = {"schedule": "TimeVarying"}
+        paper = getattr(self, "_paper", None)
+        if paper is not None:
+            d["paper"] = dict(paper)
+        else:
+            d["epoch_lengths"] = self.epoch_lengths.describe()
+            d["lrs"] = None if self.lrs is None else self.lrs.describe()
+        return d
+
+    def __repr__(self) -> str:
+        return f"TimeVarying(epoch={self.epoch})"
+
+
+_WEIGHTS = ("uniform", "steps")
+
+
+class Heterogeneous(_Epochs):
+    """Algorithm 3: rank i runs ``intervals[i]`` local steps per epoch, then all ranks average.
+
+    Args:
+        intervals: one int >= 1 per rank of the process set.
+        weights: ``"uniform"`` (the paper's rule: the plain mean) or ``"steps"`` (each rank's
+            model weighted by the local steps it took in the epoch). Plain averaging of ranks
+            that took different numbers of steps over-weights the slow ranks' objectives when
+            the data are not IID (the objective inconsistency FedNova describes); "steps" makes
+            each local step count once. ``finalize()``/``average_now()`` always take the plain
+            mean, so every rank ends with the same model.
+
+    Use :meth:`by_speed` or :meth:`every_seconds` to pick the counts from measured speed.
+    """
+
+    def __init__(self, intervals: Sequence[int], weights: str = "uniform"):
+        super().__init__()
+        if isinstance(intervals, (str, bytes)) or not hasattr(intervals, "__len__"):
+            raise TypeError(f"Heterogeneous: 'intervals' must be a sequence of ints, one per "
+                            f"rank, got {type(intervals).__name__}")
+        self.intervals = [_positive_int(i, "Heterogeneous: each entry of 'intervals'")
+                          for i in intervals]
+        if weights not in _WEIGHTS:
+            raise ValueError(f"Heterogeneous: 'weights' must be one of {_WEIGHTS}, got {weights!r}")
+        self.weights = weights
+        self.mode = "fixed"
+
+    @classmethod
+    def by_speed(cls, base_interval: int, calibrate_steps: int = 20,
+                 weights: str = "uniform") -> "Heterogeneous":
+        """Pick I_i from each rank's measured step time.
+
+        For the first ``calibrate_steps`` steps every rank averages every ``base_interval``
+        steps while timing its steps (compute only: time spent in averaging rounds is left
+        out); then the ranks agree (one allgather) on I_i = round(base_interval * t_slowest /
+        t_i) from the median step times, so the slowest rank keeps ``base_interval`` and an
+        epoch lasts about as long on every rank. The calibration ends with an average.
+        """
+        sched = cls([1], weights)
+        sched.intervals = []
+        sched.mode = "by_speed"
+        sched.base_interval = _positive_int(base_interval, "Heterogeneous.by_speed: 'base_interval'")
+        sched.calibrate_steps = _positive_int(calibrate_steps,
+                                              "Heterogeneous.by_speed: 'calibrate_steps'")
+        sched.step_times: List[float] = []
+        return sched
+
+    @classmethod
+    def every_seconds(cls, seconds: float, weights: str = "uniform") -> "Heterogeneous":
+        """Each rank runs local steps until ``seconds`` have passed since the last average
+        (at least one step), then averages. Ranks end an epoch within one step of each other."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"Heterogeneous.every_seconds: 'seconds' must be > 0, got {seconds!r}")
+        sched = cls([1], weights)
+        sched.intervals = []
+        sched.mode = "every_seconds"
+        sched.seconds = float(seconds)
+        return sched
+
+    def bind(self, rank: int, size: int, allgather) -> None:
+        super().bind(rank, size, allgather)
+        if self.mode == "fixed" and len(self.intervals) != size:
+            raise ValueError(f"Heterogeneous: 'intervals' has {len(self.intervals)} entries but "
+                             f"the process set has {size} ranks; give one per rank")
+        self._clock = None   # start of the current step's compute (by_speed / every_seconds)
+        self._epoch_started = None
+
+    # ---- timing (by_speed, every_seconds) ----------------------------------------------------
+    def before_step(self, t: int) -> StepPlan:
+        now = time.perf_counter()
+        self._clock = now
+        if self._epoch_started is None:
+            self._epoch_started = now
+        return NO_ACTION
+
+    def _calibrating(self) -> bool:
+        return self.mode == "by_speed" and not self.intervals
+
+    def epoch_length(self) -> int:
+        if self._calibrating():
+            return self.base_interval
+        return self.intervals[self.rank]
+
+    def after_step(self, t: int) -> bool:
+        self.step_in_epoch += 1
+        if self.mode == "every_seconds":
+            return time.perf_counter() - self._epoch_started >= self.seconds
+        if self._calibrating():
+            self.step_times.append(time.perf_counter() - self._clock)
+            if len(self.step_times) >= self.calibrate_steps:
+                self._agree_on_intervals()
+                return True  # start the measured epochs from a common model
+            return self.step_in_epoch >= self.base_interval
+        return self.step_in_epoch >= self.intervals[self.rank]
+
+    def _agree_on_intervals(self) -> None:
+        # The first step pays one-off costs (allocation, warm-up): leave it out when we can.
+        times = self.step_times[1:] or self.step_times
+        mine = statistics.median(times)
+        all_times = self._allgather(mine)
+        slowest = max(all_times)
+        self.intervals = [max(1, round(self.base_interval * slowest / max(t, 1e-9)))
+                          for t in all_times]
+
+    def round_done(self) -> None:
+        super().round_done()
+        self._epoch_started = time.perf_counter()
+
+    def round_weight(self) -> float:
+        return float(self.step_in_epoch) if self.weights == "steps" else 1.0
+
+    def describe(self) -> Dict[str, Any]:
+        d = {"schedule": "Heterogeneous", "mode": self.mode, "weights": self.weights}
+        if self.mode == "fixed":
+            d["intervals"] = list(self.intervals)
+        elif self.mode == "by_speed":
+            d.update(base_interval=self.base_interval, calibrate_steps=self.calibrate_steps)
+        else:
+            d["seconds"] = self.seconds
+        return d
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        sd["intervals"] = list(self.intervals)
+        if self.mode == "by_speed":
+            sd["step_times"] = list(self.step_times)
+        return sd
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state and self.mode != "fixed":
+            # Calibrated I_i are kept as long as the world size is the same.
+            saved = list(state.get("intervals", []))
+            self.intervals = saved if len(saved) == self.size else []
+            if self.mode == "by_speed":
+                self.step_times = list(state.get("step_times", [])) if not self.intervals else []
+
+    def __repr__(self) -> str:
+        if self.mode == "every_seconds":
+            return f"Heterogeneous.every_seconds({self.seconds})"
+        if self._calibrating():
+            return f"Heterogeneous.by_speed(base_interval={self.base_interval}, calibrating)"
+        return f"Heterogeneous({self.intervals}, weights={self.weights!r})"
 
 
 def as_schedule(interval: Any) -> Schedule:
@@ -77,4 +403,4 @@ def as_schedule(interval: Any) -> Schedule:
                              "use interval=1 to average at every step")
         return FixedInterval(interval)
     raise TypeError(f"DistributedLocalSGD: 'interval' must be an int >= 1 or a schedule "
-                    f"(FixedInterval, TimeVarying, Heterogeneous, ...), got {type(interval).__name__}")
+                    f"(FixedInterval, TimeVarying, Heterogeneous), got {type(interval).__name__}")
