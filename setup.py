@@ -12,7 +12,10 @@ from setuptools import find_packages, setup
 
 ext_modules = []
 cmdclass = {}
-cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+# The AVX2 kernel object goes last: where it and another object both emit an inline function
+# from a header, the linker keeps the first copy, which is then the baseline-ISA one
+# (NOTE: [CPU capability] in csrc/cpu_kernels.h).
+cpp_sources = sorted(glob.glob("csrc/*.cpp"), key=lambda p: (p.endswith("_avx2.cpp"), p))
 if cpp_sources and os.environ.get("PRSGD_NO_EXTENSION") != "1":
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension

@@ -11,19 +11,10 @@
 
 #include <vector>
 
+#include "sgd_options.h"
+
 namespace prsgd {
 
-// Hyperparameters of unflatten_average_sgd_, as the schema passes them (doubles). Each kernel
-// rounds them to its opmath type, which is what torch does with a Python scalar times a tensor.
-struct SgdOptions {
-  double scale;
-  double lr;
-  double momentum;
-  double dampening;
-  double weight_decay;
-  bool nesterov;
-  bool maximize;
-};
 
 // offsets[i] = start of tensor i in flat; offsets[n] = total numel.
 std::vector<int64_t> segment_offsets(at::TensorList tensors);

@@ -1,286 +1,78 @@
-// CPU kernels: one at::parallel_for over all elements of all segments, at::vec::Vectorized
-// inner loops with fp32 (fp64 for double) opmath, rounding once when a value is written.
-//
-// NOTE: [One pass, balanced] The flat index space is split into equal ranges regardless of
-// tensor boundaries, so hundreds of tiny tensors (biases, BatchNorm) cost no more scheduling
-// than one big one, and every element of flat/params/grads/buffers is touched exactly once.
-// NOTE: [No FMA] The reference computes `x - lr * d` as a rounded multiply then a rounded
-// subtract; the build passes -ffp-contract=off (and the CUDA kernels use __fmul_rn/__fadd_rn)
-// so the kernels round at the same places and match it bit for bit in fp32.
+// CPU implementations of the prsgd_hvd ops: argument checks (common.cpp), segment lists, and
+// the kernels of cpu_kernels_impl.h for the best instruction set this CPU has
+// (NOTE: [CPU capability] in cpu_kernels.h).
 #include "common.h"
+#include "cpu_kernels.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <type_traits>
+#include <vector>
 
 namespace prsgd {
 namespace {
 
-using at::vec::Vectorized;
-
-template <typename T>
-using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename T>
-constexpr bool is_reduced_v = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
-
-// Every inner loop steps by two opmath vectors: that is one Vectorized<Half/BFloat16> worth.
-template <typename op_t>
-constexpr int64_t kStep = 2 * Vectorized<op_t>::size();
-
-template <typename T, typename op_t = opmath_t<T>>
-inline void load2(const T* p, Vectorized<op_t>& a, Vectorized<op_t>& b) {
-  if constexpr (is_reduced_v<T>) {
-    at::vec::load_to_float<T>(p, a, b);
-  } else {
-    static_assert(std::is_same_v<T, op_t>);
-    a = Vectorized<op_t>::loadu(p);
-    b = Vectorized<op_t>::loadu(p + Vectorized<op_t>::size());
-  }
+bool use_avx2() {
+#if PRSGD_HAVE_AVX2_KERNELS
+  static const bool avx2 = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    return cap == "AVX2" || cap == "AVX512";
+  }();
+  return avx2;
+#else
+  return false;
+#endif
 }
 
-template <typename T, typename op_t = opmath_t<T>>
-inline void store2(T* p, const Vectorized<op_t>& a, const Vectorized<op_t>& b) {
-  if constexpr (is_reduced_v<T>) {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  } else {
-    static_assert(std::is_same_v<T, op_t>);
-    a.store(p);
-    b.store(p + Vectorized<op_t>::size());
-  }
+void run_flatten(const std::vector<cpu::CastSegment>& segs, c10::ScalarType dst) {
+#if PRSGD_HAVE_AVX2_KERNELS
+  if (use_avx2()) return cpu::avx2::flatten(segs, dst);
+#endif
+  cpu::default_cpu::flatten(segs, dst);
 }
 
-// The SGD constants, already rounded to opmath and broadcast to V (a scalar or a vector).
-template <typename V>
-struct SgdConsts {
-  V scale, lr, momentum, one_minus_dampening, weight_decay, neg_one;
-  bool has_weight_decay, has_momentum, nesterov, maximize;
-
-  template <typename op_t>
-  static SgdConsts make(const SgdOptions& o) {
-    // (1 - dampening) is formed in double first, as the Python reference does.
-    return {V(op_t(o.scale)), V(op_t(o.lr)), V(op_t(o.momentum)),
-            V(op_t(1.0 - o.dampening)), V(op_t(o.weight_decay)), V(op_t(-1.0)),
-            o.weight_decay != 0.0, o.momentum != 0.0, o.nesterov, o.maximize};
-  }
-};
-
-// torch.optim.SGD's update of the averaged value x with gradient g; same operation order as
-// ops_reference.unflatten_average_sgd_. `buf` is read unless `first`, and always written when
-// momentum is on. V is an opmath scalar or an at::vec::Vectorized of it.
-template <typename V>
-inline V sgd_math(V x, V g, V& buf, bool first, const SgdConsts<V>& c) {
-  V d = c.maximize ? g * c.neg_one : g;
-  if (c.has_weight_decay) d = d + c.weight_decay * x;
-  if (c.has_momentum) {
-    buf = first ? d : buf * c.momentum + c.one_minus_dampening * d;
-    d = c.nesterov ? d + c.momentum * buf : buf;
-  }
-  return x - c.lr * d;
-}
-
-// Runs fn(segment, begin_in_segment, length) over [0, total) split across threads.
-// `offsets` has one entry per segment plus the total (see NOTE: [One pass, balanced]).
-template <typename F>
-void parallel_segments(const std::vector<int64_t>& offsets, const F& fn) {
-  const int64_t total = offsets.back();
-  if (total == 0) return;
-  at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    // Last segment starting at or before `begin`; empty segments share their successor's
-    // offset, so this is never an empty one.
-    int64_t s = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-    while (begin < end) {
-      const int64_t seg_end = std::min(end, offsets[s + 1]);
-      if (seg_end > begin) fn(s, begin - offsets[s], seg_end - begin);
-      begin = std::max(begin, seg_end);
-      ++s;
-    }
-  });
-}
-
-// ---- flatten ---------------------------------------------------------------------------
-
-template <typename src_t, typename dst_t>
-void cast_copy(const src_t* src, dst_t* dst, int64_t n) {
-  if constexpr (std::is_same_v<src_t, dst_t>) {
-    std::memcpy(dst, src, n * sizeof(src_t));
-  } else {
-    using op_t = float;  // only fp32/fp16/bf16 reach here (is_kernel_cast)
-    Vectorized<op_t> a, b;
-    int64_t i = 0;
-    for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
-      load2<src_t>(src + i, a, b);
-      store2<dst_t>(dst + i, a, b);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<dst_t>(static_cast<op_t>(src[i]));
-  }
-}
-
-// Calls f(T{}) with the C++ type of a floating dtype.
-template <typename F>
-void dispatch_float(c10::ScalarType t, const F& f) {
-  switch (t) {
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(at::Half{});
-    case at::kBFloat16:
-      return f(at::BFloat16{});
-    case at::kDouble:
-      return f(double{});
-    default:
-      TORCH_CHECK(false, "prsgd_hvd: internal error: unchecked dtype ", t);
-  }
-}
-
-// Calls f(a_t{}, b_t{}) with the C++ types of a pair of floating dtypes.
-template <typename F>
-void dispatch_pair(c10::ScalarType a, c10::ScalarType b, const F& f) {
-  dispatch_float(a, [&](auto a_tag) {
-    dispatch_float(b, [&](auto b_tag) { f(a_tag, b_tag); });
-  });
+void run_average_sgd(const std::vector<cpu::SgdSegment>& segs, c10::ScalarType flat_type,
+                     const SgdOptions& o) {
+#if PRSGD_HAVE_AVX2_KERNELS
+  if (use_avx2()) return cpu::avx2::average_sgd(segs, flat_type, o);
+#endif
+  cpu::default_cpu::average_sgd(segs, flat_type, o);
 }
 
 at::Tensor flatten_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& out) {
-  const auto flat_offsets = segment_offsets(tensors);
-  at::Tensor result = flatten_prepare_out(tensors, out, flat_offsets.back());
-  // Tensors the kernel handles (contiguous, kernel cast); the rest go through copy_.
-  std::vector<int64_t> idx, offsets;
+  const auto offsets = segment_offsets(tensors);
+  at::Tensor result = flatten_prepare_out(tensors, out, offsets.back());
+  char* dst_base = static_cast<char*>(result.data_ptr());
+  const int64_t dst_size = result.element_size();
+  std::vector<cpu::CastSegment> segs;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
     if (t.numel() == 0) continue;
     if (t.is_contiguous() && is_kernel_cast(t.scalar_type(), result.scalar_type())) {
-      idx.push_back(i);
-      offsets.push_back(offsets.empty() ? 0 : offsets.back() + tensors[idx[idx.size() - 2]].numel());
-    } else {
-      result.narrow(0, flat_offsets[i], t.numel()).view(t.sizes()).copy_(t);
+      segs.push_back({t.const_data_ptr(), dst_base + offsets[i] * dst_size, t.numel(),
+                      t.scalar_type()});
+    } else {  // strided sources and casts to/from fp64: torch's copy kernel, still one pass
+      result.narrow(0, offsets[i], t.numel()).view(t.sizes()).copy_(t);
     }
   }
-  if (idx.empty()) return result;
-  offsets.push_back(offsets.back() + tensors[idx.back()].numel());
-  const c10::ScalarType dst = result.scalar_type();
-  char* dst_base = static_cast<char*>(result.data_ptr());
-  const int64_t dst_size = result.element_size();
-  parallel_segments(offsets, [&](int64_t s, int64_t begin, int64_t n) {
-    const at::Tensor& t = tensors[idx[s]];
-    void* dst_ptr = dst_base + (flat_offsets[idx[s]] + begin) * dst_size;
-    const void* src_ptr = static_cast<const char*>(t.const_data_ptr()) + begin * t.element_size();
-    dispatch_pair(t.scalar_type(), dst, [&](auto src_tag, auto dst_tag) {
-      using src_t = decltype(src_tag);
-      using dst_t = decltype(dst_tag);
-      if constexpr (std::is_same_v<src_t, dst_t> ||
-                    (!std::is_same_v<src_t, double> && !std::is_same_v<dst_t, double>)) {
-        cast_copy(static_cast<const src_t*>(src_ptr), static_cast<dst_t*>(dst_ptr), n);
-      } else {
-        TORCH_CHECK(false, "prsgd_hvd: internal error: cast not handled by the kernel");
-      }
-    });
-  });
+  run_flatten(segs, result.scalar_type());
   return result;
-}
-
-// ---- unflatten_average_ / unflatten_average_sgd_ ----------------------------------------
-
-// One piece of one segment. grad == nullptr: the param only receives the average.
-template <typename flat_t, typename param_t>
-void average_sgd_piece(const flat_t* flat, param_t* param, const param_t* grad, param_t* buf,
-                       bool first, int64_t n, const SgdOptions& o) {
-  using op_t = opmath_t<param_t>;
-  using Vec = Vectorized<op_t>;
-  const auto cv = SgdConsts<Vec>::template make<op_t>(o);
-  const auto cs = SgdConsts<op_t>::template make<op_t>(o);
-  int64_t i = 0;
-  if (grad == nullptr) {
-    for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
-      Vec x0, x1;
-      load2<flat_t>(flat + i, x0, x1);
-      store2<param_t>(param + i, x0 * cv.scale, x1 * cv.scale);
-    }
-    for (; i < n; ++i) param[i] = static_cast<param_t>(static_cast<op_t>(flat[i]) * cs.scale);
-    return;
-  }
-  const bool read_buf = cs.has_momentum && !first;
-  for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
-    Vec x0, x1, g0, g1, b0, b1;
-    load2<flat_t>(flat + i, x0, x1);
-    load2<param_t>(grad + i, g0, g1);
-    if (read_buf) load2<param_t>(buf + i, b0, b1);
-    x0 = sgd_math(x0 * cv.scale, g0, b0, first, cv);
-    x1 = sgd_math(x1 * cv.scale, g1, b1, first, cv);
-    store2<param_t>(param + i, x0, x1);
-    if (cs.has_momentum) store2<param_t>(buf + i, b0, b1);
-  }
-  for (; i < n; ++i) {
-    op_t b = read_buf ? static_cast<op_t>(buf[i]) : op_t(0);
-    const op_t x = sgd_math(static_cast<op_t>(flat[i]) * cs.scale, static_cast<op_t>(grad[i]),
-                            b, first, cs);
-    param[i] = static_cast<param_t>(x);
-    if (cs.has_momentum) buf[i] = static_cast<param_t>(b);
-  }
-}
-
-void dispatch_average_sgd(c10::ScalarType flat_type, c10::ScalarType param_type,
-                          const void* flat, void* param, const void* grad, void* buf, bool first,
-                          int64_t n, const SgdOptions& o) {
-  dispatch_pair(flat_type, param_type, [&](auto flat_tag, auto param_tag) {
-    using flat_t = decltype(flat_tag);
-    using param_t = decltype(param_tag);
-    if constexpr (std::is_same_v<flat_t, param_t> ||
-                  (std::is_same_v<flat_t, float> && is_reduced_v<param_t>)) {
-      average_sgd_piece<flat_t, param_t>(static_cast<const flat_t*>(flat),
-                                         static_cast<param_t*>(param),
-                                         static_cast<const param_t*>(grad),
-                                         static_cast<param_t*>(buf), first, n, o);
-    } else {
-      TORCH_CHECK(false, "prsgd_hvd: internal error: dtype pair not checked");
-    }
-  });
-}
-
-struct SgdSegment {
-  void* param;
-  const void* grad;  // nullptr: average only
-  void* buf;         // nullptr unless momentum is on and there is a grad
-  int64_t flat_offset;
-  c10::ScalarType dtype;
-  int64_t elem_size;
-  bool first;
-};
-
-void run_average_sgd(const at::Tensor& flat, const std::vector<SgdSegment>& segs,
-                     const std::vector<int64_t>& numels, const SgdOptions& o) {
-  std::vector<int64_t> offsets(segs.size() + 1, 0);
-  for (size_t i = 0; i < segs.size(); ++i) offsets[i + 1] = offsets[i] + numels[i];
-  const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
-  const int64_t flat_size = flat.element_size();
-  const c10::ScalarType flat_type = flat.scalar_type();
-  parallel_segments(offsets, [&](int64_t s, int64_t begin, int64_t n) {
-    const SgdSegment& g = segs[s];
-    const int64_t off = begin * g.elem_size;
-    dispatch_average_sgd(flat_type, g.dtype, flat_base + (g.flat_offset + begin) * flat_size,
-                         static_cast<char*>(g.param) + off,
-                         g.grad ? static_cast<const char*>(g.grad) + off : nullptr,
-                         g.buf ? static_cast<char*>(g.buf) + off : nullptr, g.first, n, o);
-  });
 }
 
 void unflatten_average_cpu(const at::Tensor& flat, at::TensorList params, double scale) {
   const auto offsets = check_unflatten("unflatten_average_", flat, params);
-  std::vector<SgdSegment> segs;
-  std::vector<int64_t> numels;
+  const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
+  const int64_t flat_size = flat.element_size();
+  std::vector<cpu::SgdSegment> segs;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& p = params[i];
     if (p.numel() == 0) continue;
-    segs.push_back({p.data_ptr(), nullptr, nullptr, offsets[i], p.scalar_type(),
-                    p.element_size(), false});
-    numels.push_back(p.numel());
+    segs.push_back({flat_base + offsets[i] * flat_size, p.data_ptr(), nullptr, nullptr,
+                    p.numel(), p.scalar_type(), false});
   }
-  run_average_sgd(flat, segs, numels, SgdOptions{scale, 0.0, 0.0, 0.0, 0.0, false, false});
+  run_average_sgd(segs, flat.scalar_type(),
+                  SgdOptions{scale, 0.0, 0.0, 0.0, 0.0, false, false});
 }
 
 void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,
@@ -291,8 +83,9 @@ void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,
                                bool nesterov, bool maximize) {
   const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params);
   check_sgd(flat, params, grads, momentum_buffers, first_step, momentum);
-  std::vector<SgdSegment> segs;
-  std::vector<int64_t> numels;
+  const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
+  const int64_t flat_size = flat.element_size();
+  std::vector<cpu::SgdSegment> segs;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& p = params[i];
     if (p.numel() == 0) continue;
@@ -300,11 +93,11 @@ void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,
     const bool has_grad = g.has_value() && g->defined();
     void* buf = nullptr;
     if (has_grad && momentum != 0.0) buf = momentum_buffers.get(i)->data_ptr();
-    segs.push_back({p.data_ptr(), has_grad ? g->const_data_ptr() : nullptr, buf, offsets[i],
-                    p.scalar_type(), p.element_size(), first_step.get(i)});
-    numels.push_back(p.numel());
+    segs.push_back({flat_base + offsets[i] * flat_size, p.data_ptr(),
+                    has_grad ? g->const_data_ptr() : nullptr, buf, p.numel(), p.scalar_type(),
+                    first_step.get(i)});
   }
-  run_average_sgd(flat, segs, numels,
+  run_average_sgd(segs, flat.scalar_type(),
                   SgdOptions{scale, lr, momentum, dampening, weight_decay, nesterov, maximize});
 }
 

@@ -1,0 +1,196 @@
+"""One PR-SGD averaging round: fused kernels vs the unfused torch path, against copy bandwidth.
+
+Per round and model (parameter shapes of ResNet-20/CIFAR and ResNet-50/ImageNet, written out
+below; no torchvision), SGD with momentum 0.9 and weight decay, the allreduce itself excluded:
+
+  fused    ops.flatten(params, out=flat)                      pack          8 B/elem
+           ops.unflatten_average_sgd_(flat, params, ...)      avg + step   20 B/elem
+  unfused  torch.cat([p.reshape(-1)]) ; flat /= N ; torch._foreach_copy_(params, views) ;
+           torch.optim.SGD(foreach=True).step()
+
+Bytes per element follow DESIGN.md section 5 (fp32, SGD with momentum): fused 8 + 20 = 28;
+unfused "about 44" in DESIGN.md. Our own count of what the unfused path moves is printed too
+(cat 8, /=N 8, copy back 8, foreach SGD with weight decay 12 + 8 + 12 + 12 = 44, so 68 in all).
+The ceiling is a large tensor copy_ (read + write) measured in the same run on the same device
+and thread count. Times are medians over --repeats after warm-up.
+
+    python benchmarks/bench_kernels.py --device cpu --threads 2 --repeats 20
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from prsgd_hvd import ops
+
+# --------------------------------------------------------------------------- model shapes
+
+
+def resnet20_cifar_shapes():
+    """ResNet-20 for CIFAR-10 (He et al. 2016, option A shortcuts, bias-free convs): 269,722 parameters."""
+    shapes = [(16, 3, 3, 3), (16,), (16,)]
+    cin = 16
+    for width in (16, 32, 64):
+        for _ in range(3):
+            shapes += [(width, cin, 3, 3), (width,), (width,), (width, width, 3, 3), (width,), (width,)]
+            cin = width
+    return shapes + [(10, 64), (10,)]
+
+
+def resnet50_shapes():
+    """torchvision's resnet50 (bottleneck v1.5): 25,557,032 parameters."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, cin, 1, 1), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,),
+                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:
+                shapes += [(4 * width, cin, 1, 1), (4 * width,), (4 * width,)]
+            cin = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+MODELS = {"resnet20": resnet20_cifar_shapes, "resnet50": resnet50_shapes}
+
+FUSED_BYTES = 8 + 20        # DESIGN.md section 5
+UNFUSED_BYTES_DESIGN = 44   # DESIGN.md section 5 ("about 44")
+UNFUSED_BYTES_COUNTED = 8 + 8 + 8 + 44
+
+LR, MOMENTUM, WEIGHT_DECAY, WORLD = 0.1, 0.9, 5e-4, 4
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeats, warmup=3):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, repeats, numel=64 * 2**20):
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, repeats)
+    return 8 * numel / t / 1e9  # read + write, fp32
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def bench_model(name, device, repeats, gen):
+    shapes = MODELS[name]()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+
+    def rand(s):
+        return torch.randn(s, generator=gen).to(device)
+
+    init = [rand(s) for s in shapes]
+    grads = [rand(s) * 1e-2 for s in shapes]
+    scale = 1.0 / WORLD
+
+    # fused: our kernels
+    params = [p.clone() for p in init]
+    bufs = [torch.zeros_like(p) for p in init]
+    flat = torch.empty(numel, device=device)
+
+    def pack():
+        ops.flatten(params, out=flat)
+
+    def avg_step():
+        ops.unflatten_average_sgd_(flat, params, grads, bufs, scale=scale, lr=LR,
+                                   momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def fused():
+        pack()
+        avg_step()
+
+    # unfused: what one writes with plain torch
+    tparams = [torch.nn.Parameter(p.clone()) for p in init]
+    for p, g in zip(tparams, grads):
+        p.grad = g.clone()
+    opt = torch.optim.SGD(tparams, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                          foreach=True)
+    opt.step()  # creates the momentum buffers, as after the first local step
+    numels = [p.numel() for p in tparams]
+
+    def unfused():
+        with torch.no_grad():
+            tflat = torch.cat([p.reshape(-1) for p in tparams])
+            tflat /= WORLD
+            torch._foreach_copy_(tparams, [v.view_as(p) for v, p in
+                                           zip(tflat.split(numels), tparams)])
+        opt.step()
+
+    t_pack = median_time(pack, device, repeats)
+    t_step = median_time(avg_step, device, repeats)
+    # interleave the two round variants so drift (turbo, other load) hits both alike
+    tf, tu = [], []
+    for _ in range(3):
+        tf.append(median_time(fused, device, max(1, repeats // 3)))
+        tu.append(median_time(unfused, device, max(1, repeats // 3)))
+    t_fused, t_unfused = min(tf), min(tu)
+    return dict(model=name, numel=numel, tensors=len(shapes), t_pack=t_pack, t_step=t_step,
+                t_fused=t_fused, t_unfused=t_unfused)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--models", default="resnet20,resnet50")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+
+    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, device {args.device} ({dev_name}), "
+          f"threads {torch.get_num_threads()}, extension loaded: {ops.has_extension()}, "
+          f"repeats {args.repeats} (median)")
+    copy_gbs = copy_bandwidth(args.device, args.repeats)
+    print(f"copy_ ceiling (256 MiB fp32, read+write): {copy_gbs:.1f} GB/s")
+    print(f"bytes/elem: fused {FUSED_BYTES} (pack 8 + avg+step 20); unfused "
+          f"{UNFUSED_BYTES_DESIGN} (DESIGN.md), {UNFUSED_BYTES_COUNTED} by our count")
+    print()
+    hdr = (f"{'model':9} {'params':>10} {'tensors':>7} | {'pack ms':>8} {'GB/s':>6} | "
+           f"{'avg+step ms':>11} {'GB/s':>6} | {'fused ms':>8} {'GB/s':>6} {'%copy':>6} | "
+           f"{'unfused ms':>10} {'GB/s':>6} {'%copy':>6} | {'speedup':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for name in args.models.split(","):
+        r = bench_model(name, args.device, args.repeats, gen)
+        n = r["numel"]
+        gbs = lambda b, t: b * n / t / 1e9  # noqa: E731
+        fused_gbs = gbs(FUSED_BYTES, r["t_fused"])
+        unfused_gbs = gbs(UNFUSED_BYTES_DESIGN, r["t_unfused"])
+        print(f"{name:9} {n:>10,} {r['tensors']:>7} | {r['t_pack'] * 1e3:8.3f} "
+              f"{gbs(8, r['t_pack']):6.1f} | {r['t_step'] * 1e3:11.3f} "
+              f"{gbs(20, r['t_step']):6.1f} | {r['t_fused'] * 1e3:8.3f} {fused_gbs:6.1f} "
+              f"{100 * fused_gbs / copy_gbs:5.0f}% | {r['t_unfused'] * 1e3:10.3f} "
+              f"{unfused_gbs:6.1f} {100 * unfused_gbs / copy_gbs:5.0f}% | "
+              f"{r['t_unfused'] / r['t_fused']:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
