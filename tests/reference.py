@@ -9,25 +9,41 @@ import copy
 
 import torch
 
-from workers.common import flat_params, loss_fn, make_model, make_optimizer
+from workers.common import (epoch_length, epoch_lr, flat_params, loss_fn, make_model,
+                            make_optimizer, steps_for_rank)
 
 
-def _average_models_(models):
+def _average_models_(models, weights=None):
+    weights = torch.ones(len(models), dtype=torch.float64) if weights is None else \
+        torch.tensor(weights, dtype=torch.float64)
     with torch.no_grad():
         for ps in zip(*(m.parameters() for m in models)):
-            mean = torch.stack([p for p in ps]).mean(0)
+            stacked = torch.stack([p for p in ps])
+            mean = (stacked * weights.view(-1, *[1] * (stacked.dim() - 1))).sum(0) / weights.sum()
             for p in ps:
                 p.copy_(mean)
+
+
+def _start(spec, n):
+    base = make_model(spec["seed"]).double()
+    models = [copy.deepcopy(base) for _ in range(n)]
+    return models, [make_optimizer(spec, m) for m in models]
+
+
+def _local_step(spec, r, t, model, opt):
+    opt.zero_grad()
+    loss_fn(model, spec["seed"], r, t, dtype=torch.float64).backward()
 
 
 def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
     """Algorithm 1 (+ warm-up, LR scheduler, Horovod's optimizer-state init) on ``n`` ranks.
 
-    Returns a tensor [n, steps, n_params] of every rank's parameters after every step.
+    Rank r runs ``steps_for_rank`` steps (uneven data); a rank that has run out keeps taking
+    part in the rounds of the others with its model unchanged, and with ``finalize`` every
+    rank ends with one last plain average. Returns (per-rank [steps_r, n_params] trajectories,
+    final parameters per rank).
     """
-    base = make_model(spec["seed"]).double()
-    models = [copy.deepcopy(base) for _ in range(n)]
-    opts = [make_optimizer(spec, m) for m in models]
+    models, opts = _start(spec, n)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=spec["lr_step"][0], gamma=spec["lr_step"][1])
               if spec.get("lr_step") else None for o in opts]
     if spec.get("broadcast_state"):
@@ -37,16 +53,50 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
                 p.grad = torch.zeros_like(p)
             o.step()
     interval, warmup = spec["interval"], spec.get("warmup", 0)
+    steps = [steps_for_rank(spec, r, n) for r in range(n)]
     traj = [[] for _ in range(n)]
-    for t in range(1, spec["steps"] + 1):
-        for r, (m, o) in enumerate(zip(models, opts)):
-            o.zero_grad()
-            loss_fn(m, spec["seed"], r, t, dtype=torch.float64).backward()
+    for t in range(1, max(steps) + 1):
+        active = [r for r in range(n) if t <= steps[r]]
+        for r in active:
+            _local_step(spec, r, t, models[r], opts[r])
         if t <= warmup or t % interval == 0:
             _average_models_(models)   # x_i <- avg(x^{t-1}); the local gradient is kept
-        for r, (m, o) in enumerate(zip(models, opts)):
-            o.step()
+        for r in active:
+            opts[r].step()
             if scheds[r] is not None:
                 scheds[r].step()
-            traj[r].append(flat_params(m))
-    return torch.stack([torch.stack(tr) for tr in traj])
+            traj[r].append(flat_params(models[r]))
+    if spec.get("finalize"):
+        _average_models_(models)
+    return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models]
+
+
+def simulate_epochs(spec: dict, n: int):
+    """Algorithms 2 and 3: epoch s has K_r^s local steps on rank r at lr gamma^s, then every
+    rank averages (plain mean, or weighted by K_r^s for weights="steps")."""
+    sched = spec["schedule"]
+    models, opts = _start(spec, n)
+    lr_scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=spec["lr_step"][0], gamma=spec["lr_step"][1])
+                 if spec.get("lr_step") else None for o in opts]
+    t = [0] * n
+    traj = [[] for _ in range(n)]
+    for s in range(1, sched["epochs"] + 1):
+        lengths = [epoch_length(sched, r, s) for r in range(n)]
+        lr = epoch_lr(sched, s)
+        for r in range(n):
+            if lr is not None:
+                for g in opts[r].param_groups:
+                    g["lr"] = lr
+            for _ in range(lengths[r]):
+                t[r] += 1
+                _local_step(spec, r, t[r], models[r], opts[r])
+                opts[r].step()
+                if lr_scheds[r] is not None:
+                    lr_scheds[r].step()
+                traj[r].append(flat_params(models[r]))
+        _average_models_(models, lengths if sched.get("weights") == "steps" else None)
+        for r in range(n):  # the average happens inside the epoch's last step() call
+            traj[r][-1] = flat_params(models[r])
+    if spec.get("finalize"):
+        _average_models_(models)
+    return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models]

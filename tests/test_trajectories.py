@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hvdrun import run_workers
-from reference import simulate_fixed_interval
+from reference import simulate_epochs, simulate_fixed_interval
 
 SGD_MOMENTUM = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 SCENARIOS = [
@@ -35,8 +35,36 @@ SCENARIOS = [
      "steps": 7, "broadcast_state": True},
     {"name": "sgd_broadcast_state_i2", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 2,
      "steps": 6, "broadcast_state": True},
+    # Uneven data: rank r runs 2r more steps; finalize() (via the context manager) must not hang.
+    {"name": "uneven_data_finalize_i3", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 3,
+     "steps": 7, "extra_steps_per_rank": 2, "finalize": True},
+    {"name": "uneven_data_finalize_i4_reference_path", "opt": "adam", "opt_kwargs": {"lr": 0.01},
+     "interval": 4, "steps": 5, "extra_steps_per_rank": 3, "finalize": True, "fused": False},
+    # Algorithm 2.
+    {"name": "time_varying_lists_with_lrs", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "schedule": {"kind": "time_varying", "epoch_lengths": [1, 3, 2, 4], "lrs": [0.1, 0.05, 0.02, 0.01],
+                  "epochs": 4}},
+    {"name": "time_varying_callables_reference_path", "opt": "sgd", "opt_kwargs": {"lr": 0.1},
+     "fused": False, "finalize": True,
+     "schedule": {"kind": "time_varying", "epoch_lengths": "fn:grow", "lrs": "fn:decay", "epochs": 5}},
+    {"name": "time_varying_no_lrs_repeat_last_resume", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "resume_at": 4, "lr_step": [2, 0.7],
+     "schedule": {"kind": "time_varying", "epoch_lengths": [2, 3], "repeat_last": True, "epochs": 4}},
 ]
-for i, s in enumerate(SCENARIOS):
+# Algorithm 3: one count per rank, so these depend on the world size.
+HETEROGENEOUS = {
+    3: [{"name": "heterogeneous_uniform", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+         "schedule": {"kind": "heterogeneous", "intervals": [1, 3, 2], "epochs": 3}},
+        {"name": "heterogeneous_steps_weights_reference_path", "opt": "sgd", "opt_kwargs": {"lr": 0.1},
+         "fused": False, "finalize": True,
+         "schedule": {"kind": "heterogeneous", "intervals": [4, 1, 2], "weights": "steps", "epochs": 3}}],
+    4: [{"name": "heterogeneous_uniform", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+         "schedule": {"kind": "heterogeneous", "intervals": [2, 5, 1, 3], "epochs": 3}},
+        {"name": "heterogeneous_steps_weights_resume", "opt": "adam", "opt_kwargs": {"lr": 0.01},
+         "resume_after_round": 2, "finalize": True,
+         "schedule": {"kind": "heterogeneous", "intervals": [3, 1, 4, 2], "weights": "steps", "epochs": 3}}],
+}
+for i, s in enumerate(SCENARIOS + HETEROGENEOUS[3] + HETEROGENEOUS[4]):
     s["seed"] = 1234 + i
 TOLERANCE = {"sgd": (1e-5, 1e-6), "adam": (1e-4, 1e-5), "adamw": (1e-4, 1e-5), "rmsprop": (1e-4, 1e-5)}
 
@@ -45,30 +73,52 @@ _cache = {}
 
 def results_for(np):
     if np not in _cache:
-        _cache[np] = run_workers("trajectory_worker.py", np, ["--scenarios", json.dumps(SCENARIOS)])
+        scenarios = SCENARIOS + HETEROGENEOUS.get(np, [])
+        _cache[np] = run_workers("trajectory_worker.py", np, ["--scenarios", json.dumps(scenarios)])
     return _cache[np]
 
 
-def expected_rounds(spec):
-    return sum(1 for t in range(1, spec["steps"] + 1)
-               if t <= spec.get("warmup", 0) or t % spec["interval"] == 0)
+def expected_rounds(spec, np):
+    if "schedule" in spec:
+        return spec["schedule"]["epochs"] + (1 if spec.get("finalize") else 0)
+    last = spec["steps"] + (np - 1) * spec.get("extra_steps_per_rank", 0)
+    return sum(1 for t in range(1, last + 1)
+               if t <= spec.get("warmup", 0) or t % spec["interval"] == 0) \
+        + (1 if spec.get("finalize") else 0)
+
+
+def check_against_reference(np, spec):
+    results = results_for(np)
+    simulate = simulate_epochs if "schedule" in spec else simulate_fixed_interval
+    ref_traj, ref_final = simulate(spec, np)
+    rtol, atol = TOLERANCE[spec["opt"]]
+    for rank, res in enumerate(results):
+        got = res[spec["name"]]
+        assert got["is_instance"], "the wrapper must be an instance of the user's optimizer class"
+        assert got["local_step"] == len(ref_traj[rank])
+        # Every rank joins every round, however many steps it ran.
+        assert got["rounds"] == expected_rounds(spec, np)
+        for t in range(len(ref_traj[rank])):
+            torch.testing.assert_close(
+                got["traj"][t], ref_traj[rank][t], rtol=rtol, atol=atol,
+                msg=lambda m: f"{spec['name']}: rank {rank} after step {t + 1} of {np} ranks: {m}")
+        torch.testing.assert_close(got["final"], ref_final[rank], rtol=rtol, atol=atol)
+    if spec.get("finalize"):
+        for res in results[1:]:
+            assert torch.equal(res[spec["name"]]["final"], results[0][spec["name"]]["final"]), \
+                "after finalize() every rank must hold the same model"
 
 
 @pytest.mark.parametrize("np", [2, 3, 4])
 @pytest.mark.parametrize("spec", SCENARIOS, ids=[s["name"] for s in SCENARIOS])
 def test_trajectory_matches_float64_simulation(np, spec):
-    results = results_for(np)
-    ref = simulate_fixed_interval(spec, np)
-    rtol, atol = TOLERANCE[spec["opt"]]
-    for rank, res in enumerate(results):
-        got = res[spec["name"]]
-        assert got["is_instance"], "the wrapper must be an instance of the user's optimizer class"
-        assert got["local_step"] == spec["steps"]
-        assert got["rounds"] == expected_rounds(spec)
-        for t in range(spec["steps"]):
-            torch.testing.assert_close(
-                got["traj"][t], ref[rank, t], rtol=rtol, atol=atol,
-                msg=lambda m: f"{spec['name']}: rank {rank} after step {t + 1} of {np} ranks: {m}")
+    check_against_reference(np, spec)
+
+
+@pytest.mark.parametrize("np", [3, 4])
+@pytest.mark.parametrize("which", [0, 1])
+def test_heterogeneous_trajectory_matches_float64_simulation(np, which):
+    check_against_reference(np, HETEROGENEOUS[np][which])
 
 
 @pytest.mark.parametrize("np", [2, 3])

@@ -63,3 +63,51 @@ def make_optimizer(spec: dict, model: nn.Module) -> torch.optim.Optimizer:
 
 def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+
+
+# Named callables for schedules (JSON scenarios cannot carry functions).
+CALLABLES = {
+    "grow": lambda s: 1 + s // 2,          # K^s = 1, 2, 2, 3, 3, ...
+    "decay": lambda s: 0.1 / s,            # gamma^s
+}
+
+
+def _value_spec(v):
+    return CALLABLES[v[3:]] if isinstance(v, str) and v.startswith("fn:") else v
+
+
+def schedule_from_spec(sched: dict, hvd):
+    """Build a prsgd_hvd schedule from a JSON-able dict (workers only)."""
+    kind = sched["kind"]
+    if kind == "time_varying":
+        lrs = sched.get("lrs")
+        return hvd.TimeVarying(_value_spec(sched["epoch_lengths"]),
+                               None if lrs is None else _value_spec(lrs),
+                               repeat_last=sched.get("repeat_last", False))
+    if kind == "heterogeneous":
+        return hvd.Heterogeneous(sched["intervals"], weights=sched.get("weights", "uniform"))
+    raise ValueError(kind)
+
+
+def epoch_length(sched: dict, rank: int, s: int) -> int:
+    if sched["kind"] == "heterogeneous":
+        return sched["intervals"][rank]
+    lengths = _value_spec(sched["epoch_lengths"])
+    if callable(lengths):
+        return lengths(s)
+    return lengths[min(s, len(lengths)) - 1]
+
+
+def epoch_lr(sched: dict, s: int):
+    lrs = sched.get("lrs")
+    if lrs is None:
+        return None
+    lrs = _value_spec(lrs)
+    return lrs(s) if callable(lrs) else lrs[min(s, len(lrs)) - 1]
+
+
+def steps_for_rank(spec: dict, rank: int, size: int) -> int:
+    if "schedule" in spec:
+        return sum(epoch_length(spec["schedule"], rank, s)
+                   for s in range(1, spec["schedule"]["epochs"] + 1))
+    return spec["steps"] + rank * spec.get("extra_steps_per_rank", 0)

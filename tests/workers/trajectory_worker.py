@@ -1,9 +1,14 @@
 """Run training scenarios with DistributedLocalSGD and save every rank's parameters per step.
 
 Usage (under horovodrun): trajectory_worker.py --out DIR --scenarios JSON
-Each scenario: name, opt, opt_kwargs, interval, warmup, steps, seed, and optionally
-fused (None/True/False), resume_at (checkpoint round trip after that step), lr_step
-([step_size, gamma] for StepLR), broadcast_state (call hvd.broadcast_optimizer_state).
+Each scenario: name, opt, opt_kwargs, seed, and either interval (+ warmup) with steps, or
+schedule (see common.schedule_from_spec) with steps per rank computed from it; optionally
+fused (None/True/False), resume_at (checkpoint round trip after that step; resume_after_round:
+after the step that completes that round -- with different step counts per rank that is the
+point where all ranks can restart together), lr_step
+([step_size, gamma] for StepLR), broadcast_state (call hvd.broadcast_optimizer_state),
+extra_steps_per_rank (rank r runs r * that many more steps: uneven data) and finalize
+(train inside ``with opt.local_sgd():``, which ends with finalize()).
 """
 import argparse
 import io
@@ -12,13 +17,14 @@ import json
 import torch
 
 import prsgd_hvd as hvd
-from common import flat_params, loss_fn, make_model, make_optimizer
+from common import flat_params, loss_fn, make_model, make_optimizer, schedule_from_spec, steps_for_rank
 
 
 def build(spec, rank):
     model = make_model(spec["seed"])
     opt = make_optimizer(spec, model)
-    opt = hvd.DistributedLocalSGD(opt, interval=spec["interval"],
+    interval = schedule_from_spec(spec["schedule"], hvd) if "schedule" in spec else spec["interval"]
+    opt = hvd.DistributedLocalSGD(opt, interval=interval,
                                   named_parameters=model.named_parameters(),
                                   warmup_steps=spec.get("warmup", 0), fused=spec.get("fused"))
     sched = None
@@ -35,14 +41,30 @@ def run(spec, rank):
         hvd.broadcast_optimizer_state(opt, root_rank=0)
         assert opt.local_step == 0 and opt.rounds == 0, "broadcast_optimizer_state moved counters"
     traj = []
-    for t in range(1, spec["steps"] + 1):
+    rebuilt = spec.get("resume_at") or spec.get("resume_after_round")
+    if spec.get("finalize") and not rebuilt:
+        with opt.local_sgd():  # the context-manager form of finalize()
+            opt, model = _train(spec, rank, model, opt, sched, traj)
+    else:
+        opt, model = _train(spec, rank, model, opt, sched, traj)
+        if spec.get("finalize"):
+            opt.finalize()
+    return {"traj": torch.stack(traj), "final": flat_params(model), "local_step": opt.local_step,
+            "rounds": opt.rounds, "stats": opt.stats(),
+            "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0))))}
+
+
+def _train(spec, rank, model, opt, sched, traj):
+    for t in range(1, steps_for_rank(spec, rank, hvd.size()) + 1):
         opt.zero_grad()
         loss_fn(model, spec["seed"], rank, t).backward()
         opt.step()
         if sched is not None:
             sched.step()
         traj.append(flat_params(model))
-        if spec.get("resume_at") == t:
+        resume = spec.get("resume_at") == t or (
+            spec.get("resume_after_round") == opt.rounds and not getattr(opt, "_resumed", False))
+        if resume:
             # Checkpoint round trip mid-interval into freshly built objects.
             buf = io.BytesIO()
             ckpt = {"model": model.state_dict(), "opt": opt.state_dict(),
@@ -56,8 +78,8 @@ def run(spec, rank):
             if sched is not None:
                 sched.load_state_dict(ckpt["sched"])
             assert opt.local_step == t, (opt.local_step, t)
-    return {"traj": torch.stack(traj), "local_step": opt.local_step, "rounds": opt.rounds,
-            "stats": opt.stats(), "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0))))}
+            opt._resumed = True
+    return opt, model
 
 
 def main():
