@@ -280,9 +280,10 @@ class Heterogeneous(_Epochs):
                  weights: str = "uniform") -> "Heterogeneous":
         """Pick I_i from each rank's measured step time.
 
-        For the first ``calibrate_steps`` steps every rank averages every ``base_interval``
-        steps while timing its steps (compute only: time spent in averaging rounds is left
-        out); then the ranks agree (one allgather) on I_i = round(base_interval * t_slowest /
+        For the first ``calibrate_steps`` timed steps every rank averages every
+        ``base_interval`` steps while timing its steps (forward, backward and update, from the
+        end of one ``step()`` call to the end of the next; time spent in averaging rounds is
+        left out); then the ranks agree (one allgather) on I_i = round(base_interval * t_slowest /
         t_i) from the median step times, so the slowest rank keeps ``base_interval`` and an
         epoch lasts about as long on every rank. The calibration ends with an average.
         """
@@ -312,16 +313,23 @@ class Heterogeneous(_Epochs):
         if self.mode == "fixed" and len(self.intervals) != size:
             raise ValueError(f"Heterogeneous: 'intervals' has {len(self.intervals)} entries but "
                              f"the process set has {size} ranks; give one per rank")
-        self._clock = None   # start of the current step's compute (by_speed / every_seconds)
-        self._epoch_started = None
+        self._clock: Optional[float] = None   # end of the last step() or round
+        self._epoch_started: Optional[float] = None
 
     # ---- timing (by_speed, every_seconds) ----------------------------------------------------
+    # A step's time runs from the end of the previous step() call (or of the last round) to
+    # the end of this step's update, so it covers forward, backward and the update but not
+    # the time spent waiting in averaging rounds. The very first step has no start point.
     def before_step(self, t: int) -> StepPlan:
-        now = time.perf_counter()
-        self._clock = now
         if self._epoch_started is None:
-            self._epoch_started = now
+            self._epoch_started = time.perf_counter()
         return NO_ACTION
+
+    def _step_time(self) -> Optional[float]:
+        now = time.perf_counter()
+        elapsed = None if self._clock is None else now - self._clock
+        self._clock = now
+        return elapsed
 
     def _calibrating(self) -> bool:
         return self.mode == "by_speed" and not self.intervals
@@ -334,9 +342,12 @@ class Heterogeneous(_Epochs):
     def after_step(self, t: int) -> bool:
         self.step_in_epoch += 1
         if self.mode == "every_seconds":
-            return time.perf_counter() - self._epoch_started >= self.seconds
+            self._clock = time.perf_counter()
+            return self._clock - self._epoch_started >= self.seconds
         if self._calibrating():
-            self.step_times.append(time.perf_counter() - self._clock)
+            elapsed = self._step_time()
+            if elapsed is not None:
+                self.step_times.append(elapsed)
             if len(self.step_times) >= self.calibrate_steps:
                 self._agree_on_intervals()
                 return True  # start the measured epochs from a common model
@@ -344,9 +355,7 @@ class Heterogeneous(_Epochs):
         return self.step_in_epoch >= self.intervals[self.rank]
 
     def _agree_on_intervals(self) -> None:
-        # The first step pays one-off costs (allocation, warm-up): leave it out when we can.
-        times = self.step_times[1:] or self.step_times
-        mine = statistics.median(times)
+        mine = statistics.median(self.step_times)
         all_times = self._allgather(mine)
         slowest = max(all_times)
         self.intervals = [max(1, round(self.base_interval * slowest / max(t, 1e-9)))
@@ -354,7 +363,7 @@ class Heterogeneous(_Epochs):
 
     def round_done(self) -> None:
         super().round_done()
-        self._epoch_started = time.perf_counter()
+        self._epoch_started = self._clock = time.perf_counter()
 
     def round_weight(self) -> float:
         return float(self.step_in_epoch) if self.weights == "steps" else 1.0
