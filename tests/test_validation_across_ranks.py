@@ -1,0 +1,27 @@
+"""Mismatched configurations raise the same clear error on every rank instead of hanging."""
+import pytest
+
+from hvdrun import run_workers
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_workers("mismatch_worker.py", 3, timeout=120)
+
+
+def test_agreeing_ranks_construct_fine(results):
+    assert all(r["agree"] is None for r in results)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("interval", ["schedule differs", "'interval': 3", "ranks [1]", "ranks [0, 2]"]),
+    ("shape", ["parameter 0 differs", "0.weight", "(5, 3)", "rank 1"]),
+    ("warmup", ["warmup_steps differs", "ranks [1]"]),
+    ("schedule_kind", ["schedule differs", "TimeVarying", "FixedInterval"]),
+])
+def test_mismatch_is_reported_on_every_rank(results, case, words):
+    messages = [r[case] for r in results]
+    assert all(m is not None for m in messages), f"every rank must raise: {messages}"
+    assert len(set(messages)) == 1, "every rank reports the same difference"
+    for w in words:
+        assert w in messages[0], f"{w!r} not in: {messages[0]}"
