@@ -83,6 +83,20 @@ std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat,
   return offsets;
 }
 
+double* check_divergence(const char* op, const at::Tensor& flat,
+                         const c10::optional<at::Tensor>& divergence) {
+  if (!divergence.has_value() || !divergence->defined()) return nullptr;
+  const at::Tensor& d = *divergence;
+  TORCH_CHECK_TYPE(d.scalar_type() == at::kDouble, op,
+                   ": 'divergence' must be a float64 tensor (it accumulates in float64), got ",
+                   d.scalar_type());
+  TORCH_CHECK_VALUE(d.numel() == 1, op, ": 'divergence' must have exactly one element, got shape ",
+                    d.sizes());
+  TORCH_CHECK_VALUE(d.device() == flat.device(), op, ": 'divergence' is on ", d.device(),
+                    " but 'flat' is on ", flat.device());
+  return d.data_ptr<double>();
+}
+
 void check_sgd(const at::Tensor& flat, at::TensorList params,
                const c10::List<c10::optional<at::Tensor>>& grads,
                const c10::List<c10::optional<at::Tensor>>& momentum_buffers,

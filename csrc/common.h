@@ -33,6 +33,21 @@ at::Tensor flatten_prepare_out(at::TensorList tensors, const c10::optional<at::T
 // Checks shared by both unflatten ops; returns the segment offsets.
 std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat, at::TensorList params);
 
+// NOTE: [Divergence] Both unflatten ops take an optional `divergence`, a 1-element float64
+// tensor on flat's device, and add to it sum over all elements of all params of
+// (old param - flat * scale)^2: the squared distance of this rank's model from the average
+// (E||x_bar - x_i||^2 of the PR-SGD analysis; for unflatten_average_sgd_ the old value is
+// x_i^{t-1}, before the step, and the distance is to the average, not to the stepped value).
+// The kernels read each param element just before they overwrite it, square the difference
+// in opmath (fp32; fp64 for double) and accumulate in float64: on CPU per fixed block of
+// elements, blocks added in order (independent of the thread count); on CUDA per thread,
+// then per block, then one single-block kernel adds the block sums in order (independent of
+// timing on a given GPU). Without `divergence` the kernels are instantiated without that read
+// (a compile-time flag), so they cost what they cost before the option existed.
+// Checks `divergence` (when given) and returns a pointer to its element, or nullptr.
+double* check_divergence(const char* op, const at::Tensor& flat,
+                         const c10::optional<at::Tensor>& divergence);
+
 // The extra checks of unflatten_average_sgd_ (grads, buffers, first_step).
 void check_sgd(const at::Tensor& flat, at::TensorList params,
                const c10::List<c10::optional<at::Tensor>>& grads,

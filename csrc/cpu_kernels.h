@@ -47,9 +47,10 @@ struct SgdSegment {
 #define PRSGD_DECLARE_CPU_KERNELS(NS)                                                      \
   namespace NS {                                                                           \
   void flatten(const std::vector<CastSegment>& segs, c10::ScalarType dst_type);            \
-  /* sgd == false: unflatten_average_ (only o.scale is used, grads must be null). */       \
+  /* unflatten_average_ passes null grads (only o.scale is used). divergence != nullptr: */ \
+  /* *divergence += sum of (old param - average)^2 (NOTE: [Divergence]).                  */ \
   void average_sgd(const std::vector<SgdSegment>& segs, c10::ScalarType flat_type,         \
-                   const SgdOptions& o);                                                   \
+                   const SgdOptions& o, double* divergence);                               \
   }
 
 PRSGD_DECLARE_CPU_KERNELS(default_cpu)

@@ -100,23 +100,54 @@ inline V sgd_math(V x, V g, V& buf, bool first, const SgdConsts<V>& c) {
 // file does not include), so small models stay on one thread like torch's own kernels.
 constexpr int64_t kGrainSize = 32768;
 
-// Runs fn(segment, begin_in_segment, length) over [0, total) split across threads.
-// `offsets` has one entry per segment plus the total (see NOTE: [One pass, balanced]).
+// Calls fn(segment, begin_in_segment, length) for the pieces of [begin, end) in flat order.
+// `offsets` has one entry per segment plus the total.
+template <typename F>
+void for_segments(const std::vector<int64_t>& offsets, int64_t begin, int64_t end, const F& fn) {
+  // Last segment starting at or before `begin`; empty segments share their successor's
+  // offset, so this is never an empty one.
+  int64_t s = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+  while (begin < end) {
+    const int64_t seg_end = std::min(end, offsets[s + 1]);
+    if (seg_end > begin) fn(s, begin - offsets[s], seg_end - begin);
+    begin = std::max(begin, seg_end);
+    ++s;
+  }
+}
+
+// Runs fn(segment, begin_in_segment, length) over [0, total) split across threads
+// (see NOTE: [One pass, balanced]).
 template <typename F>
 void parallel_segments(const std::vector<int64_t>& offsets, const F& fn) {
   const int64_t total = offsets.back();
   if (total == 0) return;
   at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
-    // Last segment starting at or before `begin`; empty segments share their successor's
-    // offset, so this is never an empty one.
-    int64_t s = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-    while (begin < end) {
-      const int64_t seg_end = std::min(end, offsets[s + 1]);
-      if (seg_end > begin) fn(s, begin - offsets[s], seg_end - begin);
-      begin = std::max(begin, seg_end);
-      ++s;
+    for_segments(offsets, begin, end, fn);
+  });
+}
+
+// Returns the sum over [0, total) of fn(segment, begin_in_segment, length) -> double, for
+// NOTE: [Divergence]: the range is cut into fixed blocks of kGrainSize elements, each block's
+// pieces are summed in flat order into its own slot, and the slots are added in block order
+// on the calling thread, so the result does not depend on the thread count. Threads get the
+// same amount of work as parallel_segments gives them.
+template <typename F>
+double parallel_segments_sum(const std::vector<int64_t>& offsets, const F& fn) {
+  const int64_t total = offsets.back();
+  if (total == 0) return 0.0;
+  const int64_t blocks = (total + kGrainSize - 1) / kGrainSize;
+  std::vector<double> partial(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double sum = 0.0;
+      for_segments(offsets, b * kGrainSize, std::min(total, (b + 1) * kGrainSize),
+                   [&](int64_t s, int64_t begin, int64_t n) { sum += fn(s, begin, n); });
+      partial[b] = sum;
     }
   });
+  double sum = 0.0;
+  for (double p : partial) sum += p;
+  return sum;
 }
 
 // ---- flatten ---------------------------------------------------------------------------
@@ -164,60 +195,116 @@ void dispatch_pair(c10::ScalarType a, c10::ScalarType b, const F& f) {
 
 // ---- unflatten_average_ / unflatten_average_sgd_ -------------------------------------------
 
+// Float64 sums of squared differences, one per vector lane plus one for the scalar tail,
+// added up in a fixed order (NOTE: [Divergence]). The square is formed in opmath, then widened.
+template <typename op_t>
+struct SquareSum {
+  using Vec = Vectorized<op_t>;
+  double lane[kStep<op_t>] = {};
+  double tail = 0.0;
+
+  inline void add(const Vec& old0, const Vec& old1, const Vec& new0, const Vec& new1) {
+    alignas(64) op_t sq[kStep<op_t>];
+    const Vec d0 = old0 - new0, d1 = old1 - new1;
+    (d0 * d0).store(sq);
+    (d1 * d1).store(sq + Vec::size());
+    for (int64_t k = 0; k < kStep<op_t>; ++k) lane[k] += static_cast<double>(sq[k]);
+  }
+  inline void add(op_t old_value, op_t new_value) {
+    const op_t d = old_value - new_value;
+    tail += static_cast<double>(d * d);
+  }
+  double sum() const {
+    double s = 0.0;
+    for (int64_t k = 0; k < kStep<op_t>; ++k) s += lane[k];
+    return s + tail;
+  }
+};
+
 // One piece of one segment. grad == nullptr: the param only receives the average.
-template <typename flat_t, typename param_t>
-void average_sgd_piece(const flat_t* flat, param_t* param, const param_t* grad, param_t* buf,
-                       bool first, int64_t n, const SgdOptions& o) {
+// kDivergence: also return the sum of (old param - average)^2, reading each param element
+// before it is overwritten; without it the loops are exactly the plain average / step (no
+// read of the param), so the option costs nothing when off.
+template <bool kDivergence, typename flat_t, typename param_t>
+double average_sgd_piece(const flat_t* flat, param_t* param, const param_t* grad, param_t* buf,
+                         bool first, int64_t n, const SgdOptions& o) {
   using op_t = opmath_t<param_t>;
   using Vec = Vectorized<op_t>;
   const auto cv = SgdConsts<Vec>::template make<op_t>(o);
   const auto cs = SgdConsts<op_t>::template make<op_t>(o);
+  [[maybe_unused]] SquareSum<op_t> div;
   int64_t i = 0;
   if (grad == nullptr) {
     for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
       Vec x0, x1;
       load2<flat_t>(flat + i, x0, x1);
-      store2<param_t>(param + i, x0 * cv.scale, x1 * cv.scale);
+      x0 = x0 * cv.scale;
+      x1 = x1 * cv.scale;
+      if constexpr (kDivergence) {
+        Vec p0, p1;
+        load2<param_t>(param + i, p0, p1);
+        div.add(p0, p1, x0, x1);
+      }
+      store2<param_t>(param + i, x0, x1);
     }
-    for (; i < n; ++i) param[i] = static_cast<param_t>(static_cast<op_t>(flat[i]) * cs.scale);
-    return;
+    for (; i < n; ++i) {
+      const op_t x = static_cast<op_t>(flat[i]) * cs.scale;
+      if constexpr (kDivergence) div.add(static_cast<op_t>(param[i]), x);
+      param[i] = static_cast<param_t>(x);
+    }
+  } else {
+    const bool read_buf = cs.has_momentum && !first;
+    for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
+      Vec x0, x1, g0, g1, b0, b1;
+      load2<flat_t>(flat + i, x0, x1);
+      load2<param_t>(grad + i, g0, g1);
+      if (read_buf) load2<param_t>(buf + i, b0, b1);
+      x0 = x0 * cv.scale;
+      x1 = x1 * cv.scale;
+      if constexpr (kDivergence) {  // the distance is to the average, before the step
+        Vec p0, p1;
+        load2<param_t>(param + i, p0, p1);
+        div.add(p0, p1, x0, x1);
+      }
+      x0 = sgd_math(x0, g0, b0, first, cv);
+      x1 = sgd_math(x1, g1, b1, first, cv);
+      store2<param_t>(param + i, x0, x1);
+      if (cs.has_momentum) store2<param_t>(buf + i, b0, b1);
+    }
+    for (; i < n; ++i) {
+      op_t b = read_buf ? static_cast<op_t>(buf[i]) : op_t(0);
+      const op_t avg = static_cast<op_t>(flat[i]) * cs.scale;
+      if constexpr (kDivergence) div.add(static_cast<op_t>(param[i]), avg);
+      const op_t x = sgd_math(avg, static_cast<op_t>(grad[i]), b, first, cs);
+      param[i] = static_cast<param_t>(x);
+      if (cs.has_momentum) buf[i] = static_cast<param_t>(b);
+    }
   }
-  const bool read_buf = cs.has_momentum && !first;
-  for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
-    Vec x0, x1, g0, g1, b0, b1;
-    load2<flat_t>(flat + i, x0, x1);
-    load2<param_t>(grad + i, g0, g1);
-    if (read_buf) load2<param_t>(buf + i, b0, b1);
-    x0 = sgd_math(x0 * cv.scale, g0, b0, first, cv);
-    x1 = sgd_math(x1 * cv.scale, g1, b1, first, cv);
-    store2<param_t>(param + i, x0, x1);
-    if (cs.has_momentum) store2<param_t>(buf + i, b0, b1);
-  }
-  for (; i < n; ++i) {
-    op_t b = read_buf ? static_cast<op_t>(buf[i]) : op_t(0);
-    const op_t x = sgd_math(static_cast<op_t>(flat[i]) * cs.scale, static_cast<op_t>(grad[i]),
-                            b, first, cs);
-    param[i] = static_cast<param_t>(x);
-    if (cs.has_momentum) buf[i] = static_cast<param_t>(b);
+  if constexpr (kDivergence) {
+    return div.sum();
+  } else {
+    return 0.0;
   }
 }
 
-void dispatch_average_sgd(c10::ScalarType flat_type, c10::ScalarType param_type,
-                          const void* flat, void* param, const void* grad, void* buf, bool first,
-                          int64_t n, const SgdOptions& o) {
+template <bool kDivergence>
+double dispatch_average_sgd(c10::ScalarType flat_type, c10::ScalarType param_type,
+                            const void* flat, void* param, const void* grad, void* buf,
+                            bool first, int64_t n, const SgdOptions& o) {
+  double result = 0.0;
   dispatch_pair(flat_type, param_type, [&](auto flat_tag, auto param_tag) {
     using flat_t = decltype(flat_tag);
     using param_t = decltype(param_tag);
     if constexpr (std::is_same_v<flat_t, param_t> ||
                   (std::is_same_v<flat_t, float> && is_reduced_v<param_t>)) {
-      average_sgd_piece<flat_t, param_t>(static_cast<const flat_t*>(flat),
-                                         static_cast<param_t*>(param),
-                                         static_cast<const param_t*>(grad),
-                                         static_cast<param_t*>(buf), first, n, o);
+      result = average_sgd_piece<kDivergence, flat_t, param_t>(
+          static_cast<const flat_t*>(flat), static_cast<param_t*>(param),
+          static_cast<const param_t*>(grad), static_cast<param_t*>(buf), first, n, o);
     } else {
       TORCH_CHECK(false, "prsgd_hvd: internal error: dtype pair not checked");
     }
   });
+  return result;
 }
 
 
@@ -245,19 +332,28 @@ void flatten(const std::vector<CastSegment>& segs, c10::ScalarType dst_type) {
 }
 
 void average_sgd(const std::vector<SgdSegment>& segs, c10::ScalarType flat_type,
-                 const SgdOptions& o) {
+                 const SgdOptions& o, double* divergence) {
   std::vector<int64_t> offsets(segs.size() + 1, 0);
   for (size_t i = 0; i < segs.size(); ++i) offsets[i + 1] = offsets[i] + segs[i].numel;
   const int64_t flat_size = c10::elementSize(flat_type);
-  parallel_segments(offsets, [&](int64_t s, int64_t begin, int64_t n) {
+  auto piece = [&](auto divergence_tag, int64_t s, int64_t begin, int64_t n) {
     const SgdSegment& g = segs[s];
     const int64_t off = begin * c10::elementSize(g.param_type);
-    dispatch_average_sgd(flat_type, g.param_type,
-                         static_cast<const char*>(g.flat) + begin * flat_size,
-                         static_cast<char*>(g.param) + off,
-                         g.grad ? static_cast<const char*>(g.grad) + off : nullptr,
-                         g.buf ? static_cast<char*>(g.buf) + off : nullptr, g.first, n, o);
-  });
+    return dispatch_average_sgd<decltype(divergence_tag)::value>(
+        flat_type, g.param_type, static_cast<const char*>(g.flat) + begin * flat_size,
+        static_cast<char*>(g.param) + off,
+        g.grad ? static_cast<const char*>(g.grad) + off : nullptr,
+        g.buf ? static_cast<char*>(g.buf) + off : nullptr, g.first, n, o);
+  };
+  if (divergence == nullptr) {
+    parallel_segments(offsets, [&](int64_t s, int64_t begin, int64_t n) {
+      piece(std::false_type{}, s, begin, n);
+    });
+  } else {
+    *divergence += parallel_segments_sum(offsets, [&](int64_t s, int64_t begin, int64_t n) {
+      return piece(std::true_type{}, s, begin, n);
+    });
+  }
 }
 
 }  // namespace PRSGD_CPU_NS

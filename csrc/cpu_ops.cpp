@@ -33,11 +33,11 @@ void run_flatten(const std::vector<cpu::CastSegment>& segs, c10::ScalarType dst)
 }
 
 void run_average_sgd(const std::vector<cpu::SgdSegment>& segs, c10::ScalarType flat_type,
-                     const SgdOptions& o) {
+                     const SgdOptions& o, double* divergence) {
 #if PRSGD_HAVE_AVX2_KERNELS
-  if (use_avx2()) return cpu::avx2::average_sgd(segs, flat_type, o);
+  if (use_avx2()) return cpu::avx2::average_sgd(segs, flat_type, o, divergence);
 #endif
-  cpu::default_cpu::average_sgd(segs, flat_type, o);
+  cpu::default_cpu::average_sgd(segs, flat_type, o, divergence);
 }
 
 at::Tensor flatten_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& out) {
@@ -60,8 +60,10 @@ at::Tensor flatten_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& 
   return result;
 }
 
-void unflatten_average_cpu(const at::Tensor& flat, at::TensorList params, double scale) {
+void unflatten_average_cpu(const at::Tensor& flat, at::TensorList params, double scale,
+                           const c10::optional<at::Tensor>& divergence) {
   const auto offsets = check_unflatten("unflatten_average_", flat, params);
+  double* div = check_divergence("unflatten_average_", flat, divergence);
   const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
   const int64_t flat_size = flat.element_size();
   std::vector<cpu::SgdSegment> segs;
@@ -72,7 +74,7 @@ void unflatten_average_cpu(const at::Tensor& flat, at::TensorList params, double
                     p.numel(), p.scalar_type(), false});
   }
   run_average_sgd(segs, flat.scalar_type(),
-                  SgdOptions{scale, 0.0, 0.0, 0.0, 0.0, false, false});
+                  SgdOptions{scale, 0.0, 0.0, 0.0, 0.0, false, false}, div);
 }
 
 void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,
@@ -80,9 +82,11 @@ void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,
                                const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
                                const c10::List<bool>& first_step, double scale, double lr,
                                double momentum, double dampening, double weight_decay,
-                               bool nesterov, bool maximize) {
+                               bool nesterov, bool maximize,
+                               const c10::optional<at::Tensor>& divergence) {
   const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params);
   check_sgd(flat, params, grads, momentum_buffers, first_step, momentum);
+  double* div = check_divergence("unflatten_average_sgd_", flat, divergence);
   const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
   const int64_t flat_size = flat.element_size();
   std::vector<cpu::SgdSegment> segs;
@@ -98,7 +102,8 @@ void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,
                     first_step.get(i)});
   }
   run_average_sgd(segs, flat.scalar_type(),
-                  SgdOptions{scale, lr, momentum, dampening, weight_decay, nesterov, maximize});
+                  SgdOptions{scale, lr, momentum, dampening, weight_decay, nesterov, maximize},
+                  div);
 }
 
 }  // namespace

@@ -27,11 +27,17 @@ TORCH_LIBRARY(prsgd_hvd, m) {
   // Packs `tensors` (any shapes/strides) back to back into `out` (cast to out's dtype), or into
   // a new tensor of tensors[0]'s dtype. Returns the packed buffer.
   m.def("flatten(Tensor[] tensors, Tensor(a!)? out=None) -> Tensor");
-  // params[i] = flat[segment_i] * scale.
-  m.def("unflatten_average_(Tensor flat, Tensor(a!)[] params, float scale) -> ()");
-  // params[i] = SGD step applied to flat[segment_i] * scale; momentum buffers updated.
+  // params[i] = flat[segment_i] * scale. With `divergence` (1-element float64), also
+  // divergence += sum (old params[i] - flat[segment_i] * scale)^2 (NOTE: [Divergence] in
+  // common.h). It is last and defaults to None, so calls written before it still work.
+  m.def(
+      "unflatten_average_(Tensor flat, Tensor(a!)[] params, float scale, "
+      "Tensor(b!)? divergence=None) -> ()");
+  // params[i] = SGD step applied to flat[segment_i] * scale; momentum buffers updated;
+  // `divergence` as above, measured to the average before the step.
   m.def(
       "unflatten_average_sgd_(Tensor flat, Tensor(a!)[] params, Tensor?[] grads, "
       "Tensor(b!)?[] momentum_buffers, bool[] first_step, float scale, float lr, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize) -> ()");
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "Tensor(c!)? divergence=None) -> ()");
 }

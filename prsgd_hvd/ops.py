@@ -46,12 +46,20 @@ def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None)
         return torch.ops.prsgd_hvd.flatten(tensors, out)
 
 
-def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float) -> None:
-    """``params[i] = flat[segment_i] * scale``."""
+def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float,
+                       divergence: Optional[torch.Tensor] = None) -> None:
+    """``params[i] = flat[segment_i] * scale``.
+
+    ``divergence``: optional 1-element float64 tensor on ``flat``'s device; the op adds
+    ``sum((old params[i] - flat[segment_i] * scale)**2)`` to it, in the same pass.
+    """
     if _C is None:
-        return reference.unflatten_average_(flat, params, scale=scale)
+        return reference.unflatten_average_(flat, params, scale=scale, divergence=divergence)
     with torch.no_grad():
-        torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale))
+        if divergence is None:  # the schema's default; same call as before the option existed
+            torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale))
+        else:
+            torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale), divergence)
 
 
 def unflatten_average_sgd_(
@@ -68,13 +76,18 @@ def unflatten_average_sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     first_step: Union[bool, Sequence[bool]] = False,
+    divergence: Optional[torch.Tensor] = None,
 ) -> None:
-    """One pass: average, then ``torch.optim.SGD``'s update applied to the average."""
+    """One pass: average, then ``torch.optim.SGD``'s update applied to the average.
+
+    ``divergence``: as in :func:`unflatten_average_`, measured from the params before the
+    step to the average.
+    """
     if _C is None:
         return reference.unflatten_average_sgd_(
             flat, params, grads, momentum_buffers, scale=scale, lr=lr, momentum=momentum,
             dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, first_step=first_step)
+            maximize=maximize, first_step=first_step, divergence=divergence)
     params = list(params)
     n = len(params)
     firsts = [bool(first_step)] * n if isinstance(first_step, bool) else [bool(f) for f in first_step]
@@ -82,4 +95,4 @@ def unflatten_average_sgd_(
         torch.ops.prsgd_hvd.unflatten_average_sgd_(
             flat, params, list(grads), list(momentum_buffers), firsts, float(scale), float(lr),
             float(momentum), float(dampening), float(weight_decay), bool(nesterov),
-            bool(maximize))
+            bool(maximize), divergence)

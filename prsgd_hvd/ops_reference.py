@@ -51,11 +51,45 @@ def _segments(flat: torch.Tensor, params: Sequence[torch.Tensor]):
         offset += n
 
 
-def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float) -> None:
-    """``params[i] = flat[segment_i] * scale`` (segments laid out as :func:`flatten` does)."""
+def _check_divergence(op_name: str, flat: torch.Tensor, divergence: Optional[torch.Tensor]) -> None:
+    if divergence is None:
+        return
+    if divergence.dtype != torch.float64:
+        raise TypeError(f"{op_name}: 'divergence' must be a float64 tensor (it accumulates in "
+                        f"float64), got {divergence.dtype}")
+    if divergence.numel() != 1:
+        raise ValueError(f"{op_name}: 'divergence' must have exactly one element, got shape "
+                         f"{list(divergence.shape)}")
+    if divergence.device != flat.device:
+        raise ValueError(f"{op_name}: 'divergence' is on {divergence.device} but 'flat' is on "
+                         f"{flat.device}")
+
+
+def _squared_distance(old: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+    """sum((old - avg)^2): difference and square in avg's dtype (opmath), sum in float64."""
+    d = old.to(avg.dtype) - avg
+    return (d * d).to(torch.float64).sum()
+
+
+def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float,
+                       divergence: Optional[torch.Tensor] = None) -> None:
+    """``params[i] = flat[segment_i] * scale`` (segments laid out as :func:`flatten` does).
+
+    With ``divergence`` (a 1-element float64 tensor on ``flat``'s device), also adds to it the
+    sum over all elements of all params of ``(old params[i] - flat[segment_i] * scale)**2``,
+    the old value being the param's before this call: this rank's squared distance from the
+    average. The difference is taken in opmath (float32; float64 for float64 params).
+    """
+    _check_divergence("unflatten_average_", flat, divergence)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for p, seg in zip(params, _segments(flat, params)):
         op = _opmath(p.dtype)
-        p.copy_(seg.to(op) * scale)
+        x = seg.to(op) * scale
+        if divergence is not None:
+            total += _squared_distance(p, x)
+        p.copy_(x)
+    if divergence is not None:
+        divergence.add_(total.reshape(divergence.shape))
 
 
 def unflatten_average_sgd_(
@@ -72,6 +106,7 @@ def unflatten_average_sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     first_step: Union[bool, Sequence[bool]] = False,
+    divergence: Optional[torch.Tensor] = None,
 ) -> None:
     """Average, then apply exactly ``torch.optim.SGD``'s update to the average, per tensor.
 
@@ -79,6 +114,9 @@ def unflatten_average_sgd_(
     With ``momentum != 0`` every param with a grad needs a buffer tensor; where ``first_step``
     (one bool, or one per tensor) is true the buffer is initialised to the (decayed) gradient,
     as ``torch.optim.SGD`` does when it creates it, instead of being read.
+
+    ``divergence`` as in :func:`unflatten_average_`: the distance of the params before this
+    call (x_i^{t-1}) from the average, not from the stepped values.
     """
     n = len(params)
     if len(grads) != n or len(momentum_buffers) != n:
@@ -87,9 +125,13 @@ def unflatten_average_sgd_(
     firsts = [bool(first_step)] * n if isinstance(first_step, bool) else [bool(f) for f in first_step]
     if len(firsts) != n:
         raise ValueError(f"'first_step' must be a bool or have one entry per param ({n}), got {len(firsts)}")
+    _check_divergence("unflatten_average_sgd_", flat, divergence)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for p, g, buf, first, seg in zip(params, grads, momentum_buffers, firsts, _segments(flat, params)):
         op = _opmath(p.dtype)
         x = seg.to(op) * scale
+        if divergence is not None:
+            total += _squared_distance(p, x)
         if g is not None:
             d = g.to(op)
             if maximize:
@@ -105,3 +147,5 @@ def unflatten_average_sgd_(
                 d = d + momentum * b if nesterov else b
             x = x - lr * d
         p.copy_(x)
+    if divergence is not None:
+        divergence.add_(total.reshape(divergence.shape))

@@ -272,6 +272,95 @@ def test_params_requiring_grad(device, gen):
     assert not out.requires_grad and torch.equal(out, flat * 2.0)
 
 
+# ---- divergence (NOTE: [Divergence] in csrc/common.h) ---------------------------------------
+
+
+def assert_sum_close(actual, expected, what=""):
+    """Two float64 sums of the same float32/float64 squares, added in different orders."""
+    assert actual.dtype == torch.float64 and actual.shape == expected.shape, what
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-300,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _divergence_round(op, flat, params, grads, bufs, divergence, **kw):
+    if op == "avg":
+        kw = dict(scale=kw["scale"])
+        return lambda impl: impl.unflatten_average_(flat, params, divergence=divergence, **kw)
+    return lambda impl: impl.unflatten_average_sgd_(flat, params, grads, bufs,
+                                                    divergence=divergence, **kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flat_dtype,param_dtype", PAIRS, ids=lambda d: _name(d))
+@pytest.mark.parametrize("op", ["avg", "sgd"])
+@pytest.mark.parametrize("shapes", ["small", "big"])
+def test_divergence(device, flat_dtype, param_dtype, op, shapes, gen):
+    """Two rounds on the same tensors: the sums add up, and they match the reference; the
+    params and buffers are bit-identical to a run without divergence."""
+    shapes = SMALL_SHAPES if shapes == "small" else BIG_SHAPES + [(), (0,)]
+    n = len(shapes)
+    total = sum(torch.Size(s).numel() for s in shapes)
+    kw = dict(scale=0.25, lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    ours = make_params(shapes, param_dtype, device, gen)
+    theirs = [p.clone() for p in ours]
+    plain = [p.clone() for p in ours]
+    grads = [rand(s, param_dtype, device, gen) for s in shapes]
+    grads[1] = grads[n - 3] = None
+    bufs = [rand(s, param_dtype, device, gen) for s in shapes]
+    bufs_r, bufs_p = [b.clone() for b in bufs], [b.clone() for b in bufs]
+    div = torch.full((1,), 1.5, dtype=torch.float64, device=device)
+    div_r = div.clone()
+    for rnd in range(2):
+        flat = rand((total,), flat_dtype, device, gen, -4, 4)
+        _divergence_round(op, flat, ours, grads, bufs, div, **kw)(ops)
+        _divergence_round(op, flat, theirs, grads, bufs_r, div_r, **kw)(ref)
+        _divergence_round(op, flat, plain, grads, bufs_p, None, **kw)(ops)
+        assert_sum_close(div, div_r, f"round {rnd}")
+        assert div.item() > 1.5
+        for i in range(n):
+            assert torch.equal(ours[i], plain[i]), f"round {rnd}: params[{i}] changed by divergence"
+            assert torch.equal(bufs[i], bufs_p[i]), f"round {rnd}: buffers[{i}] changed by divergence"
+            assert_close(ours[i], theirs[i], f"round {rnd} params[{i}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["avg", "sgd"])
+def test_divergence_is_distance_to_average_before_step(device, op, gen):
+    """Hand-checkable values: params 3 (0-dim) and [1, 2], average 2 everywhere."""
+    params = [torch.tensor(3.0, device=device), torch.tensor([1.0, 2.0], device=device)]
+    flat = torch.full((3,), 8.0, device=device)
+    div = torch.zeros((), dtype=torch.float64, device=device)  # 0-dim is fine too
+    grads = [torch.ones_like(p) for p in params]
+    _divergence_round(op, flat, params, grads, [None, None], div, scale=0.25, lr=0.5)(ops)
+    assert div.item() == 1.0 + 1.0 + 0.0  # (3-2)^2 + (1-2)^2 + (2-2)^2, before the step
+    expected = 2.0 if op == "avg" else 1.5
+    assert all(torch.all(p == expected) for p in params)
+    ops.unflatten_average_(flat[:0], [], scale=1.0, divergence=div)  # no elements: adds 0
+    assert div.item() == 2.0
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_divergence_is_deterministic(device, gen):
+    """The same inputs give the same bits, whatever the thread count (CPU) or timing (CUDA)."""
+    shapes = [(CHUNK * 3 + 5,), (17,), (CHUNK - 1,), (), (2 * CHUNK,)]
+    init = make_params(shapes, torch.float32, device, gen)
+    flat = rand((sum(p.numel() for p in init),), torch.float32, device, gen, -4, 4)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            div = torch.zeros(1, dtype=torch.float64, device=device)
+            ops.unflatten_average_(flat, [p.clone() for p in init], scale=0.5, divergence=div)
+            results.append(div)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r, results[0]) for r in results), results
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 ERR = (ValueError, TypeError, RuntimeError)
@@ -322,6 +411,29 @@ def test_errors(device, gen):
            [torch.zeros(2, device=device), b[1]], **sgd)
     raises("momentum_buffers\\[1\\] has dtype", ops.unflatten_average_sgd_, flat, p, g,
            [b[0], b[1].half()], **sgd)
+    for name, fn, args, kwargs in [("unflatten_average_", ops.unflatten_average_, (flat, p),
+                                    dict(scale=1.0)),
+                                   ("unflatten_average_sgd_", ops.unflatten_average_sgd_,
+                                    (flat, p, g, b), sgd)]:
+        d64 = dict(dtype=torch.float64, device=device)
+        raises(f"{name}: 'divergence' must be a float64 tensor", fn, *args,
+               divergence=torch.zeros(1, device=device), **kwargs)
+        raises("'divergence' must have exactly one element, got shape \\[2\\]", fn, *args,
+               divergence=torch.zeros(2, **d64), **kwargs)
+        raises("'divergence' must have exactly one element", fn, *args,
+               divergence=torch.zeros(0, **d64), **kwargs)
+        if device == "cuda":
+            raises("'divergence' is on cpu but 'flat' is on cuda", fn, *args,
+                   divergence=torch.zeros(1, dtype=torch.float64), **kwargs)
+        else:  # no second device here: the dispatcher refuses the mix before our check
+            with pytest.raises(ERR):
+                fn(*args, divergence=torch.zeros(1, dtype=torch.float64, device="meta"), **kwargs)
+        # the reference checks the same things with the same words
+        ref_fn = getattr(ref, name)
+        raises("'divergence' must be a float64", ref_fn, *args,
+               divergence=torch.zeros(1, device=device), **kwargs)
+        raises("'divergence' is on meta", ref_fn, *args,
+               divergence=torch.zeros(1, dtype=torch.float64, device="meta"), **kwargs)
     # momentum 0: buffers may be None; a missing grad needs no buffer either.
     ops.unflatten_average_sgd_(flat, p, g, [None, None], scale=0.5, lr=0.1)
     ops.unflatten_average_sgd_(flat, p, [g[0], None], [b[0], None], **sgd)
@@ -340,3 +452,7 @@ def test_schemas_mark_mutation():
     schema = str(torch.ops.prsgd_hvd.unflatten_average_sgd_.default._schema)
     assert "Tensor(a!)[] params" in schema and "Tensor?(b!)[] momentum_buffers" in schema
     assert "Tensor(a!)[] params" in str(torch.ops.prsgd_hvd.unflatten_average_.default._schema)
+    # divergence is written in place, last, and optional (old positional calls keep working)
+    assert str(torch.ops.prsgd_hvd.unflatten_average_.default._schema).endswith(
+        "Tensor(b!)? divergence=None) -> ()")
+    assert schema.endswith("Tensor(c!)? divergence=None) -> ()")

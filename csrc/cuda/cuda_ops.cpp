@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <list>
@@ -141,22 +142,33 @@ at::Tensor flatten_cuda(at::TensorList tensors, const c10::optional<at::Tensor>&
 }
 
 void run_unflatten(const at::Tensor& flat, std::array<Group, kNumDTypes>& groups,
-                   const cuda::SgdHyper& hyper, bool sgd) {
+                   const cuda::SgdHyper& hyper, bool sgd, double* divergence) {
   const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
+  // NOTE: [Divergence] (common.h): one block-sum scratch buffer, from the caching allocator,
+  // shared by the dtype groups' launches, which run in order on this stream.
+  at::Tensor block_sums;
+  if (divergence != nullptr) {
+    int64_t scratch = 0;
+    for (const Group& g : groups) scratch = std::max(scratch, cuda::divergence_scratch_size(g.chunks));
+    if (scratch == 0) return;  // no elements: nothing to add
+    block_sums = at::empty({scratch}, flat.options().dtype(at::kDouble));
+  }
   for (size_t d = 0; d < kNumDTypes; ++d) {
     Group& g = groups[d];
     if (g.segments.empty()) continue;
     const int32_t n = static_cast<int32_t>(g.segments.size());
     const Segment* table = table_cache().get(std::move(g.segments), flat.device().index(), stream);
-    C10_CUDA_CHECK(cuda::launch_unflatten_average(to_dtype(flat.scalar_type()),
-                                                  static_cast<DType>(d), table, n, g.chunks,
-                                                  flat.const_data_ptr(), hyper, sgd,
-                                                  stream.stream()));
+    C10_CUDA_CHECK(cuda::launch_unflatten_average(
+        to_dtype(flat.scalar_type()), static_cast<DType>(d), table, n, g.chunks,
+        flat.const_data_ptr(), hyper, sgd, divergence,
+        divergence != nullptr ? block_sums.data_ptr<double>() : nullptr, stream.stream()));
   }
 }
 
-void unflatten_average_cuda(const at::Tensor& flat, at::TensorList params, double scale) {
+void unflatten_average_cuda(const at::Tensor& flat, at::TensorList params, double scale,
+                            const c10::optional<at::Tensor>& divergence) {
   const auto offsets = check_unflatten("unflatten_average_", flat, params);
+  double* div = check_divergence("unflatten_average_", flat, divergence);
   const c10::cuda::CUDAGuard guard(flat.device());
   std::array<Group, kNumDTypes> groups;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -165,7 +177,7 @@ void unflatten_average_cuda(const at::Tensor& flat, at::TensorList params, doubl
     groups[static_cast<size_t>(to_dtype(p.scalar_type()))].add(p.data_ptr(), nullptr, nullptr,
                                                                 offsets[i], p.numel(), false);
   }
-  run_unflatten(flat, groups, cuda::SgdHyper{scale, 0.0, 0.0, 0.0, 0.0, 0, 0}, false);
+  run_unflatten(flat, groups, cuda::SgdHyper{scale, 0.0, 0.0, 0.0, 0.0, 0, 0}, false, div);
 }
 
 void unflatten_average_sgd_cuda(const at::Tensor& flat, at::TensorList params,
@@ -173,9 +185,11 @@ void unflatten_average_sgd_cuda(const at::Tensor& flat, at::TensorList params,
                                 const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
                                 const c10::List<bool>& first_step, double scale, double lr,
                                 double momentum, double dampening, double weight_decay,
-                                bool nesterov, bool maximize) {
+                                bool nesterov, bool maximize,
+                                const c10::optional<at::Tensor>& divergence) {
   const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params);
   check_sgd(flat, params, grads, momentum_buffers, first_step, momentum);
+  double* div = check_divergence("unflatten_average_sgd_", flat, divergence);
   const c10::cuda::CUDAGuard guard(flat.device());
   std::array<Group, kNumDTypes> groups;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -194,7 +208,7 @@ void unflatten_average_sgd_cuda(const at::Tensor& flat, at::TensorList params,
   run_unflatten(flat, groups,
                 cuda::SgdHyper{scale, lr, momentum, dampening, weight_decay, nesterov ? 1 : 0,
                                maximize ? 1 : 0},
-                true);
+                true, div);
 }
 
 }  // namespace

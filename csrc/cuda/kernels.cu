@@ -12,6 +12,9 @@
 //   unflatten_average_:       flat (read, the allreduced sum)   -> tensor = param (written)
 //   unflatten_average_sgd_:   flat (read), grad (read, may be absent), momentum_buf (read
 //                             unless first_step, written when momentum != 0) -> param (written)
+//   both unflatten ops, with divergence: param is also read just before it is written, and
+//                             (old - average)^2 summed into per-block float64 sums
+//                             (NOTE: [Divergence] in csrc/common.h)
 //
 // Arithmetic is done in opmath (fp32; fp64 for double) and rounded once when stored.
 // NOTE: [No FMA] (see csrc/cpu_ops.cpp): products and sums use __fmul_rn/__fadd_rn so nvcc
@@ -104,14 +107,13 @@ SgdConsts<op_t> make_consts(const SgdHyper& h) {
           h.maximize != 0};
 }
 
-// torch.optim.SGD's update applied to the average x = sum * scale, in the reference's order:
+// torch.optim.SGD's update applied to the average x (= sum * scale), in the reference's order:
 //   d = (maximize ? -g : g) + weight_decay * x
 //   buf = first ? d : momentum * buf + (1 - dampening) * d;  d = nesterov ? d + momentum * buf : buf
 //   return x - lr * d
 template <typename op_t>
-__device__ __forceinline__ op_t average_sgd_math(op_t sum, op_t g, op_t& buf, bool first,
-                                                 const SgdConsts<op_t>& c) {
-  const op_t x = mul(sum, c.scale);
+__device__ __forceinline__ op_t sgd_math(op_t x, op_t g, op_t& buf, bool first,
+                                         const SgdConsts<op_t>& c) {
   op_t d = c.maximize ? -g : g;
   if (c.has_weight_decay) d = add(d, mul(c.weight_decay, x));
   if (c.has_momentum) {
@@ -121,13 +123,45 @@ __device__ __forceinline__ op_t average_sgd_math(op_t sum, op_t g, op_t& buf, bo
   return sub(x, mul(c.lr, d));
 }
 
+// (old - avg)^2, squared in opmath, added to a float64 sum (NOTE: [Divergence]).
+__device__ __forceinline__ void add_square(double& acc, float old_value, float avg) {
+  const float d = sub(old_value, avg);
+  acc = add(acc, static_cast<double>(mul(d, d)));
+}
+__device__ __forceinline__ void add_square(double& acc, double old_value, double avg) {
+  const double d = sub(old_value, avg);
+  acc = add(acc, mul(d, d));
+}
+
+// Sum of v over the block, valid in thread 0. Every thread of the block must call it.
+__device__ __forceinline__ double block_sum(double v) {
+  constexpr int kWarps = kBlockSize / 32;
+  __shared__ double warp_sums[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = 0.0;
+  if (warp == 0) {
+    v = lane < kWarps ? warp_sums[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
 // ---- functors: one chunk [start, start + len) of one segment ------------------------------
+// Each functor gets the thread's float64 sum `acc`; those with kReduces add to it, and the
+// kernel then reduces it per block into op.block_sums[blockIdx.x].
 
 template <typename src_t, typename dst_t>
 struct FlattenFunctor {
+  static constexpr bool kReduces = false;
   dst_t* flat;
 
-  __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len) const {
+  __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len,
+                                             double& /*acc*/) const {
     using op_t = std::conditional_t<std::is_same<src_t, double>::value, double, float>;
     const src_t* src = static_cast<const src_t*>(s.tensor) + start;
     dst_t* dst = flat + s.flat_offset + start;
@@ -144,13 +178,18 @@ struct FlattenFunctor {
   }
 };
 
-template <typename flat_t, typename param_t, bool kSgd>
+// kDivergence: NOTE: [Divergence]; false compiles to the plain average / step, with no read
+// of the param.
+template <typename flat_t, typename param_t, bool kSgd, bool kDivergence>
 struct AverageFunctor {
+  static constexpr bool kReduces = kDivergence;
   using op_t = opmath_t<param_t>;
   const flat_t* flat;
   SgdConsts<op_t> c;
+  double* block_sums;  // kDivergence only
 
-  __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len) const {
+  __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len,
+                                             double& acc) const {
     const flat_t* f = flat + s.flat_offset + start;
     param_t* p = static_cast<param_t*>(s.tensor) + start;
     const param_t* g = (kSgd && s.grad) ? static_cast<const param_t*>(s.grad) + start : nullptr;
@@ -164,26 +203,32 @@ struct AverageFunctor {
     for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
       op_t x[kILP];
       load_pack(x, f, i);
-      if (g == nullptr) {
 #pragma unroll
-        for (int k = 0; k < kILP; ++k) x[k] = mul(x[k], c.scale);
-      } else {
+      for (int k = 0; k < kILP; ++k) x[k] = mul(x[k], c.scale);
+      if constexpr (kDivergence) {  // the distance is to the average, before any step
+        op_t old[kILP];
+        load_pack(old, p, i);
+#pragma unroll
+        for (int k = 0; k < kILP; ++k) add_square(acc, old[k], x[k]);
+      }
+      if (g != nullptr) {
         op_t gv[kILP], bv[kILP] = {};
         load_pack(gv, g, i);
         if (read_buf) load_pack(bv, b, i);
 #pragma unroll
-        for (int k = 0; k < kILP; ++k) x[k] = average_sgd_math(x[k], gv[k], bv[k], first, c);
+        for (int k = 0; k < kILP; ++k) x[k] = sgd_math(x[k], gv[k], bv[k], first, c);
         if (b) store_pack(b, i, bv);
       }
       store_pack(p, i, x);
     }
     for (int64_t i = n_vec + threadIdx.x; i < len; i += blockDim.x) {
-      const op_t sum = to_op(f[i]);
+      const op_t x = mul(to_op(f[i]), c.scale);
+      if constexpr (kDivergence) add_square(acc, to_op(p[i]), x);
       if (g == nullptr) {
-        p[i] = from_op<param_t>(mul(sum, c.scale));
+        p[i] = from_op<param_t>(x);
       } else {
         op_t bv = read_buf ? to_op(b[i]) : op_t(0);
-        p[i] = from_op<param_t>(average_sgd_math(sum, to_op(g[i]), bv, first, c));
+        p[i] = from_op<param_t>(sgd_math(x, to_op(g[i]), bv, first, c));
         if (b) b[i] = from_op<param_t>(bv);
       }
     }
@@ -199,6 +244,7 @@ template <typename Functor>
 __global__ void __launch_bounds__(kBlockSize)
     multi_segment_kernel(const Segment* __restrict__ table, int32_t num_segments,
                          int64_t num_chunks, Functor op) {
+  double acc = 0.0;  // only functors with kReduces touch it; otherwise optimised away
   for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
     int32_t lo = 0, hi = num_segments - 1;
     while (lo < hi) {
@@ -208,8 +254,23 @@ __global__ void __launch_bounds__(kBlockSize)
     const Segment s = table[lo];
     const int64_t start = (chunk - s.chunk_begin) * kChunkSize;
     const int64_t len = s.numel - start < kChunkSize ? s.numel - start : kChunkSize;
-    op(s, start, len);
+    op(s, start, len, acc);
   }
+  if constexpr (Functor::kReduces) {
+    // A fixed grid, a fixed chunk-to-block map and fixed per-thread orders: the block sums,
+    // and so the total, do not depend on scheduling.
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) op.block_sums[blockIdx.x] = acc;
+  }
+}
+
+// *out += block_sums[0] + ... + block_sums[n - 1], in a fixed order. One block.
+__global__ void __launch_bounds__(kBlockSize)
+    add_block_sums_kernel(const double* __restrict__ block_sums, int64_t n, double* out) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc = add(acc, block_sums[i]);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) *out = add(*out, acc);
 }
 
 // SM count of the current device, cached per device (cudaDeviceGetAttribute is not free).
@@ -230,12 +291,17 @@ int sm_count() {
   return sms;
 }
 
+// Persistent grid: at most kBlocksPerSm blocks per SM, never more blocks than chunks.
+int64_t grid_size(int64_t num_chunks) {
+  const int64_t max_blocks = int64_t(sm_count()) * kBlocksPerSm;
+  return num_chunks < max_blocks ? num_chunks : max_blocks;
+}
+
 template <typename Functor>
 cudaError_t launch(const Segment* table, int32_t num_segments, int64_t num_chunks,
                    const Functor& op, cudaStream_t stream) {
   if (num_segments <= 0 || num_chunks <= 0) return cudaSuccess;
-  const int64_t max_blocks = int64_t(sm_count()) * kBlocksPerSm;
-  const unsigned grid = static_cast<unsigned>(num_chunks < max_blocks ? num_chunks : max_blocks);
+  const unsigned grid = static_cast<unsigned>(grid_size(num_chunks));
   multi_segment_kernel<<<grid, kBlockSize, 0, stream>>>(table, num_segments, num_chunks, op);
   return cudaGetLastError();
 }
@@ -276,9 +342,15 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
   return err;
 }
 
+int64_t divergence_scratch_size(int64_t num_chunks) {
+  return num_chunks > 0 ? grid_size(num_chunks) : 0;
+}
+
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
                                      int32_t num_segments, int64_t num_chunks, const void* flat,
-                                     const SgdHyper& hyper, bool sgd, cudaStream_t stream) {
+                                     const SgdHyper& hyper, bool sgd, double* divergence,
+                                     double* block_sums, cudaStream_t stream) {
+  if (divergence != nullptr && block_sums == nullptr) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
   dispatch(flat_dtype, [&](auto flat_tag) {
     dispatch(param_dtype, [&](auto param_tag) {
@@ -289,10 +361,23 @@ cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const 
                     (std::is_same<flat_t, float>::value && is_reduced<param_t>)) {
         const auto* f = static_cast<const flat_t*>(flat);
         const SgdConsts<op_t> c = make_consts<op_t>(hyper);
-        err = sgd ? launch(table, num_segments, num_chunks,
-                           AverageFunctor<flat_t, param_t, true>{f, c}, stream)
-                  : launch(table, num_segments, num_chunks,
-                           AverageFunctor<flat_t, param_t, false>{f, c}, stream);
+        auto run = [&](auto sgd_tag, auto divergence_tag) {
+          using Op = AverageFunctor<flat_t, param_t, decltype(sgd_tag)::value,
+                                    decltype(divergence_tag)::value>;
+          return launch(table, num_segments, num_chunks, Op{f, c, block_sums}, stream);
+        };
+        using yes = std::true_type;
+        using no = std::false_type;
+        if (divergence == nullptr) {
+          err = sgd ? run(yes{}, no{}) : run(no{}, no{});
+        } else {
+          err = sgd ? run(yes{}, yes{}) : run(no{}, yes{});
+          if (err == cudaSuccess && num_segments > 0 && num_chunks > 0) {
+            add_block_sums_kernel<<<1, kBlockSize, 0, stream>>>(block_sums,
+                                                               grid_size(num_chunks), divergence);
+            err = cudaGetLastError();
+          }
+        }
       }
     });
   });

@@ -59,12 +59,21 @@ struct SgdHyper {
 cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t num_segments,
                            int64_t num_chunks, void* flat, cudaStream_t stream);
 
-// param[j] = flat[seg.flat_offset + j] * scale (opmath), when `sgd` is null; otherwise that
+// param[j] = flat[seg.flat_offset + j] * scale (opmath), when `sgd` is false; otherwise that
 // average followed by torch.optim.SGD's update (see average_sgd_math in kernels.cu).
 // flat/param: the same dtype, or fp32 flat with fp16/bf16 params.
+// divergence (device, one double) != nullptr: also *divergence += sum over the table of
+// (old param - average)^2 (NOTE: [Divergence] in csrc/common.h); `block_sums` is device
+// scratch of at least divergence_scratch_size(num_chunks) doubles, and a second, single-block
+// kernel adds the per-block sums in order. Both null: the plain kernel, no extra read.
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
                                      int32_t num_segments, int64_t num_chunks, const void* flat,
-                                     const SgdHyper& hyper, bool sgd, cudaStream_t stream);
+                                     const SgdHyper& hyper, bool sgd, double* divergence,
+                                     double* block_sums, cudaStream_t stream);
+
+// Doubles of scratch launch_unflatten_average needs for `divergence` on the current device
+// (the grid size it will use).
+int64_t divergence_scratch_size(int64_t num_chunks);
 
 }  // namespace cuda
 }  // namespace prsgd
