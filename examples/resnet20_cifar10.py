@@ -19,7 +19,7 @@ Algorithm 2's do (the learning rate stays with MultiStepLR); ``heterogeneous`` l
 pick its own number of local steps per round from its measured speed (Algorithm 3,
 ``Heterogeneous.by_speed``); an epoch then ends after as many rounds as ``fixed`` would make.
 
-Rank 0 prints a progress line, appends to ``--log`` (CSV: kind, epoch, step, train_loss, test_loss,
+Rank 0 prints a progress line, appends to ``--csv`` (CSV: kind, epoch, step, train_loss, test_loss,
 test_accuracy, lr, rounds, wall_s) and every rank writes ``--checkpoint DIR/rank{r}.pt`` (model, optimizer
 state including the local-SGD counters, position in the data) at the end of every epoch and
 when ``--max-steps`` stops the run; ``--resume`` continues from it. The run ends with
@@ -198,7 +198,7 @@ def main():
     ap.add_argument("--baseline", action="store_true", help="hvd.DistributedOptimizer instead")
     ap.add_argument("--synthetic-size", type=int, nargs=2, default=[50000, 10000],
                     metavar=("TRAIN", "TEST"))
-    ap.add_argument("--log", default="resnet20_log.csv")
+    ap.add_argument("--csv", default="resnet20_log.csv", help="CSV log (rank 0)")
     ap.add_argument("--checkpoint", default="resnet20_ckpt", help="folder; one file per rank")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--print-every", type=int, default=50, help="steps between progress lines")
@@ -267,8 +267,8 @@ def main():
 
     log = None
     if rank == 0:
-        new = not (args.resume and os.path.exists(args.log))
-        log = open(args.log, "a" if not new else "w", newline="")
+        new = not (args.resume and os.path.exists(args.csv))
+        log = open(args.csv, "a" if not new else "w", newline="")
         writer = csv.writer(log)
         if new:
             writer.writerow(["kind", "epoch", "step", "train_loss", "test_loss", "test_accuracy",
