@@ -70,6 +70,9 @@ class Round:
     def scale(self) -> float:
         return 1.0 / self.weight_sum
 
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(b.payload).all()) for b in self.buckets)
+
 
 def flat_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
@@ -129,16 +132,22 @@ class Averager:
     # ---- one round ------------------------------------------------------------------------
     @torch.no_grad()
     def start(self, tensors: Sequence[torch.Tensor], weight: float = 1.0,
-              active: bool = True) -> None:
-        """Pack ``tensors`` (times ``weight``) and start summing them across ranks."""
+              active: bool = True, contribute: bool = True) -> None:
+        """Pack ``tensors`` (times ``weight``) and start summing them across ranks.
+
+        ``contribute=False`` sends zeros instead (a rank left out of the average still takes
+        part in the collective)."""
         if self.in_flight:
             raise RuntimeError("an averaging round is already in flight; wait() for it first")
         buckets = self.buckets_for(tensors)
         self._started_at = time.perf_counter()
         for b in buckets:
-            self.kernels.flatten(b.tensors, out=b.payload)
-            if weight != 1.0:
-                b.payload.mul_(weight)
+            if not contribute:
+                b.payload.zero_()
+            else:
+                self.kernels.flatten(b.tensors, out=b.payload)
+                if weight != 1.0:
+                    b.payload.mul_(weight)
             if b.index == 0:
                 b.control[0].fill_(weight)
                 b.control[1].fill_(1.0 if active else 0.0)

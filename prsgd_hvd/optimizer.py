@@ -29,6 +29,7 @@ from .schedules import Schedule, StepPlan, as_schedule
 __all__ = ["DistributedLocalSGD"]
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_instances = 0  # DistributedLocalSGD objects created in this process (names their allreduces)
 _AVERAGE_EVERY_STEP = StepPlan(average_before=True)
 
 
@@ -42,7 +43,9 @@ class _LocalSGDState:
 
     def __init__(self, opt: torch.optim.Optimizer, schedule: Schedule, warmup_steps: int,
                  process_set, fused: bool, use_kernels: bool, model: Optional[torch.nn.Module],
-                 average_state: bool, names: Dict[int, str]):
+                 average_state: bool, names: Dict[int, str], overlap: bool, nonfinite: str):
+        global _instances
+        _instances += 1
         self.opt = opt
         self.schedule = schedule
         self.warmup_steps = warmup_steps
@@ -55,8 +58,14 @@ class _LocalSGDState:
         self.rounds = 0
         self.rank = process_set.rank()
         self.size = process_set.size()
+        self.overlap = overlap and self.size > 1
+        self.nonfinite = nonfinite
+        self.excluded: List[Dict[str, Any]] = []  # rounds that left non-finite ranks out
+        self.prestarted_for: Optional[int] = None  # the step whose round is in flight
         # fused=False is the reference path: no compiled code anywhere in the round.
-        self.averager = Averager(process_set, name="prsgd_hvd.average",
+        # Tensor names are per optimizer instance (ranks construct optimizers in the same
+        # order), so a rebuilt optimizer never meets an old one's round in flight.
+        self.averager = Averager(process_set, name=f"prsgd_hvd.average{_instances}",
                                  kernels=ops if use_kernels else ops_reference)
         self._fused_layout_key: Optional[Tuple] = None
         self._fused_segments: List[List[Tuple[Optional[int], int, int]]] = []
@@ -130,6 +139,33 @@ class _LocalSGDState:
     def after_step(self, t: int) -> bool:
         return t > self.warmup_steps and self.schedule.after_step(t)
 
+    def round_weight(self, t: int) -> float:
+        return 1.0 if t <= self.warmup_steps else self.schedule.round_weight()
+
+    # ---- overlap -----------------------------------------------------------------------------
+    # NOTE: [overlap]
+    # Algorithm 1 averages x^{t-1}, which is final as soon as step t-1 returns. So when step t
+    # will average, step t-1 ends by packing the parameters and starting the allreduce; step
+    # t's forward and backward run while Horovod's background thread moves the bytes, and step
+    # t only waits for what is left. The packed copy is a snapshot: code that changes the
+    # parameters between step() calls (other than through this optimizer) must pass
+    # overlap=False. Anything that ends the run early (finalize, average_now, load_state_dict)
+    # first completes the round in flight, because every rank has started it.
+    def prestart(self, t: int) -> None:
+        """Start the round of step ``t`` now, if step ``t`` averages before its update."""
+        if not self.overlap or self.averager.in_flight:
+            return
+        if t <= self.warmup_steps or self.schedule.will_average_before(t):
+            self.averager.start(self.tensors(), weight=self.round_weight(t))
+            self.prestarted_for = t
+
+    def complete_in_flight(self) -> Optional[Round]:
+        """Wait for a prestarted round, if any; its sums are returned for the caller to use."""
+        if not self.averager.in_flight:
+            return None
+        self.prestarted_for = None
+        return self.averager.wait()
+
     # ---- the fused path ----------------------------------------------------------------------
     def fused_segments(self, buckets: List[Bucket]) -> List[List[Tuple[Optional[int], int, int]]]:
         """Per bucket: runs (group index or None for non-params, first, last) of its tensors."""
@@ -197,27 +233,78 @@ class _LocalSGDState:
                     maximize=bool(group.get("maximize", False)), first_step=firsts)
 
     # ---- rounds ------------------------------------------------------------------------------
-    def scheduled_round(self, base_step, kwargs, weight: float, then_step: bool) -> None:
+    def _round(self, weight: float = 1.0, active: bool = True,
+               prestarted: Optional[Round] = None) -> Tuple[Round, bool]:
+        """One round, checked for non-finite values; returns it and whether this rank was left
+        out of it (``nonfinite="exclude"``; the caller then skips this step's update)."""
+        if prestarted is not None:
+            rnd = prestarted
+        else:
+            self.averager.start(self.tensors(), weight=weight, active=active)
+            rnd = self.averager.wait()
+        if self.nonfinite == "ignore" or rnd.is_finite():
+            return rnd, False
+        # NOTE: [non-finite rounds] The sum is identical on every rank, so every rank gets
+        # here together and can afford one more collective to find the culprits: their own
+        # tensors still hold their local values (nothing was written back yet).
+        mine = not all(bool(torch.isfinite(t).all()) for t in self.tensors())
+        bad = [r for r, flag in enumerate(self.allgather(mine)) if flag]
+        where = (f"averaging round {self.rounds + 1} (after {self.local_step} local steps on "
+                 f"rank {self.rank})")
+        if self.nonfinite == "raise" or len(bad) == self.size or not bad:
+            raise FloatingPointError(
+                f"DistributedLocalSGD: non-finite values (inf/NaN) in the model of rank(s) "
+                f"{bad or 'unknown'} at {where}; averaging them would poison every rank. Lower "
+                f"the learning rate, clip gradients, use a GradScaler, or pass "
+                f"nonfinite='exclude' to leave such ranks out of the average.")
+        self.excluded.append({"round": self.rounds + 1, "ranks": bad})
+        self.averager.start(self.tensors(), weight=0.0 if mine else weight, active=active,
+                            contribute=not mine)
+        return self.averager.wait(), mine
+
+    def scheduled_round(self, update, kwargs, weight: float, then_step: bool,
+                        t: Optional[int] = None) -> None:
         """A round the schedule asked for; with ``then_step`` the update follows the average."""
-        self.averager.start(self.tensors(), weight=weight)
-        rnd = self.averager.wait()
-        if then_step and self.fused and not kwargs and self.can_fuse(rnd.buckets):
+        prestarted = self.complete_in_flight() if t is not None and self.prestarted_for == t else None
+        rnd, excluded = self._round(weight, prestarted=prestarted)
+        if excluded:  # this rank's gradient was taken at a non-finite point
+            update = _skip_update
+        if then_step and update is not _skip_update and self.fused and not kwargs \
+                and self.can_fuse(rnd.buckets):
             self.fused_write_back_and_step(rnd)
         else:
             self.averager.write_back(rnd)
             if then_step:
-                base_step(**kwargs)
+                update(**kwargs)
         self.rounds += 1
 
     def average_now(self) -> None:
-        self.averager.average_(self.tensors())
+        # A prestarted round already holds the current parameters (nothing may change them
+        # between steps, NOTE: [overlap]): its result is the average asked for.
+        prestarted = self.complete_in_flight()
+        if prestarted is not None and prestarted.weight_sum != self.size:
+            prestarted = None
+        rnd, _ = self._round(prestarted=prestarted)
+        self.averager.write_back(rnd)
         self.rounds += 1
+        self.prestart(self.local_step + 1)
+
+    def discard_in_flight(self) -> None:
+        self.complete_in_flight()
 
     def finalize(self) -> None:
         """Join protocol: keep contributing this rank's model to the rounds of ranks that are
         still training, until a round in which no rank is (see NOTE: [control elements])."""
+        prestarted = self.complete_in_flight()
+        if prestarted is not None:
+            # Prestarted for a step this rank will not take; the other ranks may take it, so
+            # join it like any of their rounds.
+            rnd, _ = self._round(prestarted=prestarted)
+            self.averager.write_back(rnd)
+            self.rounds += 1
         while True:
-            rnd = self.averager.average_(self.tensors(), active=False)
+            rnd, _ = self._round(active=False)
+            self.averager.write_back(rnd)
             self.rounds += 1
             if rnd.active_ranks == 0:
                 return
@@ -246,6 +333,14 @@ class _LocalSGDMethods:
     # NOTE: [the wrapper is the user's optimizer] explains this module name.
     __module__ = "horovod.torch.optimizer"
 
+    # NOTE: [GradScaler counts iterations]
+    # A GradScaler skips optimizer.step() on a rank whose gradients overflowed. Skipping ours
+    # would shift that rank's averaging schedule against the others' -- a hang or silent drift
+    # (pytorch#76282 for torch's post-local-SGD). Declaring that we handle scaling ourselves
+    # makes the scaler always call step(), with `grad_scale` and `found_inf` set on us; step()
+    # then counts the iteration and joins its round, and only the update is skipped.
+    _step_supports_amp_scaling = True
+
     @property
     def local_step(self) -> int:
         """Calls of ``step()`` so far on this rank."""
@@ -264,24 +359,44 @@ class _LocalSGDMethods:
             # The gradient must be taken at the local point x_i^{t-1}, before any averaging.
             with torch.enable_grad():
                 loss = closure()
+        update = base_step
+        if self._take_grad_scaler_verdict():
+            update = _skip_update
         t = ls.local_step + 1
         plan = ls.before_step(t)
         if plan.lr is not None:
             for group in self.param_groups:
                 group["lr"] = plan.lr
-        in_warmup = t <= ls.warmup_steps
         if plan.average_before:
-            weight = 1.0 if in_warmup else ls.schedule.round_weight()
-            ls.scheduled_round(base_step, kwargs, weight, then_step=True)
-            if not in_warmup:
+            ls.scheduled_round(update, kwargs, ls.round_weight(t), then_step=True, t=t)
+            if t > ls.warmup_steps:
                 ls.schedule.round_done()
         else:
-            base_step(**kwargs)
+            update(**kwargs)
         if ls.after_step(t):
-            ls.scheduled_round(base_step, kwargs, ls.schedule.round_weight(), then_step=False)
+            ls.scheduled_round(update, kwargs, ls.schedule.round_weight(), then_step=False)
             ls.schedule.round_done()
         ls.local_step = t
+        ls.prestart(t + 1)
         return loss
+
+    def _take_grad_scaler_verdict(self) -> bool:
+        """Apply what a GradScaler left on us (NOTE: [GradScaler counts iterations]): unscale
+        the gradients, and return True when this step's update must be skipped."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return False
+        grad_scale = getattr(self, "grad_scale", None)
+        # Hide both from a base optimizer that would act on them again (torch's fused ones).
+        self.found_inf = self.grad_scale = None
+        if float(found_inf) > 0:
+            return True
+        if grad_scale is not None:
+            with torch.no_grad():
+                for p in self._local_sgd.params():
+                    if p.grad is not None:
+                        p.grad.mul_(grad_scale.to(p.grad.device).reciprocal().to(p.grad.dtype))
+        return False
 
     def average_now(self) -> None:
         """Collective: average every rank's model now, outside the schedule.
@@ -296,7 +411,8 @@ class _LocalSGDMethods:
         Ranks may call it after different numbers of steps (uneven data): a rank that has
         finished keeps joining the averaging rounds of the ranks still training, contributing
         its model and taking the average (as ``hvd.join`` does for gradients), until every rank
-        has called ``finalize()``; then all take one last plain average.
+        has called ``finalize()``; then all take one last plain average. (With overlap, a
+        round prestarted for a step no rank takes is completed here too, and counted.)
         """
         self._local_sgd.finalize()
 
@@ -316,6 +432,8 @@ class _LocalSGDMethods:
             "comm_seconds": ls.averager.comm_seconds,
             "exposed_comm_seconds": ls.averager.wait_seconds,
             "fused": ls.fused,
+            "overlap": ls.overlap,
+            "excluded": [dict(e) for e in ls.excluded],
             "schedule": repr(ls.schedule),
             "world_size": ls.size,
         }
@@ -335,12 +453,19 @@ class _LocalSGDMethods:
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         local = state_dict.pop("local_sgd", None)
+        # A round prestarted from the parameters being replaced is finished and dropped; the
+        # next step averages the loaded parameters itself.
+        self._local_sgd.discard_in_flight()
         super(self.__class__, self).load_state_dict(state_dict)
         if local is not None:
             ls: _LocalSGDState = self._local_sgd
             ls.local_step = int(local["local_step"])
             ls.rounds = int(local["rounds"])
             ls.schedule.load_state_dict(local.get("schedule", {}))
+
+
+def _skip_update(**kwargs) -> None:
+    """The update of a step whose gradients overflowed (the round still happens)."""
 
 
 def _check_named_parameters(optimizer, named_parameters) -> Dict[int, str]:
@@ -365,7 +490,8 @@ def _check_named_parameters(optimizer, named_parameters) -> Dict[int, str]:
 def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                         named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                         warmup_steps: int = 0, process_set=None, fused: Optional[bool] = None,
-                        model: Optional[torch.nn.Module] = None, average_state: bool = False):
+                        model: Optional[torch.nn.Module] = None, average_state: bool = False,
+                        overlap: bool = True, nonfinite: str = "raise"):
     """Wrap ``optimizer`` for Parallel Restarted SGD (local SGD with periodic model averaging).
 
     Args:
@@ -380,6 +506,15 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
         model: when given, its floating-point buffers (BatchNorm statistics) are averaged too.
         average_state: also average optimizer state tensors shaped like their parameter
             (momentum buffers, Adam moments). Off by default: the paper keeps them local.
+        overlap: start an averaging round's allreduce as soon as the previous step ends, so it
+            runs during the forward and backward pass of the step that uses it (Algorithm 1
+            rounds). Needs the parameters left alone between ``step()`` calls; see
+            NOTE: [overlap].
+        nonfinite: what a round does when some rank's model holds inf/NaN: ``"raise"`` (every
+            rank raises ``FloatingPointError`` naming the ranks and the round), ``"exclude"``
+            (average the healthy ranks only; the others take that average and skip the step's
+            update; listed in ``stats()["excluded"]``), or ``"ignore"`` (no check: saves one
+            read of the summed buffer per round).
     """
     hvd = _hvd()
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -426,8 +561,13 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
     base_cls = type(optimizer)
     methods = {k: v for k, v in vars(_LocalSGDMethods).items() if k not in ("__dict__", "__weakref__")}
     cls = type(base_cls.__name__, (base_cls,), methods)
+    if nonfinite not in ("raise", "exclude", "ignore"):
+        raise ValueError(f"DistributedLocalSGD: 'nonfinite' must be 'raise', 'exclude' or "
+                         f"'ignore', got {nonfinite!r}")
+    if overlap not in (True, False):
+        raise ValueError(f"DistributedLocalSGD: 'overlap' must be True or False, got {overlap!r}")
     state = _LocalSGDState(optimizer, schedule, warmup_steps, process_set, fuse_step,
-                           use_kernels, model, average_state, names)
+                           use_kernels, model, average_state, names, overlap, nonfinite)
     state.check_ranks_agree()  # before the class swap: a mismatch leaves the optimizer as it was
     optimizer.__class__ = cls
     optimizer._local_sgd = state

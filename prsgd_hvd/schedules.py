@@ -54,6 +54,11 @@ class Schedule:
     def before_step(self, t: int) -> StepPlan:
         return NO_ACTION
 
+    def will_average_before(self, t: int) -> bool:
+        """Lookahead without side effects: will ``before_step(t)`` ask for an average? Lets the
+        optimizer start that round's allreduce as soon as step t-1 ends (overlap)."""
+        return False
+
     def after_step(self, t: int) -> bool:
         return False
 
@@ -88,7 +93,10 @@ class FixedInterval(Schedule):
         self.interval = _positive_int(interval, "FixedInterval: 'interval'")
 
     def before_step(self, t: int) -> StepPlan:
-        return StepPlan(average_before=(t % self.interval == 0))
+        return StepPlan(average_before=self.will_average_before(t))
+
+    def will_average_before(self, t: int) -> bool:
+        return t % self.interval == 0
 
     def describe(self) -> Dict[str, Any]:
         return {"schedule": "FixedInterval", "interval": self.interval}

@@ -26,7 +26,8 @@ def build(spec, rank):
     interval = schedule_from_spec(spec["schedule"], hvd) if "schedule" in spec else spec["interval"]
     opt = hvd.DistributedLocalSGD(opt, interval=interval,
                                   named_parameters=model.named_parameters(),
-                                  warmup_steps=spec.get("warmup", 0), fused=spec.get("fused"))
+                                  warmup_steps=spec.get("warmup", 0), fused=spec.get("fused"),
+                                  overlap=spec.get("overlap", True))
     sched = None
     if spec.get("lr_step"):
         size, gamma = spec["lr_step"]

@@ -1,0 +1,87 @@
+"""Conditions real training meets: AMP overflow on one rank, a non-finite model, a crash.
+
+--case faults: runs the 'amp', 'nonfinite_raise' and 'nonfinite_exclude' scenarios and saves
+what each rank saw. --case crash: rank 1 raises mid-run (the job must end, not hang).
+"""
+import argparse
+
+import torch
+
+import prsgd_hvd as hvd
+from common import flat_params, loss_fn, make_model
+
+
+def amp(rank):
+    """Rank 1's gradients overflow at step 3: its update is skipped, its schedule is not."""
+    model = make_model(7)
+    opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                  interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    seen = []
+    for t in range(1, 7):
+        opt.zero_grad()
+        scaler.scale(loss_fn(model, 7, rank, t)).backward()
+        if rank == 1 and t == 3:
+            model.fc1.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        seen.append({"t": t, "local_step": opt.local_step, "rounds": opt.rounds,
+                     "params": flat_params(model), "scale": scaler.get_scale()})
+    return seen
+
+
+def nonfinite(rank, mode):
+    """Rank 1's step 1 update makes its model NaN (a NaN gradient); the round at step 2 must
+    notice. (Injected through the gradient: with overlap on, the round of step 2 is packed as
+    soon as step 1 returns, so the NaN must come from training, as it does in practice.)"""
+    model = make_model(8)
+    opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05), interval=2,
+                                  nonfinite=mode)
+    out = {"error": None}
+    try:
+        for t in range(1, 5):
+            opt.zero_grad()
+            loss_fn(model, 8, rank, t).backward()
+            if t == 1 and rank == 1:
+                model.fc2.bias.grad.fill_(float("nan"))
+            opt.step()
+            if t == 1:
+                out["after_step1"] = flat_params(model)
+            if t == 2:
+                out["after_step2"] = flat_params(model)
+    except FloatingPointError as exc:
+        out["error"] = str(exc)
+    out["stats"] = opt.stats()
+    out["final"] = flat_params(model)
+    return out
+
+
+def crash(rank):
+    model = make_model(9)
+    opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05), interval=2)
+    for t in range(1, 100):
+        opt.zero_grad()
+        loss_fn(model, 9, rank, t).backward()
+        if rank == 1 and t == 3:
+            raise RuntimeError("boom on rank 1 at step 3")
+        opt.step()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--case", required=True)
+    args = ap.parse_args()
+    hvd.init()
+    torch.set_num_threads(1)
+    rank = hvd.rank()
+    if args.case == "crash":
+        crash(rank)
+        return
+    out = {"amp": amp(rank), "raise": nonfinite(rank, "raise"),
+           "exclude": nonfinite(rank, "exclude")}
+    torch.save(out, f"{args.out}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
