@@ -8,6 +8,10 @@ below; no torchvision), SGD with momentum 0.9 and weight decay, the allreduce it
   unfused  torch.cat([p.reshape(-1)]) ; flat /= N ; torch._foreach_copy_(params, views) ;
            torch.optim.SGD(foreach=True).step()
 
+With divergence telemetry (``divergence=`` on the fused avg+step: the kernel also reads each
+param before overwriting it, +4 B/elem fp32, so 24 B/elem) the avg+step time is measured
+again in the same run, interleaved with the plain one; the "div ms" column and "+div" ratio.
+
 Bytes per element follow DESIGN.md section 5 (fp32, SGD with momentum): fused 8 + 20 = 28;
 unfused "about 44" in DESIGN.md. Our own count of what the unfused path moves is printed too
 (cat 8, /=N 8, copy back 8, foreach SGD with weight decay 12 + 8 + 12 + 12 = 44, so 68 in all).
@@ -58,6 +62,7 @@ def resnet50_shapes():
 MODELS = {"resnet20": resnet20_cifar_shapes, "resnet50": resnet50_shapes}
 
 FUSED_BYTES = 8 + 20        # DESIGN.md section 5
+STEP_DIV_BYTES = 20 + 4     # avg+step with divergence: the old param is read too
 UNFUSED_BYTES_DESIGN = 44   # DESIGN.md section 5 ("about 44")
 UNFUSED_BYTES_COUNTED = 8 + 8 + 8 + 44
 
@@ -119,6 +124,13 @@ def bench_model(name, device, repeats, gen):
         ops.unflatten_average_sgd_(flat, params, grads, bufs, scale=scale, lr=LR,
                                    momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
+    divergence = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def avg_step_div():
+        ops.unflatten_average_sgd_(flat, params, grads, bufs, scale=scale, lr=LR,
+                                   momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                                   divergence=divergence)
+
     def fused():
         pack()
         avg_step()
@@ -141,7 +153,12 @@ def bench_model(name, device, repeats, gen):
         opt.step()
 
     t_pack = median_time(pack, device, repeats)
-    t_step = median_time(avg_step, device, repeats)
+    # divergence off / on, interleaved like fused / unfused below
+    ts, td = [], []
+    for _ in range(3):
+        ts.append(median_time(avg_step, device, max(1, repeats // 3)))
+        td.append(median_time(avg_step_div, device, max(1, repeats // 3)))
+    t_step, t_step_div = min(ts), min(td)
     # interleave the two round variants so drift (turbo, other load) hits both alike
     tf, tu = [], []
     for _ in range(3):
@@ -149,7 +166,7 @@ def bench_model(name, device, repeats, gen):
         tu.append(median_time(unfused, device, max(1, repeats // 3)))
     t_fused, t_unfused = min(tf), min(tu)
     return dict(model=name, numel=numel, tensors=len(shapes), t_pack=t_pack, t_step=t_step,
-                t_fused=t_fused, t_unfused=t_unfused)
+                t_step_div=t_step_div, t_fused=t_fused, t_unfused=t_unfused)
 
 
 def main():
@@ -171,11 +188,13 @@ def main():
     # Best of three, so that a busy moment cannot lower the ceiling and flatter the kernels.
     copy_gbs = max(copy_bandwidth(args.device, args.repeats) for _ in range(3))
     print(f"copy_ ceiling (256 MiB fp32, read+write, best of 3): {copy_gbs:.1f} GB/s")
-    print(f"bytes/elem: fused {FUSED_BYTES} (pack 8 + avg+step 20); unfused "
-          f"{UNFUSED_BYTES_DESIGN} (DESIGN.md), {UNFUSED_BYTES_COUNTED} by our count")
+    print(f"bytes/elem: fused {FUSED_BYTES} (pack 8 + avg+step 20); avg+step with divergence "
+          f"{STEP_DIV_BYTES}; unfused {UNFUSED_BYTES_DESIGN} (DESIGN.md), "
+          f"{UNFUSED_BYTES_COUNTED} by our count")
     print()
     hdr = (f"{'model':9} {'params':>10} {'tensors':>7} | {'pack ms':>8} {'GB/s':>6} | "
-           f"{'avg+step ms':>11} {'GB/s':>6} | {'fused ms':>8} {'GB/s':>6} {'%copy':>6} | "
+           f"{'avg+step ms':>11} {'GB/s':>6} | {'div ms':>7} {'GB/s':>6} {'+div':>6} | "
+           f"{'fused ms':>8} {'GB/s':>6} {'%copy':>6} | "
            f"{'unfused ms':>10} {'GB/s':>6} {'%copy':>6} | {'speedup':>7}")
     print(hdr)
     print("-" * len(hdr))
@@ -187,7 +206,9 @@ def main():
         unfused_gbs = gbs(UNFUSED_BYTES_DESIGN, r["t_unfused"])
         print(f"{name:9} {n:>10,} {r['tensors']:>7} | {r['t_pack'] * 1e3:8.3f} "
               f"{gbs(8, r['t_pack']):6.1f} | {r['t_step'] * 1e3:11.3f} "
-              f"{gbs(20, r['t_step']):6.1f} | {r['t_fused'] * 1e3:8.3f} {fused_gbs:6.1f} "
+              f"{gbs(20, r['t_step']):6.1f} | {r['t_step_div'] * 1e3:7.3f} "
+              f"{gbs(STEP_DIV_BYTES, r['t_step_div']):6.1f} "
+              f"{r['t_step_div'] / r['t_step']:5.2f}x | {r['t_fused'] * 1e3:8.3f} {fused_gbs:6.1f} "
               f"{100 * fused_gbs / copy_gbs:5.0f}% | {r['t_unfused'] * 1e3:10.3f} "
               f"{unfused_gbs:6.1f} {100 * unfused_gbs / copy_gbs:5.0f}% | "
               f"{r['t_unfused'] / r['t_fused']:6.2f}x")

@@ -196,27 +196,54 @@ void dispatch_pair(c10::ScalarType a, c10::ScalarType b, const F& f) {
 // ---- unflatten_average_ / unflatten_average_sgd_ -------------------------------------------
 
 // Float64 sums of squared differences, one per vector lane plus one for the scalar tail,
-// added up in a fixed order (NOTE: [Divergence]). The square is formed in opmath, then widened.
+// added up in a fixed order (NOTE: [Divergence]). The square is formed in opmath, then widened
+// to float64 vectors (cvtps2pd on AVX2; through memory in the baseline build).
 template <typename op_t>
 struct SquareSum {
   using Vec = Vectorized<op_t>;
-  double lane[kStep<op_t>] = {};
+  using DVec = Vectorized<double>;
+  static constexpr int kWiden = Vec::size() / DVec::size();  // float64 vectors per opmath one
+  static_assert(kWiden * DVec::size() == Vec::size(), "opmath vector must widen evenly");
+  DVec acc[2 * kWiden];
   double tail = 0.0;
 
+  SquareSum() {
+    for (auto& a : acc) a = DVec(0.0);
+  }
+
+  static inline void widen_add(DVec* a, const Vec& sq) {
+    if constexpr (std::is_same_v<op_t, double>) {
+      a[0] = a[0] + sq;
+    } else {
+#if defined(CPU_CAPABILITY_AVX2)
+      static_assert(kWiden == 2);
+      const __m256 v = sq;
+      a[0] = a[0] + DVec(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+      a[1] = a[1] + DVec(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+#else
+      alignas(64) op_t f[Vec::size()];
+      alignas(64) double d[Vec::size()];
+      sq.store(f);
+      for (int k = 0; k < Vec::size(); ++k) d[k] = static_cast<double>(f[k]);
+      for (int w = 0; w < kWiden; ++w) a[w] = a[w] + DVec::loadu(d + w * DVec::size());
+#endif
+    }
+  }
+
   inline void add(const Vec& old0, const Vec& old1, const Vec& new0, const Vec& new1) {
-    alignas(64) op_t sq[kStep<op_t>];
     const Vec d0 = old0 - new0, d1 = old1 - new1;
-    (d0 * d0).store(sq);
-    (d1 * d1).store(sq + Vec::size());
-    for (int64_t k = 0; k < kStep<op_t>; ++k) lane[k] += static_cast<double>(sq[k]);
+    widen_add(acc, d0 * d0);
+    widen_add(acc + kWiden, d1 * d1);
   }
   inline void add(op_t old_value, op_t new_value) {
     const op_t d = old_value - new_value;
     tail += static_cast<double>(d * d);
   }
   double sum() const {
+    alignas(64) double lanes[2 * kWiden * DVec::size()];
+    for (int w = 0; w < 2 * kWiden; ++w) acc[w].store(lanes + w * DVec::size());
     double s = 0.0;
-    for (int64_t k = 0; k < kStep<op_t>; ++k) s += lane[k];
+    for (double l : lanes) s += l;
     return s + tail;
   }
 };

@@ -51,7 +51,17 @@ for dev in devices:
     ref.unflatten_average_sgd_(flat, theirs, grads, bufs2, first_step=False, **args)
     for a, b in zip(ours + bufs, theirs + bufs2):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # divergence (the optional last argument): sum of (old param - average)^2, added
+    d_ours = torch.ones(1, dtype=torch.float64, device=dev)
+    d_ref = d_ours.clone()
+    torch.ops.prsgd_hvd.unflatten_average_sgd_(flat, ours, grads, bufs, [False] * len(shapes),
+                                               *args.values(), d_ours)
+    ref.unflatten_average_sgd_(flat, theirs, grads, bufs2, first_step=False, divergence=d_ref,
+                               **args)
+    torch.ops.prsgd_hvd.unflatten_average_(flat, ours, 0.5, d_ours)
+    ref.unflatten_average_(flat, theirs, scale=0.5, divergence=d_ref)
+    torch.testing.assert_close(d_ours, d_ref, rtol=1e-12, atol=0.0)
     print(f"check_cmake_build: {dev}: flatten, unflatten_average_, unflatten_average_sgd_ "
-          "match the reference")
+          "(with and without divergence) match the reference")
 PYEOF
 echo "check_cmake_build: OK"
