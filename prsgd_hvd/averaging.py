@@ -175,10 +175,24 @@ class Averager:
         return Round(self._buckets, weight_sum, int(round(active)))
 
     @torch.no_grad()
-    def write_back(self, rnd: Round) -> None:
-        """``tensor = sum / weight_sum`` for every tensor of the round."""
-        for b in rnd.buckets:
-            self.kernels.unflatten_average_(b.payload, b.tensors, scale=rnd.scale)
+    def write_back(self, rnd: Round, measured: Optional[Sequence[int]] = None) -> Optional[float]:
+        """``tensor = sum / weight_sum`` for every tensor of the round.
+
+        With ``measured`` (per bucket, how many leading tensors to measure) it also returns
+        this rank's squared distance from the average over those tensors, taken in the same
+        pass (``divergence=`` of the kernels)."""
+        total = None if measured is None else 0.0
+        for i, b in enumerate(rnd.buckets):
+            n = 0 if measured is None else measured[i]
+            if n:
+                acc = torch.zeros(1, dtype=torch.float64, device=b.device)
+                self.kernels.unflatten_average_(b.segment(0, n), b.tensors[:n], scale=rnd.scale,
+                                                divergence=acc)
+                total += float(acc)
+            if n < len(b.tensors):
+                self.kernels.unflatten_average_(b.segment(n, len(b.tensors)), b.tensors[n:],
+                                                scale=rnd.scale)
+        return total
 
     def average_(self, tensors: Sequence[torch.Tensor], active: bool = True) -> Round:
         """Blocking: replace every tensor by its mean over the process set."""

@@ -61,6 +61,7 @@ class _LocalSGDState:
         self.overlap = overlap and self.size > 1
         self.nonfinite = nonfinite
         self.excluded: List[Dict[str, Any]] = []  # rounds that left non-finite ranks out
+        self.divergence: Optional[float] = None  # ||x_i - avg||^2 at the last round
         self.prestarted_for: Optional[int] = None  # the step whose round is in flight
         # fused=False is the reference path: no compiled code anywhere in the round.
         # Tensor names are per optimizer instance (ranks construct optimizers in the same
@@ -202,9 +203,12 @@ class _LocalSGDState:
 
     @torch.no_grad()
     def fused_write_back_and_step(self, rnd: Round) -> None:
-        """Kernel 2 of the round: average and apply ``torch.optim.SGD``'s update in one pass."""
+        """Kernel 2 of the round: average and apply ``torch.optim.SGD``'s update in one pass
+        (measuring this rank's divergence from the average in the same pass)."""
         scale = rnd.scale
+        divergence = 0.0
         for b, runs in zip(rnd.buckets, self.fused_segments(rnd.buckets)):
+            acc = torch.zeros(1, dtype=torch.float64, device=b.device)
             for g, first, last in runs:
                 flat = b.segment(first, last)
                 tensors = b.tensors[first:last]
@@ -230,7 +234,19 @@ class _LocalSGDState:
                     flat, tensors, grads, bufs, scale=scale, lr=float(group["lr"]),
                     momentum=momentum, dampening=float(group["dampening"]),
                     weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                    maximize=bool(group.get("maximize", False)), first_step=firsts)
+                    maximize=bool(group.get("maximize", False)), first_step=firsts,
+                    divergence=acc)
+            divergence += float(acc)
+        self.divergence = divergence
+
+    def params_per_bucket(self, buckets: List[Bucket]) -> List[int]:
+        """How many leading tensors of each bucket are parameters (tensors() lists them first)."""
+        ids = {id(p) for p in self.params()}
+        return [sum(1 for t in b.tensors if id(t) in ids) for b in buckets]
+
+    def write_back(self, rnd: Round) -> None:
+        """Average into every tensor; records this rank's divergence from the average."""
+        self.divergence = self.averager.write_back(rnd, self.params_per_bucket(rnd.buckets))
 
     # ---- rounds ------------------------------------------------------------------------------
     def _round(self, weight: float = 1.0, active: bool = True,
@@ -273,7 +289,7 @@ class _LocalSGDState:
                 and self.can_fuse(rnd.buckets):
             self.fused_write_back_and_step(rnd)
         else:
-            self.averager.write_back(rnd)
+            self.write_back(rnd)
             if then_step:
                 update(**kwargs)
         self.rounds += 1
@@ -285,7 +301,7 @@ class _LocalSGDState:
         if prestarted is not None and prestarted.weight_sum != self.size:
             prestarted = None
         rnd, _ = self._round(prestarted=prestarted)
-        self.averager.write_back(rnd)
+        self.write_back(rnd)
         self.rounds += 1
         self.prestart(self.local_step + 1)
 
@@ -300,11 +316,11 @@ class _LocalSGDState:
             # Prestarted for a step this rank will not take; the other ranks may take it, so
             # join it like any of their rounds.
             rnd, _ = self._round(prestarted=prestarted)
-            self.averager.write_back(rnd)
+            self.write_back(rnd)
             self.rounds += 1
         while True:
             rnd, _ = self._round(active=False)
-            self.averager.write_back(rnd)
+            self.write_back(rnd)
             self.rounds += 1
             if rnd.active_ranks == 0:
                 return
@@ -431,6 +447,9 @@ class _LocalSGDMethods:
             "bytes_sent": ls.averager.bytes_sent,
             "comm_seconds": ls.averager.comm_seconds,
             "exposed_comm_seconds": ls.averager.wait_seconds,
+            # ||x_i - x_avg||^2 over the parameters at the last round, measured inside the
+            # write-back pass: the quantity the paper's lemma bounds by 4 gamma^2 I^2 G^2.
+            "divergence": ls.divergence,
             "fused": ls.fused,
             "overlap": ls.overlap,
             "excluded": [dict(e) for e in ls.excluded],

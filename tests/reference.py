@@ -41,7 +41,7 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
     Rank r runs ``steps_for_rank`` steps (uneven data); a rank that has run out keeps taking
     part in the rounds of the others with its model unchanged, and with ``finalize`` every
     rank ends with one last plain average. Returns (per-rank [steps_r, n_params] trajectories,
-    final parameters per rank).
+    final parameters per rank, per-rank {step: ||x_r - avg||^2 at that step's round}).
     """
     models, opts = _start(spec, n)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=spec["lr_step"][0], gamma=spec["lr_step"][1])
@@ -55,11 +55,15 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
     interval, warmup = spec["interval"], spec.get("warmup", 0)
     steps = [steps_for_rank(spec, r, n) for r in range(n)]
     traj = [[] for _ in range(n)]
+    divergence = [dict() for _ in range(n)]  # step -> ||x_r - avg||^2 at that step's round
     for t in range(1, max(steps) + 1):
         active = [r for r in range(n) if t <= steps[r]]
         for r in active:
             _local_step(spec, r, t, models[r], opts[r])
         if t <= warmup or t % interval == 0:
+            mean = torch.stack([flat_params(m) for m in models]).mean(0)
+            for r in active:
+                divergence[r][t] = float(((flat_params(models[r]) - mean) ** 2).sum())
             _average_models_(models)   # x_i <- avg(x^{t-1}); the local gradient is kept
         for r in active:
             opts[r].step()
@@ -68,12 +72,13 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
             traj[r].append(flat_params(models[r]))
     if spec.get("finalize"):
         _average_models_(models)
-    return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models]
+    return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models], divergence
 
 
 def simulate_epochs(spec: dict, n: int):
     """Algorithms 2 and 3: epoch s has K_r^s local steps on rank r at lr gamma^s, then every
-    rank averages (plain mean, or weighted by K_r^s for weights="steps")."""
+    rank averages (plain mean, or weighted by K_r^s for weights="steps"). Returns the same
+    triple as :func:`simulate_fixed_interval`, without divergences (None)."""
     sched = spec["schedule"]
     models, opts = _start(spec, n)
     lr_scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=spec["lr_step"][0], gamma=spec["lr_step"][1])
@@ -99,4 +104,4 @@ def simulate_epochs(spec: dict, n: int):
             traj[r][-1] = flat_params(models[r])
     if spec.get("finalize"):
         _average_models_(models)
-    return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models]
+    return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models], None

@@ -101,7 +101,7 @@ def expected_rounds(spec, np):
 def check_against_reference(np, spec):
     results = results_for(np)
     simulate = simulate_epochs if "schedule" in spec else simulate_fixed_interval
-    ref_traj, ref_final = simulate(spec, np)
+    ref_traj, ref_final, ref_divergence = simulate(spec, np)
     rtol, atol = TOLERANCE[spec["opt"]]
     for rank, res in enumerate(results):
         got = res[spec["name"]]
@@ -114,6 +114,11 @@ def check_against_reference(np, spec):
                 got["traj"][t], ref_traj[rank][t], rtol=rtol, atol=atol,
                 msg=lambda m: f"{spec['name']}: rank {rank} after step {t + 1} of {np} ranks: {m}")
         torch.testing.assert_close(got["final"], ref_final[rank], rtol=rtol, atol=atol)
+        if ref_divergence is not None:
+            # stats()["divergence"] is ||x_i - avg||^2 at each round, measured in the kernels.
+            for t, want in ref_divergence[rank].items():
+                assert got["divergence"][t - 1] == pytest.approx(want, rel=2e-3, abs=1e-9), \
+                    f"{spec['name']}: divergence of rank {rank} at step {t}"
     if spec.get("finalize"):
         for res in results[1:]:
             assert torch.equal(res[spec["name"]]["final"], results[0][spec["name"]]["final"]), \

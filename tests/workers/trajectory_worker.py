@@ -41,21 +41,21 @@ def run(spec, rank):
     if spec.get("broadcast_state"):
         hvd.broadcast_optimizer_state(opt, root_rank=0)
         assert opt.local_step == 0 and opt.rounds == 0, "broadcast_optimizer_state moved counters"
-    traj = []
+    traj, divergence = [], []
     rebuilt = spec.get("resume_at") or spec.get("resume_after_round")
     if spec.get("finalize") and not rebuilt:
         with opt.local_sgd():  # the context-manager form of finalize()
-            opt, model = _train(spec, rank, model, opt, sched, traj)
+            opt, model = _train(spec, rank, model, opt, sched, traj, divergence)
     else:
-        opt, model = _train(spec, rank, model, opt, sched, traj)
+        opt, model = _train(spec, rank, model, opt, sched, traj, divergence)
         if spec.get("finalize"):
             opt.finalize()
-    return {"traj": torch.stack(traj), "final": flat_params(model), "local_step": opt.local_step,
+    return {"traj": torch.stack(traj), "divergence": divergence, "final": flat_params(model), "local_step": opt.local_step,
             "rounds": opt.rounds, "stats": opt.stats(),
             "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0))))}
 
 
-def _train(spec, rank, model, opt, sched, traj):
+def _train(spec, rank, model, opt, sched, traj, divergence):
     for t in range(1, steps_for_rank(spec, rank, hvd.size()) + 1):
         opt.zero_grad()
         loss_fn(model, spec["seed"], rank, t).backward()
@@ -63,6 +63,7 @@ def _train(spec, rank, model, opt, sched, traj):
         if sched is not None:
             sched.step()
         traj.append(flat_params(model))
+        divergence.append(opt.stats()["divergence"])
         resume = spec.get("resume_at") == t or (
             spec.get("resume_after_round") == opt.rounds and not getattr(opt, "_resumed", False))
         if resume:
