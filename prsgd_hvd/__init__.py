@@ -8,6 +8,7 @@ from horovod.torch import *  # noqa: F401,F403  (the drop-in promise: every horo
 import horovod.torch as _horovod_torch
 
 from . import ops  # noqa: F401
+from .compression import Compression  # horovod's Compression plus bf16 (shadows horovod's name)
 from .optimizer import DistributedLocalSGD
 from .schedules import FixedInterval, Heterogeneous, Schedule, StepPlan, TimeVarying
 

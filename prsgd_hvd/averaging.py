@@ -16,7 +16,8 @@ Bucket 0's flat buffer carries two extra elements after the payload, summed with
 allreduce: this rank's weight in the average and 1.0 if this rank is still training (0.0 once
 it is in ``finalize()``). The sums give the divisor of the (possibly weighted) mean and tell a
 finishing rank whether the round it joined was someone's scheduled round or the final one --
-the join protocol of ``finalize()`` -- without a second collective per round.
+the join protocol of ``finalize()`` -- without a second collective per round. (With
+compression they travel in a tiny fp32 allreduce of their own: 16 bits cannot count exactly.)
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import ops
+from .compression import DeltaCodec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _N_CONTROL = 2  # weight, still-training flag
@@ -65,10 +67,11 @@ class Round:
     buckets: List[Bucket]
     weight_sum: float     # divisor of the mean
     active_ranks: int     # ranks still training (0: every rank is finishing)
+    prescaled: bool = False  # the payloads already hold the average (compressed rounds)
 
     @property
     def scale(self) -> float:
-        return 1.0 / self.weight_sum
+        return 1.0 if self.prescaled else 1.0 / self.weight_sum
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(b.payload).all()) for b in self.buckets)
@@ -85,10 +88,15 @@ def _signature(tensors: Sequence[torch.Tensor]) -> Tuple:
 class Averager:
     """Averages lists of tensors over a Horovod process set, one allreduce per bucket."""
 
-    def __init__(self, process_set, name: str = "prsgd_hvd", kernels=ops):
+    def __init__(self, process_set, name: str = "prsgd_hvd", kernels=ops,
+                 compression: Optional[str] = None, error_feedback: bool = True):
         import horovod.torch as hvd  # imported here so that importing this module stays cheap
 
         self._hvd = hvd
+        # 16-bit deltas from the last common average (prsgd_hvd.compression); None: full precision.
+        self.codec = DeltaCodec(compression, error_feedback) if compression else None
+        self._compressed_round = False
+        self._control_handle = None
         self.kernels = kernels  # prsgd_hvd.ops, or prsgd_hvd.ops_reference for fused=False
         self.process_set = process_set
         self.name = name
@@ -127,6 +135,8 @@ class Averager:
                 flat = torch.empty(offsets[-1] + extra, dtype=flat_dtype_for(dtype), device=device)
                 buckets.append(Bucket(i, device, dtype, ts, flat, offsets=offsets))
             self._buckets, self._signature = buckets, sig
+            if self.codec is not None:
+                self.codec.reset()
         return self._buckets
 
     # ---- one round ------------------------------------------------------------------------
@@ -141,21 +151,40 @@ class Averager:
             raise RuntimeError("an averaging round is already in flight; wait() for it first")
         buckets = self.buckets_for(tensors)
         self._started_at = time.perf_counter()
+        compressed = self.codec is not None and self.size > 1 and self.codec.ready(len(buckets))
+        self._compressed_round = compressed
         for b in buckets:
             if not contribute:
                 b.payload.zero_()
             else:
                 self.kernels.flatten(b.tensors, out=b.payload)
-                if weight != 1.0:
+                if weight != 1.0 and not compressed:
                     b.payload.mul_(weight)
             if b.index == 0:
                 b.control[0].fill_(weight)
                 b.control[1].fill_(1.0 if active else 0.0)
-            if self.size > 1:
+            if self.size == 1:
+                continue
+            name = f"{self.name}.bucket{b.index}"
+            if compressed:
+                wire = self.codec.encode(b.index, b.payload, weight, contribute)
+                if self.codec.uses_allgather:
+                    b.handle = self._hvd.allgather_async(
+                        wire.view(torch.int16), name=name, process_set=self.process_set)
+                else:
+                    b.handle = self._hvd.allreduce_async_(
+                        wire, name=name, op=self._hvd.Sum, process_set=self.process_set)
+                self.bytes_sent += wire.numel() * wire.element_size()
+            else:
                 b.handle = self._hvd.allreduce_async_(
-                    b.flat, name=f"{self.name}.bucket{b.index}", op=self._hvd.Sum,
-                    process_set=self.process_set)
+                    b.flat, name=name, op=self._hvd.Sum, process_set=self.process_set)
                 self.bytes_sent += b.flat.numel() * b.flat.element_size()
+        if compressed:
+            control = buckets[0].control
+            self._control_handle = self._hvd.allreduce_async_(
+                control, name=f"{self.name}.control", op=self._hvd.Sum,
+                process_set=self.process_set)
+            self.bytes_sent += control.numel() * control.element_size()
         self.in_flight = True
 
     def wait(self) -> Round:
@@ -163,16 +192,35 @@ class Averager:
         if not self.in_flight:
             raise RuntimeError("no averaging round in flight; call start() first")
         t0 = time.perf_counter()
+        received = []
         for b in self._buckets:
-            if b.handle is not None:
-                self._hvd.synchronize(b.handle)
-                b.handle = None
+            received.append(self._hvd.synchronize(b.handle) if b.handle is not None else None)
+            b.handle = None
+        if self._control_handle is not None:
+            self._hvd.synchronize(self._control_handle)
+            self._control_handle = None
         now = time.perf_counter()
         self.wait_seconds += now - t0
         self.comm_seconds += now - self._started_at
         self.in_flight = False
         weight_sum, active = self._buckets[0].control.tolist()
-        return Round(self._buckets, weight_sum, int(round(active)))
+        rnd = Round(self._buckets, weight_sum, int(round(active)), prescaled=self._compressed_round)
+        if self.codec is not None and self.size > 1:
+            self._advance_codec(rnd, received)
+        return rnd
+
+    @torch.no_grad()
+    def _advance_codec(self, rnd: Round, received: List[Optional[torch.Tensor]]) -> None:
+        """Compressed rounds: rebuild the average from the deltas. Every accepted round (a
+        non-finite one is retried or raised by the caller) sets the common anchor."""
+        for b, got in zip(rnd.buckets, received):
+            if rnd.prescaled:
+                self.codec.decode(b.index, b.payload, got, self.size, rnd.weight_sum)
+        if not rnd.is_finite():
+            return
+        for b in rnd.buckets:
+            average = b.payload if rnd.prescaled else b.payload * rnd.scale
+            self.codec.commit(b.index, average)
 
     @torch.no_grad()
     def write_back(self, rnd: Round, measured: Optional[Sequence[int]] = None) -> Optional[float]:

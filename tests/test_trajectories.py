@@ -21,6 +21,16 @@ SCENARIOS = [
      "interval": 4, "steps": 11, "fused": False},
     {"name": "sgd_momentum_i4_no_overlap", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
      "interval": 4, "steps": 11, "overlap": False},
+    # 16-bit compression of the change since the last average: within 1e-3 of exact averaging.
+    {"name": "sgd_i2_full_precision", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 2,
+     "steps": 20},
+    {"name": "sgd_i2_fp16", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 2, "steps": 20,
+     "compression": "fp16", "rel_norm_tol": 1e-3},
+    {"name": "sgd_i2_bf16", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 2, "steps": 20,
+     "compression": "bf16", "rel_norm_tol": 1e-3},
+    {"name": "adam_i3_fp16_no_error_feedback_finalize", "opt": "adam", "opt_kwargs": {"lr": 0.01},
+     "interval": 3, "steps": 12, "extra_steps_per_rank": 1, "finalize": True,
+     "compression": "fp16", "error_feedback": False, "rel_norm_tol": 1e-3},
     {"name": "sgd_nesterov_dampening_i2", "opt": "sgd",
      "opt_kwargs": {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 1e-2},
      "interval": 2, "steps": 9},
@@ -109,6 +119,13 @@ def check_against_reference(np, spec):
         assert got["local_step"] == len(ref_traj[rank])
         # Every rank joins every round, however many steps it ran.
         assert got["rounds"] == expected_rounds(spec, np)
+        if "rel_norm_tol" in spec:  # compressed: close to exact averaging, not bit-for-bit
+            pairs = list(zip(got["traj"], ref_traj[rank])) + [(got["final"], ref_final[rank])]
+            for t, (a, b) in enumerate(pairs):
+                err = float((a - b).norm() / b.norm())
+                assert err <= spec["rel_norm_tol"], \
+                    f"{spec['name']}: rank {rank} step {t + 1}: relative error {err:.2e}"
+            continue
         for t in range(len(ref_traj[rank])):
             torch.testing.assert_close(
                 got["traj"][t], ref_traj[rank][t], rtol=rtol, atol=atol,
@@ -135,6 +152,19 @@ def test_trajectory_matches_float64_simulation(np, spec):
 @pytest.mark.parametrize("which", [0, 1])
 def test_heterogeneous_trajectory_matches_float64_simulation(np, which):
     check_against_reference(np, HETEROGENEOUS[np][which])
+
+
+@pytest.mark.parametrize("np", [2, 4])
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
+def test_compression_sends_half_the_bytes(np, kind):
+    full = results_for(np)[0]["sgd_i2_full_precision"]["stats"]
+    comp = results_for(np)[0][f"sgd_i2_{kind}"]["stats"]
+    assert full["rounds"] == comp["rounds"] == 10 and comp["compression"] == kind
+    per_round_full = full["bytes_sent"] / full["rounds"]
+    # The first round has no common average yet and goes in full precision; every later one
+    # sends 16-bit deltas (half) plus the two fp32 control elements.
+    per_round_comp = (comp["bytes_sent"] - per_round_full) / (comp["rounds"] - 1)
+    assert per_round_comp == pytest.approx((per_round_full - 8) / 2 + 8)
 
 
 @pytest.mark.parametrize("np", [2, 3])

@@ -27,7 +27,9 @@ def build(spec, rank):
     opt = hvd.DistributedLocalSGD(opt, interval=interval,
                                   named_parameters=model.named_parameters(),
                                   warmup_steps=spec.get("warmup", 0), fused=spec.get("fused"),
-                                  overlap=spec.get("overlap", True))
+                                  overlap=spec.get("overlap", True),
+                                  compression=spec.get("compression"),
+                                  error_feedback=spec.get("error_feedback", True))
     sched = None
     if spec.get("lr_step"):
         size, gamma = spec["lr_step"]
