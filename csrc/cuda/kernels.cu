@@ -34,7 +34,14 @@ namespace {
 
 constexpr int kBlockSize = 256;
 constexpr int kBlocksPerSm = 8;  // 2048 resident threads per SM on sm_80/sm_90
-constexpr int kILP = 4;          // elements per thread per step: 16-byte loads for fp32
+// Elements per thread per step: enough for a 16-byte access of the narrowest type a functor
+// touches (4 fp32, 8 fp16/bf16; a pair of fp32 flat and fp16 params takes 8, i.e. two 16-byte
+// fp32 accesses and one fp16 one), and at least 4 (fp64: two 16-byte accesses).
+constexpr int kMinILP = 4;
+template <typename T>
+constexpr int kVecWidth = 16 / sizeof(T) > kMinILP ? int(16 / sizeof(T)) : kMinILP;
+template <typename A, typename B>
+constexpr int kILPOf = kVecWidth<A> > kVecWidth<B> ? kVecWidth<A> : kVecWidth<B>;
 
 // ---- element conversion and unfused arithmetic -------------------------------------------
 
@@ -64,30 +71,35 @@ __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, 
 
 // ---- vector loads ------------------------------------------------------------------------
 
-template <typename T>
-struct alignas(sizeof(T) * kILP) Pack {
-  T v[kILP];
+// N elements of T, aligned for 16-byte accesses (or to its size, when smaller).
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
+  T v[N];
 };
 
-template <typename T>
+template <int N, typename T>
 __device__ __forceinline__ bool is_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % alignof(Pack<T>) == 0;
+  return reinterpret_cast<uintptr_t>(p) % alignof(Pack<T, N>) == 0;
 }
 
-// out[k] = base[i + k], k < kILP, in one vector load; base + i must be aligned.
-template <typename op_t, typename T>
-__device__ __forceinline__ void load_pack(op_t (&out)[kILP], const T* base, int64_t i) {
-  const Pack<T> pk = *reinterpret_cast<const Pack<T>*>(base + i);
+// out[k] = base[i + k], k < N, in 16-byte vector loads; base + i must be aligned.
+template <typename op_t, int N, typename T>
+__device__ __forceinline__ void load_pack(op_t (&out)[N], const T* base, int64_t i) {
+  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(base + i);
 #pragma unroll
-  for (int k = 0; k < kILP; ++k) out[k] = to_op(pk.v[k]);
+  for (int k = 0; k < N; ++k) out[k] = to_op(pk.v[k]);
 }
 
-template <typename T, typename op_t>
-__device__ __forceinline__ void store_pack(T* base, int64_t i, const op_t (&in)[kILP]) {
-  Pack<T> pk;
+// base[i + k] = in[k], k < N; base + i must be aligned.
+// NOTE: the PTX of several instantiations (e.g. unflatten_average_ fp32, already before the
+// per-type ILP) shows this struct store split into per-element stores while the loads stay
+// vectorized; building uint4 words in registers did not change that. Not yet understood.
+template <typename T, typename op_t, int N>
+__device__ __forceinline__ void store_pack(T* base, int64_t i, const op_t (&in)[N]) {
+  Pack<T, N> pk;
 #pragma unroll
-  for (int k = 0; k < kILP; ++k) pk.v[k] = from_op<T>(in[k]);
-  *reinterpret_cast<Pack<T>*>(base + i) = pk;
+  for (int k = 0; k < N; ++k) pk.v[k] = from_op<T>(in[k]);
+  *reinterpret_cast<Pack<T, N>*>(base + i) = pk;
 }
 
 // ---- math --------------------------------------------------------------------------------
@@ -165,7 +177,9 @@ struct FlattenFunctor {
     using op_t = std::conditional_t<std::is_same<src_t, double>::value, double, float>;
     const src_t* src = static_cast<const src_t*>(s.tensor) + start;
     dst_t* dst = flat + s.flat_offset + start;
-    const int64_t n_vec = (is_aligned(src) && is_aligned(dst)) ? len / kILP * kILP : 0;
+    constexpr int kILP = kILPOf<src_t, dst_t>;
+    const int64_t n_vec =
+        (is_aligned<kILP>(src) && is_aligned<kILP>(dst)) ? len / kILP * kILP : 0;
     for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
       op_t v[kILP];
       load_pack(v, src, i);
@@ -196,8 +210,10 @@ struct AverageFunctor {
     param_t* b = (g && c.has_momentum) ? static_cast<param_t*>(s.momentum_buf) + start : nullptr;
     const bool first = s.first_step != 0;
     const bool read_buf = b != nullptr && !first;
-    const bool aligned = is_aligned(f) && is_aligned(p) && (g == nullptr || is_aligned(g)) &&
-                         (b == nullptr || is_aligned(b));
+    constexpr int kILP = kILPOf<flat_t, param_t>;
+    const bool aligned = is_aligned<kILP>(f) && is_aligned<kILP>(p) &&
+                         (g == nullptr || is_aligned<kILP>(g)) &&
+                         (b == nullptr || is_aligned<kILP>(b));
     const int64_t n_vec = aligned ? len / kILP * kILP : 0;
 
     for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
