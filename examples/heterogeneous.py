@@ -13,9 +13,11 @@ averaged models are compared:
 * ``hvd.Heterogeneous.every_seconds(s)``: every rank steps until s seconds have passed since
   the last average (default s: the time the slow rank needs for I steps).
 
-``--skew`` gives each rank a different part of the label space (non-IID shards); there, plain
-averaging of ranks that took different numbers of steps favours the fast ranks' data, and
-``--weights steps`` (each local step counts once in the average) is the remedy to try.
+``--skew`` gives each rank a different part of the label space (non-IID shards); there, the
+plain mean of models that took different numbers of steps leans towards the fast ranks' data,
+so Algorithm 3's extra steps can cost accuracy on the global objective. ``--weights steps``
+weights each model by the steps it took (``Heterogeneous(..., weights="steps")``); compare both
+(docs/REPRODUCTION.md, part 4, measured it leaning further towards the fast ranks).
 """
 import argparse
 import time
