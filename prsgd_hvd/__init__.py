@@ -10,7 +10,7 @@ import horovod.torch as _horovod_torch
 from . import ops  # noqa: F401
 from .compression import Compression  # horovod's Compression plus bf16 (shadows horovod's name)
 from .optimizer import DistributedLocalSGD
-from .schedules import FixedInterval, Heterogeneous, Schedule, StepPlan, TimeVarying
+from .schedules import FixedInterval, Heterogeneous, Hierarchical, Schedule, StepPlan, TimeVarying
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ _EXPORTS = {
     "FixedInterval": FixedInterval,
     "TimeVarying": TimeVarying,
     "Heterogeneous": Heterogeneous,
+    "Hierarchical": Hierarchical,
 }
 for _name, _obj in _EXPORTS.items():
     setattr(_horovod_torch, _name, _obj)

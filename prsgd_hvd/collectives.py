@@ -25,3 +25,34 @@ def allgather_object(obj: Any, process_set, name: str) -> List[Any]:
         out.append(pickle.loads(gathered[offset:offset + n].numpy().tobytes()))
         offset += n
     return out
+
+
+def group_process_set(members: List[int], group_size: int, my_rank: int):
+    """The Horovod process set of ``my_rank``'s group when ``members`` (global ranks, in
+    order) are cut into consecutive groups of ``group_size``.
+
+    Collective over ``members``: every member registers every group, in the same order. A
+    set with the same ranks that already exists (``hvd.init(process_sets=[...])``) is reused;
+    otherwise it is added, which Horovod allows only with HOROVOD_DYNAMIC_PROCESS_SETS=1.
+    """
+    from horovod.common import process_sets as ps
+
+    existing = {tuple(ranks): set_id
+                for set_id, ranks in ps._basics._get_process_set_ids_and_ranks().items()}
+    mine = None
+    for start in range(0, len(members), group_size):
+        ranks = list(members[start:start + group_size])
+        if tuple(ranks) in existing:
+            group = ps.ProcessSet(ranks)
+            group.process_set_id = existing[tuple(ranks)]
+        else:
+            try:
+                group = ps.add_process_set(ranks)
+            except ValueError as exc:
+                raise ValueError(
+                    f"Hierarchical averaging needs a Horovod process set for ranks {ranks}: run "
+                    f"with HOROVOD_DYNAMIC_PROCESS_SETS=1 so it can be created, or create the "
+                    f"groups in hvd.init(process_sets=[...]) ({exc})") from exc
+        if my_rank in ranks:
+            mine = group
+    return mine

@@ -23,7 +23,7 @@ import torch
 
 from . import ops, ops_reference
 from .averaging import Averager, Bucket, Round
-from .collectives import allgather_object
+from .collectives import allgather_object, group_process_set
 from .compression import resolve_compression
 from .schedules import Schedule, StepPlan, as_schedule
 
@@ -75,6 +75,22 @@ class _LocalSGDState:
         self._fused_segments: List[List[Tuple[Optional[int], int, int]]] = []
         self._n_gathers = 0
         schedule.bind(self.rank, self.size, self.allgather)
+        # Averagers over groups of ranks, for schedules that average within groups too
+        # (Hierarchical); the whole process set uses self.averager.
+        self.group_averagers: Dict[int, Averager] = {}
+        if schedule.group_sizes():
+            members = process_set.ranks if process_set.ranks is not None else \
+                list(range(_hvd().size()))
+            my_rank = members[self.rank]
+            for g in schedule.group_sizes():
+                self.group_averagers[g] = Averager(
+                    group_process_set(members, g, my_rank), name=f"{self.averager.name}.g{g}",
+                    kernels=self.averager.kernels, compression=compression,
+                    error_feedback=error_feedback)
+        self.in_flight: Optional[Averager] = None  # the averager whose round was prestarted
+
+    def all_averagers(self) -> List[Averager]:
+        return [self.averager, *self.group_averagers.values()]
 
     def allgather(self, obj: Any) -> List[Any]:
         """Collective over the process set (used by schedules that agree on measured values)."""
@@ -156,20 +172,28 @@ class _LocalSGDState:
     # parameters between step() calls (other than through this optimizer) must pass
     # overlap=False. Anything that ends the run early (finalize, average_now, load_state_dict)
     # first completes the round in flight, because every rank has started it.
+    def averager_for(self, t: int) -> Averager:
+        """The averager of step ``t``'s round: the whole process set, or this rank's group."""
+        if t <= self.warmup_steps:
+            return self.averager
+        group = self.schedule.before_step_group(t)
+        return self.averager if group is None else self.group_averagers[group]
+
     def prestart(self, t: int) -> None:
         """Start the round of step ``t`` now, if step ``t`` averages before its update."""
-        if not self.overlap or self.averager.in_flight:
+        if not self.overlap or self.in_flight is not None:
             return
         if t <= self.warmup_steps or self.schedule.will_average_before(t):
-            self.averager.start(self.tensors(), weight=self.round_weight(t))
+            self.in_flight = self.averager_for(t)
+            self.in_flight.start(self.tensors(), weight=self.round_weight(t))
             self.prestarted_for = t
 
     def complete_in_flight(self) -> Optional[Round]:
         """Wait for a prestarted round, if any; its sums are returned for the caller to use."""
-        if not self.averager.in_flight:
+        if self.in_flight is None:
             return None
-        self.prestarted_for = None
-        return self.averager.wait()
+        averager, self.in_flight, self.prestarted_for = self.in_flight, None, None
+        return averager.wait()
 
     # ---- the fused path ----------------------------------------------------------------------
     def fused_segments(self, buckets: List[Bucket]) -> List[List[Tuple[Optional[int], int, int]]]:
@@ -248,20 +272,23 @@ class _LocalSGDState:
         ids = {id(p) for p in self.params()}
         return [sum(1 for t in b.tensors if id(t) in ids) for b in buckets]
 
-    def write_back(self, rnd: Round) -> None:
+    def write_back(self, rnd: Round, averager: Optional[Averager] = None) -> None:
         """Average into every tensor; records this rank's divergence from the average."""
-        self.divergence = self.averager.write_back(rnd, self.params_per_bucket(rnd.buckets))
+        averager = averager or self.averager
+        self.divergence = averager.write_back(rnd, self.params_per_bucket(rnd.buckets))
 
     # ---- rounds ------------------------------------------------------------------------------
     def _round(self, weight: float = 1.0, active: bool = True,
-               prestarted: Optional[Round] = None) -> Tuple[Round, bool]:
+               prestarted: Optional[Round] = None,
+               averager: Optional[Averager] = None) -> Tuple[Round, bool]:
         """One round, checked for non-finite values; returns it and whether this rank was left
         out of it (``nonfinite="exclude"``; the caller then skips this step's update)."""
+        averager = averager or self.averager
         if prestarted is not None:
             rnd = prestarted
         else:
-            self.averager.start(self.tensors(), weight=weight, active=active)
-            rnd = self.averager.wait()
+            averager.start(self.tensors(), weight=weight, active=active)
+            rnd = averager.wait()
         if self.nonfinite == "ignore" or rnd.is_finite():
             return rnd, False
         # NOTE: [non-finite rounds] The sum is identical on every rank, so every rank gets
@@ -284,22 +311,23 @@ class _LocalSGDState:
                 f"the learning rate, clip gradients, use a GradScaler, or pass "
                 f"nonfinite='exclude' to leave such ranks out of the average.")
         self.excluded.append({"round": self.rounds + 1, "ranks": bad})
-        self.averager.start(self.tensors(), weight=0.0 if mine else weight, active=active,
-                            contribute=not mine)
-        return self.averager.wait(), mine
+        averager.start(self.tensors(), weight=0.0 if mine else weight, active=active,
+                       contribute=not mine)
+        return averager.wait(), mine
 
     def scheduled_round(self, update, kwargs, weight: float, then_step: bool,
                         t: Optional[int] = None) -> None:
         """A round the schedule asked for; with ``then_step`` the update follows the average."""
+        averager = self.averager if t is None else self.averager_for(t)
         prestarted = self.complete_in_flight() if t is not None and self.prestarted_for == t else None
-        rnd, excluded = self._round(weight, prestarted=prestarted)
+        rnd, excluded = self._round(weight, prestarted=prestarted, averager=averager)
         if excluded:  # this rank's gradient was taken at a non-finite point
             update = _skip_update
         if then_step and update is not _skip_update and self.fused and not kwargs \
                 and self.can_fuse(rnd.buckets):
             self.fused_write_back_and_step(rnd)
         else:
-            self.write_back(rnd)
+            self.write_back(rnd, averager)
             if then_step:
                 update(**kwargs)
         self.rounds += 1
@@ -307,8 +335,9 @@ class _LocalSGDState:
     def average_now(self) -> None:
         # A prestarted round already holds the current parameters (nothing may change them
         # between steps, NOTE: [overlap]): its result is the average asked for.
+        was_global = self.in_flight is self.averager
         prestarted = self.complete_in_flight()
-        if prestarted is not None and prestarted.weight_sum != self.size:
+        if prestarted is not None and (not was_global or prestarted.weight_sum != self.size):
             prestarted = None
         rnd, _ = self._round(prestarted=prestarted)
         self.write_back(rnd)
@@ -321,12 +350,13 @@ class _LocalSGDState:
     def finalize(self) -> None:
         """Join protocol: keep contributing this rank's model to the rounds of ranks that are
         still training, until a round in which no rank is (see NOTE: [control elements])."""
+        averager = self.in_flight
         prestarted = self.complete_in_flight()
         if prestarted is not None:
             # Prestarted for a step this rank will not take; the other ranks may take it, so
             # join it like any of their rounds.
-            rnd, _ = self._round(prestarted=prestarted)
-            self.write_back(rnd)
+            rnd, _ = self._round(prestarted=prestarted, averager=averager)
+            self.write_back(rnd, averager)
             self.rounds += 1
         while True:
             rnd, _ = self._round(active=False)
@@ -454,9 +484,9 @@ class _LocalSGDMethods:
         return {
             "local_step": ls.local_step,
             "rounds": ls.rounds,
-            "bytes_sent": ls.averager.bytes_sent,
-            "comm_seconds": ls.averager.comm_seconds,
-            "exposed_comm_seconds": ls.averager.wait_seconds,
+            "bytes_sent": sum(a.bytes_sent for a in ls.all_averagers()),
+            "comm_seconds": sum(a.comm_seconds for a in ls.all_averagers()),
+            "exposed_comm_seconds": sum(a.wait_seconds for a in ls.all_averagers()),
             # ||x_i - x_avg||^2 over the parameters at the last round, measured inside the
             # write-back pass: the quantity the paper's lemma bounds by 4 gamma^2 I^2 G^2.
             "divergence": ls.divergence,

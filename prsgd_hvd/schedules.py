@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-__all__ = ["Schedule", "StepPlan", "FixedInterval", "TimeVarying", "Heterogeneous", "as_schedule"]
+__all__ = ["Schedule", "StepPlan", "FixedInterval", "TimeVarying", "Heterogeneous", "Hierarchical",
+           "as_schedule"]
 
 ValueSpec = Union[Sequence[float], Callable[[int], float]]
 
@@ -34,6 +35,7 @@ class StepPlan:
 
     average_before: bool = False  # x_i <- avg(x^{t-1}) before the update (Algorithm 1)
     lr: Optional[float] = None    # set on every param group before the update, when not None
+    group_size: Optional[int] = None  # average within groups of this many ranks (None: all)
 
 
 NO_ACTION = StepPlan()
@@ -61,6 +63,14 @@ class Schedule:
 
     def after_step(self, t: int) -> bool:
         return False
+
+    def group_sizes(self) -> List[int]:
+        """Sizes of the rank groups this schedule averages within, besides the whole set."""
+        return []
+
+    def before_step_group(self, t: int) -> Optional[int]:
+        """Lookahead without side effects: the group size of step ``t``'s round (None: all)."""
+        return None
 
     def round_weight(self) -> float:
         """This rank's weight in the average about to be taken (1.0: plain mean)."""
@@ -408,6 +418,65 @@ class Heterogeneous(_Epochs):
         if self._calibrating():
             return f"Heterogeneous.by_speed(base_interval={self.base_interval}, calibrating)"
         return f"Heterogeneous({self.intervals}, weights={self.weights!r})"
+
+
+class Hierarchical(Schedule):
+    """Hierarchical averaging, PyTorch's ``HierarchicalModelAverager`` convention.
+
+    ``Hierarchical({2: 2, 8: 8})`` on 8 ranks: every 2 steps, groups of 2 consecutive ranks
+    average; every 8 steps all 8 do. At step t the largest period dividing t wins. Each
+    group size must divide the number of ranks, and the largest period's group must be all of
+    them (as PyTorch requires), so every model eventually meets every other. Rounds happen
+    before the update (Algorithm 1). Groups are Horovod process sets: start the job with
+    ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` (they are then created when the optimizer is built),
+    or pass the same groups to ``hvd.init(process_sets=[...])``.
+    """
+
+    def __init__(self, period_group_size: Dict[int, int]):
+        if not isinstance(period_group_size, dict) or not period_group_size:
+            raise TypeError("Hierarchical: give a non-empty dict {period: group_size}, "
+                            f"got {period_group_size!r}")
+        for period, group in period_group_size.items():
+            _positive_int(period, "Hierarchical: each period")
+            _positive_int(group, "Hierarchical: each group size")
+        self.levels = sorted(period_group_size.items())  # by period, ascending
+
+    def bind(self, rank: int, size: int, allgather) -> None:
+        super().bind(rank, size, allgather)
+        for period, group in self.levels:
+            if size % group:
+                raise ValueError(f"Hierarchical: group size {group} (period {period}) does not "
+                                 f"divide the {size} ranks")
+        if self.levels[-1][1] != size:
+            raise ValueError(f"Hierarchical: the largest period ({self.levels[-1][0]}) must "
+                             f"average all {size} ranks, got groups of {self.levels[-1][1]}")
+
+    def _level(self, t: int) -> Optional[int]:
+        for period, group in reversed(self.levels):
+            if t % period == 0:
+                return group
+        return None
+
+    def will_average_before(self, t: int) -> bool:
+        return self._level(t) is not None
+
+    def before_step(self, t: int) -> StepPlan:
+        if self._level(t) is None:
+            return NO_ACTION
+        return StepPlan(average_before=True, group_size=self.before_step_group(t))
+
+    def before_step_group(self, t: int) -> Optional[int]:
+        group = self._level(t)
+        return None if group is None or group == self.size else group
+
+    def group_sizes(self) -> List[int]:
+        return sorted({g for _, g in self.levels if g != self.size})
+
+    def describe(self) -> Dict[str, Any]:
+        return {"schedule": "Hierarchical", "levels": [list(level) for level in self.levels]}
+
+    def __repr__(self) -> str:
+        return f"Hierarchical({dict(self.levels)})"
 
 
 def as_schedule(interval: Any) -> Schedule:

@@ -13,6 +13,11 @@ from workers.common import (epoch_length, epoch_lr, flat_params, loss_fn, make_m
                             make_optimizer, steps_for_rank)
 
 
+def _average_groups_(models, groups):
+    for g in groups:
+        _average_models_([models[r] for r in g])
+
+
 def _average_models_(models, weights=None):
     weights = torch.ones(len(models), dtype=torch.float64) if weights is None else \
         torch.tensor(weights, dtype=torch.float64)
@@ -35,8 +40,27 @@ def _local_step(spec, r, t, model, opt):
     loss_fn(model, spec["seed"], r, t, dtype=torch.float64).backward()
 
 
+def fixed_interval_groups(spec: dict, n: int):
+    """Which groups of ranks average before step t's update (None: no round)."""
+    sched = spec.get("schedule", {})
+    if "process_set_groups" in spec:
+        everyone = spec["process_set_groups"]
+    else:
+        everyone = [list(range(n))]
+    if sched.get("kind") == "hierarchical":
+        def groups_at(t):
+            for period, size in sorted(sched["levels"], reverse=True):
+                if t % period == 0:
+                    return [list(range(s, s + size)) for s in range(0, n, size)]
+            return None
+        return groups_at
+    interval, warmup = spec["interval"], spec.get("warmup", 0)
+    return lambda t: everyone if t <= warmup or t % interval == 0 else None
+
+
 def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
-    """Algorithm 1 (+ warm-up, LR scheduler, Horovod's optimizer-state init) on ``n`` ranks.
+    """Algorithm 1 (+ warm-up, LR scheduler, Horovod's optimizer-state init) on ``n`` ranks;
+    also Hierarchical rounds and averaging within process sets (``fixed_interval_groups``).
 
     Rank r runs ``steps_for_rank`` steps (uneven data); a rank that has run out keeps taking
     part in the rounds of the others with its model unchanged, and with ``finalize`` every
@@ -52,7 +76,7 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
             for p in m.parameters():
                 p.grad = torch.zeros_like(p)
             o.step()
-    interval, warmup = spec["interval"], spec.get("warmup", 0)
+    groups_at = fixed_interval_groups(spec, n)
     steps = [steps_for_rank(spec, r, n) for r in range(n)]
     traj = [[] for _ in range(n)]
     divergence = [dict() for _ in range(n)]  # step -> ||x_r - avg||^2 at that step's round
@@ -60,18 +84,21 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
         active = [r for r in range(n) if t <= steps[r]]
         for r in active:
             _local_step(spec, r, t, models[r], opts[r])
-        if t <= warmup or t % interval == 0:
-            mean = torch.stack([flat_params(m) for m in models]).mean(0)
-            for r in active:
-                divergence[r][t] = float(((flat_params(models[r]) - mean) ** 2).sum())
-            _average_models_(models)   # x_i <- avg(x^{t-1}); the local gradient is kept
+        groups = groups_at(t)
+        if groups is not None:
+            for g in groups:
+                mean = torch.stack([flat_params(models[r]) for r in g]).mean(0)
+                for r in g:
+                    if r in active:
+                        divergence[r][t] = float(((flat_params(models[r]) - mean) ** 2).sum())
+            _average_groups_(models, groups)  # x_i <- avg(x^{t-1}); the local gradient is kept
         for r in active:
             opts[r].step()
             if scheds[r] is not None:
                 scheds[r].step()
             traj[r].append(flat_params(models[r]))
     if spec.get("finalize"):
-        _average_models_(models)
+        _average_groups_(models, spec.get("process_set_groups", [list(range(n))]))
     return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models], divergence
 
 

@@ -83,6 +83,19 @@ for i, s in enumerate(SCENARIOS + HETEROGENEOUS[3] + HETEROGENEOUS[4]):
     s["seed"] = 1234 + i
 TOLERANCE = {"sgd": (1e-5, 1e-6), "adam": (1e-4, 1e-5), "adamw": (1e-4, 1e-5), "rmsprop": (1e-4, 1e-5)}
 
+# Rank groups: Horovod process sets, created at run time (HOROVOD_DYNAMIC_PROCESS_SETS=1).
+GROUPED = [
+    {"name": "hierarchical_pairs_every_2_all_every_6", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "steps": 12, "schedule": {"kind": "hierarchical", "levels": [[2, 2], [6, 4]]}},
+    {"name": "hierarchical_reference_path_no_overlap", "opt": "adam", "opt_kwargs": {"lr": 0.01},
+     "steps": 9, "fused": False, "overlap": False,
+     "schedule": {"kind": "hierarchical", "levels": [[1, 2], [3, 4]]}},
+    {"name": "process_set_pairs_i3_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "interval": 3, "steps": 8, "finalize": True, "process_set_groups": [[0, 1], [2, 3]]},
+]
+for i, s in enumerate(GROUPED):
+    s["seed"] = 4321 + i
+
 _cache = {}
 
 
@@ -94,6 +107,9 @@ def results_for(np):
 
 
 def expected_rounds(spec, np):
+    if spec.get("schedule", {}).get("kind") == "hierarchical":
+        return sum(1 for t in range(1, spec["steps"] + 1)
+                   if any(t % p == 0 for p, _ in spec["schedule"]["levels"]))
     if "schedule" in spec:
         return spec["schedule"]["epochs"] + (1 if spec.get("finalize") else 0)
     last = spec["steps"] + (np - 1) * spec.get("extra_steps_per_rank", 0)
@@ -108,9 +124,9 @@ def expected_rounds(spec, np):
     return rounds
 
 
-def check_against_reference(np, spec):
-    results = results_for(np)
-    simulate = simulate_epochs if "schedule" in spec else simulate_fixed_interval
+def check_against_reference(np, spec, results=None):
+    results = results or results_for(np)
+    simulate = simulate_epochs if "epochs" in spec.get("schedule", {}) else simulate_fixed_interval
     ref_traj, ref_final, ref_divergence = simulate(spec, np)
     rtol, atol = TOLERANCE[spec["opt"]]
     for rank, res in enumerate(results):
@@ -137,9 +153,11 @@ def check_against_reference(np, spec):
                 assert got["divergence"][t - 1] == pytest.approx(want, rel=2e-3, abs=1e-9), \
                     f"{spec['name']}: divergence of rank {rank} at step {t}"
     if spec.get("finalize"):
-        for res in results[1:]:
-            assert torch.equal(res[spec["name"]]["final"], results[0][spec["name"]]["final"]), \
-                "after finalize() every rank must hold the same model"
+        for group in spec.get("process_set_groups", [list(range(np))]):
+            for r in group[1:]:
+                assert torch.equal(results[r][spec["name"]]["final"],
+                                   results[group[0]][spec["name"]]["final"]), \
+                    "after finalize() every rank of the process set must hold the same model"
 
 
 @pytest.mark.parametrize("np", [2, 3, 4])
@@ -152,6 +170,23 @@ def test_trajectory_matches_float64_simulation(np, spec):
 @pytest.mark.parametrize("which", [0, 1])
 def test_heterogeneous_trajectory_matches_float64_simulation(np, which):
     check_against_reference(np, HETEROGENEOUS[np][which])
+
+
+@pytest.fixture(scope="module")
+def grouped_results():
+    return run_workers("trajectory_worker.py", 4, ["--scenarios", json.dumps(GROUPED)],
+                       env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"})
+
+
+@pytest.mark.parametrize("spec", GROUPED, ids=[s["name"] for s in GROUPED])
+def test_grouped_averaging_matches_float64_simulation(grouped_results, spec):
+    check_against_reference(4, spec, grouped_results)
+
+
+def test_process_set_pairs_average_only_within_their_pair(grouped_results):
+    final = [r["process_set_pairs_i3_finalize"]["final"] for r in grouped_results]
+    assert torch.equal(final[0], final[1]) and torch.equal(final[2], final[3])
+    assert not torch.allclose(final[0], final[2])
 
 
 @pytest.mark.parametrize("np", [2, 4])

@@ -86,6 +86,8 @@ def schedule_from_spec(sched: dict, hvd):
                                repeat_last=sched.get("repeat_last", False))
     if kind == "heterogeneous":
         return hvd.Heterogeneous(sched["intervals"], weights=sched.get("weights", "uniform"))
+    if kind == "hierarchical":
+        return hvd.Hierarchical({period: group for period, group in sched["levels"]})
     raise ValueError(kind)
 
 
@@ -107,7 +109,7 @@ def epoch_lr(sched: dict, s: int):
 
 
 def steps_for_rank(spec: dict, rank: int, size: int) -> int:
-    if "schedule" in spec:
+    if "schedule" in spec and "epochs" in spec["schedule"]:
         return sum(epoch_length(spec["schedule"], rank, s)
                    for s in range(1, spec["schedule"]["epochs"] + 1))
     return spec["steps"] + rank * spec.get("extra_steps_per_rank", 0)

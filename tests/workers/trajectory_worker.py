@@ -24,7 +24,10 @@ def build(spec, rank):
     model = make_model(spec["seed"])
     opt = make_optimizer(spec, model)
     interval = schedule_from_spec(spec["schedule"], hvd) if "schedule" in spec else spec["interval"]
-    opt = hvd.DistributedLocalSGD(opt, interval=interval,
+    process_set = None
+    if "process_set_groups" in spec:  # every rank registers every group, then uses its own
+        process_set = _process_sets(spec["process_set_groups"])[rank]
+    opt = hvd.DistributedLocalSGD(opt, interval=interval, process_set=process_set,
                                   named_parameters=model.named_parameters(),
                                   warmup_steps=spec.get("warmup", 0), fused=spec.get("fused"),
                                   overlap=spec.get("overlap", True),
@@ -35,6 +38,15 @@ def build(spec, rank):
         size, gamma = spec["lr_step"]
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=size, gamma=gamma)
     return model, opt, sched
+
+
+def _process_sets(groups):
+    """rank -> its process set: consecutive equal groups, reused if they exist already
+    (HOROVOD_DYNAMIC_PROCESS_SETS=1 lets them be created)."""
+    from prsgd_hvd.collectives import group_process_set
+    members = [r for g in groups for r in g]
+    mine = group_process_set(members, len(groups[0]), hvd.rank())
+    return {hvd.rank(): mine}
 
 
 def run(spec, rank):
@@ -95,6 +107,9 @@ def main():
     torch.set_num_threads(1)
     results = {spec["name"]: run(spec, hvd.rank()) for spec in json.loads(args.scenarios)}
     torch.save(results, f"{args.out}/rank{hvd.rank()}.pt")
+    # Horovod's controller is global: a rank that exits while others still average inside a
+    # process set shuts Horovod down under them. Leave together.
+    hvd.allreduce(torch.zeros(1), name="trajectory_worker.done")
 
 
 if __name__ == "__main__":
