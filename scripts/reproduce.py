@@ -364,7 +364,8 @@ def write_report(results, meta, out, a):
               f"about one class per worker). f is the loss over the whole pool, i.e. the mean of the "
               f"workers' f_i, always evaluated at the average x-bar of the workers' models.")
     md.append(f"- **Workers.** Real `horovodrun -np N --gloo` processes, N = {', '.join(map(str, nps))}, "
-              f"one launch per N running all of its configurations. PSGD is "
+              f"one launch per N running all of its configurations (one intra-op thread per worker, "
+              f"`HOROVOD_CYCLE_TIME={args['cycle_time']}` ms). PSGD is "
               f"`hvd.DistributedOptimizer` (gradient allreduce every step); PR-SGD (Algorithm 1) is "
               f"`hvd.DistributedLocalSGD(interval=I)`, I in {INTERVALS}; Algorithm 2 is "
               f"`hvd.TimeVarying.paper`, Algorithm 3 `hvd.Heterogeneous.by_speed` / `every_seconds`. "
@@ -383,7 +384,7 @@ def write_report(results, meta, out, a):
               f"2 cores with one worker sleeping on purpose, so its wall-clock numbers are as noisy "
               f"as a shared 2-core VM makes them.\n")
     t = meta["timings"]
-    md.append("Command (`make reproduce` runs it with the defaults and `--out docs`): "
+    md.append("Command (`make reproduce` runs it with the defaults, which write to `docs/`): "
               "`python scripts/reproduce.py " + meta["argv"] + "` (wall time "
               + ", ".join(f"N={n}: {t[str(n)] if str(n) in t else t[n]:.0f} s" for n in nps)
               + f"; total {t['total']:.0f} s). Raw results: torch-saved dicts, one per N.\n")
