@@ -168,3 +168,54 @@ def test_model_buffers_and_optimizer_state_are_included_when_asked():
     assert id(model[1].running_mean) in ids and id(model[1].running_var) in ids
     assert id(model[1].num_batches_tracked) not in ids  # integer buffers are not averaged
     assert id(opt.state[model[0].weight]["exp_avg"]) in ids
+
+
+def test_new_arguments_are_validated_by_name():
+    model, opt = model_and_sgd()
+    with pytest.raises(ValueError, match="compression"):
+        hvd.DistributedLocalSGD(opt, interval=2, compression="int8")
+    with pytest.raises(ValueError, match="nonfinite"):
+        hvd.DistributedLocalSGD(opt, interval=2, nonfinite="skip")
+    with pytest.raises(ValueError, match="overlap"):
+        hvd.DistributedLocalSGD(opt, interval=2, overlap="yes")
+    with pytest.raises(ValueError, match="group size 2.*does not divide the 1 ranks"):
+        hvd.DistributedLocalSGD(opt, interval=hvd.Hierarchical({2: 2}))
+    with pytest.raises(TypeError, match="Hierarchical"):
+        hvd.Hierarchical([2, 4])
+    # A failed wrap leaves the optimizer as it was.
+    assert type(opt) is torch.optim.SGD and not hasattr(opt, "_local_sgd")
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_param_groups_dtypes_and_add_param_group_after_wrapping(fused):
+    """Several groups with their own lr, fp32/fp64/bf16 parameters, a group added later."""
+    def build():
+        torch.manual_seed(3)
+        a, b, c = nn.Linear(4, 3), nn.Linear(3, 3).double(), nn.Linear(3, 2).to(torch.bfloat16)
+        opt = torch.optim.SGD([{"params": a.parameters(), "lr": 0.1},
+                               {"params": b.parameters(), "lr": 0.05, "momentum": 0.9}],
+                              lr=0.2, momentum=0.5, weight_decay=1e-3)
+        return (a, b, c), opt
+
+    def loss(mods, x):
+        a, b, c = mods
+        return c(torch.tanh(b(torch.tanh(a(x)).double())).to(torch.bfloat16)).float().pow(2).mean()
+
+    mods_a, opt_a = build()
+    mods_b, opt_b = build()
+    opt_a = hvd.DistributedLocalSGD(opt_a, interval=2, fused=fused)
+    g = torch.Generator().manual_seed(0)
+    for t in range(1, 7):
+        if t == 3:
+            opt_a.add_param_group({"params": mods_a[2].parameters(), "lr": 0.3})
+            opt_b.add_param_group({"params": mods_b[2].parameters(), "lr": 0.3})
+        x = torch.randn(5, 4, generator=g)
+        for mods, opt in ((mods_a, opt_a), (mods_b, opt_b)):
+            opt.zero_grad()
+            loss(mods, x).backward()
+            opt.step()
+    assert opt_a.rounds == 3
+    for ma, mb in zip(mods_a, mods_b):
+        for pa, pb in zip(ma.parameters(), mb.parameters()):
+            tol = 2e-2 if pa.dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(pa, pb, rtol=tol, atol=tol)
