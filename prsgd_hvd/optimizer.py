@@ -17,6 +17,7 @@ must not run there -- it would advance the local-SGD counters and could start an
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -116,13 +117,35 @@ class _LocalSGDState:
             out += [b for b in self.model.buffers()
                     if b.is_floating_point() and id(b) not in ids]
         if self.average_state:
-            for p in params:
-                st = self.opt.state.get(p, {})
-                for key in sorted(st):
-                    v = st[key]
-                    if torch.is_tensor(v) and v.is_floating_point() and v.shape == p.shape:
-                        out.append(v)
+            out += self.shared_state_tensors(params)
         return out
+
+    def shared_state_tensors(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Optimizer state shaped like its parameter, for the entries *every* rank has.
+
+        NOTE: [state layout] State appears lazily (a parameter without a gradient on some rank
+        has no momentum there yet), and a round whose tensors differ between ranks cannot be
+        summed. Each round with average_state=True therefore checks, with one 2-element
+        allreduce, that every rank lists the same entries, and when they differ the ranks
+        agree on the common ones; the others stay local until every rank has them.
+        """
+        local = []
+        for i, p in enumerate(params):
+            st = self.opt.state.get(p, {})
+            for key in sorted(st):
+                v = st[key]
+                if torch.is_tensor(v) and v.is_floating_point() and v.shape == p.shape:
+                    local.append((i, key))
+        if self.size > 1:
+            h = float(zlib.crc32(repr(local).encode()) % (1 << 20))
+            sums = _hvd().allreduce(torch.tensor([h, h * h], dtype=torch.float64), op=_hvd().Sum,
+                                    name="prsgd_hvd.state_layout", process_set=self.process_set)
+            if sums.tolist() != [self.size * h, self.size * h * h]:  # someone lists others
+                common = set(local)
+                for other in self.allgather(local):
+                    common &= set(other)
+                local = [entry for entry in local if entry in common]
+        return [self.opt.state[params[i]][key] for i, key in local]
 
     # ---- cross-rank agreement ----------------------------------------------------------------
     def check_ranks_agree(self) -> None:

@@ -46,6 +46,14 @@ def test_nonfinite_exclude_averages_the_healthy_ranks_and_heals_the_sick_one(fau
     torch.testing.assert_close(faults[1]["exclude"]["after_step2"], healthy_mean, rtol=1e-6, atol=1e-7)
 
 
+def test_average_state_averages_the_state_every_rank_has(faults):
+    states = [f["state"] for f in faults]
+    assert [s["has_branch_momentum"] for s in states] == [True, False, False]
+    assert all(s["rounds"] == 3 for s in states)
+    for s in states[1:]:  # fc1's momentum exists everywhere: averaged by average_now()
+        torch.testing.assert_close(s["fc1_momentum"], states[0]["fc1_momentum"], rtol=1e-6, atol=1e-7)
+
+
 def test_a_crashing_rank_ends_the_job_quickly_with_its_error():
     start = time.monotonic()
     rc, output, _ = launch("robustness_worker.py", 2, ["--case", "crash"], timeout=120)

@@ -56,6 +56,21 @@ def nonfinite(rank, mode):
     return out
 
 
+def shared_state(rank):
+    """average_state=True while one parameter has momentum on rank 0 only (its branch)."""
+    model = make_model(10)
+    opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                  interval=2, average_state=True, model=model)
+    for t in range(1, 5):
+        opt.zero_grad()
+        loss_fn(model, 10, rank, t).backward()
+        opt.step()
+    opt.average_now()
+    return {"fc1_momentum": opt.state[model.fc1.weight]["momentum_buffer"].clone(),
+            "has_branch_momentum": "momentum_buffer" in opt.state[model.branch.weight],
+            "rounds": opt.rounds}
+
+
 def crash(rank):
     model = make_model(9)
     opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05), interval=2)
@@ -79,7 +94,7 @@ def main():
         crash(rank)
         return
     out = {"amp": amp(rank), "raise": nonfinite(rank, "raise"),
-           "exclude": nonfinite(rank, "exclude")}
+           "exclude": nonfinite(rank, "exclude"), "state": shared_state(rank)}
     torch.save(out, f"{args.out}/rank{rank}.pt")
 
 
