@@ -10,7 +10,8 @@ import horovod.torch as _horovod_torch
 from . import ops  # noqa: F401
 from .compression import Compression  # horovod's Compression plus bf16 (shadows horovod's name)
 from .optimizer import DistributedLocalSGD
-from .schedules import FixedInterval, Heterogeneous, Hierarchical, Schedule, StepPlan, TimeVarying
+from .schedules import (Adaptive, FixedInterval, Heterogeneous, Hierarchical, Schedule, StepPlan,
+                        TimeVarying)
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ _EXPORTS = {
     "TimeVarying": TimeVarying,
     "Heterogeneous": Heterogeneous,
     "Hierarchical": Hierarchical,
+    "Adaptive": Adaptive,
 }
 for _name, _obj in _EXPORTS.items():
     setattr(_horovod_torch, _name, _obj)

@@ -90,6 +90,9 @@ class _LocalSGDState:
                     error_feedback=error_feedback)
         self.in_flight: Optional[Averager] = None  # the averager whose round was prestarted
 
+    def exposed_seconds(self) -> float:
+        return sum(a.wait_seconds for a in self.all_averagers())
+
     def all_averagers(self) -> List[Averager]:
         return [self.averager, *self.group_averagers.values()]
 
@@ -447,13 +450,17 @@ class _LocalSGDMethods:
             for group in self.param_groups:
                 group["lr"] = plan.lr
         if plan.average_before:
+            waited = ls.exposed_seconds()
             ls.scheduled_round(update, kwargs, ls.round_weight(t), then_step=True, t=t)
             if t > ls.warmup_steps:
+                ls.schedule.observe(t, ls.divergence, ls.exposed_seconds() - waited)
                 ls.schedule.round_done()
         else:
             update(**kwargs)
         if ls.after_step(t):
+            waited = ls.exposed_seconds()
             ls.scheduled_round(update, kwargs, ls.schedule.round_weight(), then_step=False)
+            ls.schedule.observe(t, ls.divergence, ls.exposed_seconds() - waited)
             ls.schedule.round_done()
         ls.local_step = t
         ls.prestart(t + 1)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 __all__ = ["Schedule", "StepPlan", "FixedInterval", "TimeVarying", "Heterogeneous", "Hierarchical",
-           "as_schedule"]
+           "Adaptive", "as_schedule"]
 
 ValueSpec = Union[Sequence[float], Callable[[int], float]]
 
@@ -77,7 +77,11 @@ class Schedule:
         return 1.0
 
     def round_done(self) -> None:
-        """Called after every averaging round, scheduled or not."""
+        """Called after every scheduled averaging round."""
+
+    def observe(self, t: int, divergence: Optional[float], waited_seconds: float) -> None:
+        """Called after every scheduled round, before ``round_done``: the step it happened in,
+        this rank's divergence from the average and how long it waited for the round."""
 
     def describe(self) -> Dict[str, Any]:
         """What every rank must agree on (compared across ranks at construction)."""
@@ -477,6 +481,81 @@ class Hierarchical(Schedule):
 
     def __repr__(self) -> str:
         return f"Hierarchical({dict(self.levels)})"
+
+
+class Adaptive(Schedule):
+    """Algorithm 1 with an interval that adapts to measured divergence and communication.
+
+    After every round the ranks agree (one small collective) on two means: the divergence
+    ||x_i - x_avg||^2 measured at that round and the fraction of time spent waiting for it,
+    waited / (compute time since the previous round + waited). Then:
+
+    * divergence above ``max_divergence`` -> halve I (the models drift apart: the paper's
+      lemma bounds the divergence by 4 gamma^2 I^2 G^2, so it grows with I^2);
+    * otherwise, waiting above ``comm_fraction`` of the time -> double I;
+    * always ``min_interval <= I <= max_interval``.
+
+    With overlap on, a round that finished during the forward/backward pass costs no waiting,
+    so the interval only grows when communication actually shows. ``stats()["schedule"]``
+    shows the current interval.
+    """
+
+    def __init__(self, initial: int = 4, min_interval: int = 1, max_interval: int = 64,
+                 comm_fraction: float = 0.1, max_divergence: Optional[float] = None):
+        self.interval = _positive_int(initial, "Adaptive: 'initial'")
+        self.min_interval = _positive_int(min_interval, "Adaptive: 'min_interval'")
+        self.max_interval = _positive_int(max_interval, "Adaptive: 'max_interval'")
+        if not self.min_interval <= self.interval <= self.max_interval:
+            raise ValueError(f"Adaptive: need min_interval <= initial <= max_interval, got "
+                             f"{min_interval}, {initial}, {max_interval}")
+        if not 0 < comm_fraction < 1:
+            raise ValueError(f"Adaptive: 'comm_fraction' must be in (0, 1), got {comm_fraction!r}")
+        if max_divergence is not None and not max_divergence > 0:
+            raise ValueError(f"Adaptive: 'max_divergence' must be > 0, got {max_divergence!r}")
+        self.comm_fraction, self.max_divergence = comm_fraction, max_divergence
+        self.next_round = self.interval
+        self.history: List[int] = []  # the interval after each round
+        self._since = None
+
+    def will_average_before(self, t: int) -> bool:
+        return t == self.next_round
+
+    def before_step(self, t: int) -> StepPlan:
+        if self._since is None:
+            self._since = time.perf_counter()
+        return StepPlan(average_before=self.will_average_before(t))
+
+    def observe(self, t: int, divergence: Optional[float], waited_seconds: float) -> None:
+        now = time.perf_counter()
+        elapsed = now - (self._since if self._since is not None else now)
+        compute = max(elapsed - waited_seconds, 1e-9)
+        mine = (divergence or 0.0, waited_seconds / (compute + waited_seconds))
+        everyone = self._allgather(mine)
+        mean_divergence = sum(d for d, _ in everyone) / len(everyone)
+        mean_fraction = sum(f for _, f in everyone) / len(everyone)
+        if self.max_divergence is not None and mean_divergence > self.max_divergence:
+            self.interval = max(self.min_interval, self.interval // 2)
+        elif mean_fraction > self.comm_fraction:
+            self.interval = min(self.max_interval, self.interval * 2)
+        self.next_round = t + self.interval
+        self.history.append(self.interval)
+        self._since = time.perf_counter()
+
+    def describe(self) -> Dict[str, Any]:
+        return {"schedule": "Adaptive", "min": self.min_interval, "max": self.max_interval,
+                "comm_fraction": self.comm_fraction, "max_divergence": self.max_divergence}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"interval": self.interval, "next_round": self.next_round,
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            self.interval, self.next_round = int(state["interval"]), int(state["next_round"])
+            self.history = list(state.get("history", []))
+
+    def __repr__(self) -> str:
+        return f"Adaptive(interval={self.interval})"
 
 
 def as_schedule(interval: Any) -> Schedule:
