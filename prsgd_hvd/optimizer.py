@@ -69,9 +69,11 @@ class _LocalSGDState:
         # fused=False is the reference path: no compiled code anywhere in the round.
         # Tensor names are per optimizer instance (ranks construct optimizers in the same
         # order), so a rebuilt optimizer never meets an old one's round in flight.
+        self._averager_args = dict(kernels=ops if use_kernels else ops_reference,
+                                   compression=compression, error_feedback=error_feedback)
+        self._wants_overlap = overlap
         self.averager = Averager(process_set, name=f"prsgd_hvd.average{_instances}",
-                                 kernels=ops if use_kernels else ops_reference,
-                                 compression=compression, error_feedback=error_feedback)
+                                 **self._averager_args)
         self._fused_layout_key: Optional[Tuple] = None
         self._fused_segments: List[List[Tuple[Optional[int], int, int]]] = []
         self._n_gathers = 0
@@ -92,6 +94,32 @@ class _LocalSGDState:
 
     def exposed_seconds(self) -> float:
         return sum(a.wait_seconds for a in self.all_averagers())
+
+    def rebind(self) -> None:
+        """After an elastic reset (Horovod re-initialised with another set of workers): take
+        the new rank and size, fresh averagers, and re-bind the schedule, which re-derives
+        what depends on N or says why it cannot (prsgd_hvd.elastic)."""
+        hvd = _hvd()
+        if self.group_averagers:
+            raise ValueError("DistributedLocalSGD: Hierarchical averaging cannot follow an "
+                             "elastic resize (its groups are fixed process sets)")
+        self.process_set = hvd.global_process_set
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.overlap = self._wants_overlap and self.size > 1
+        self.in_flight, self.prestarted_for = None, None  # died with the old Horovod
+        self.averager = Averager(self.process_set, name=self.averager.name + "r",
+                                 **self._averager_args)
+        self.schedule.bind(self.rank, self.size, self.allgather)
+
+    def local_state(self) -> Dict[str, Any]:
+        return {"local_step": self.local_step, "rounds": self.rounds,
+                "warmup_steps": self.warmup_steps, "world_size": self.size,
+                "schedule": self.schedule.state_dict()}
+
+    def load_local_state(self, local: Dict[str, Any]) -> None:
+        self.local_step = int(local["local_step"])
+        self.rounds = int(local["rounds"])
+        self.schedule.load_state_dict(local.get("schedule", {}))
 
     def all_averagers(self) -> List[Averager]:
         return [self.averager, *self.group_averagers.values()]
@@ -530,14 +558,7 @@ class _LocalSGDMethods:
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super(self.__class__, self).state_dict()
-        ls: _LocalSGDState = self._local_sgd
-        sd["local_sgd"] = {
-            "local_step": ls.local_step,
-            "rounds": ls.rounds,
-            "warmup_steps": ls.warmup_steps,
-            "world_size": ls.size,
-            "schedule": ls.schedule.state_dict(),
-        }
+        sd["local_sgd"] = self._local_sgd.local_state()
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -548,10 +569,7 @@ class _LocalSGDMethods:
         self._local_sgd.discard_in_flight()
         super(self.__class__, self).load_state_dict(state_dict)
         if local is not None:
-            ls: _LocalSGDState = self._local_sgd
-            ls.local_step = int(local["local_step"])
-            ls.rounds = int(local["rounds"])
-            ls.schedule.load_state_dict(local.get("schedule", {}))
+            self._local_sgd.load_local_state(local)
 
 
 def _skip_update(**kwargs) -> None:

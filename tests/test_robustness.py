@@ -54,6 +54,15 @@ def test_average_state_averages_the_state_every_rank_has(faults):
         torch.testing.assert_close(s["fc1_momentum"], states[0]["fc1_momentum"], rtol=1e-6, atol=1e-7)
 
 
+def test_elastic_state_syncs_restores_and_rebinds(faults):
+    el = [f["elastic"] for f in faults]
+    for e in el:
+        assert e["synced_step"] == 1 and e["synced_epoch"] == 0, "rank 0's schedule and state"
+        torch.testing.assert_close(e["synced_params"], el[0]["synced_params"])  # common model
+        assert e["restored_step"] == 1 and e["restored_equal"]
+        assert e["rounds_after_reset"] == 1  # step 2 of the re-bound optimizer averaged
+
+
 def test_a_crashing_rank_ends_the_job_quickly_with_its_error():
     start = time.monotonic()
     rc, output, _ = launch("robustness_worker.py", 2, ["--case", "crash"], timeout=120)

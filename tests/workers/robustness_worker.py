@@ -71,6 +71,43 @@ def shared_state(rank):
             "rounds": opt.rounds}
 
 
+def elastic_state(rank):
+    """LocalSGDState: sync brings rank 0's model and schedule to every rank; restore goes
+    back to the last commit; reset re-binds the optimizer and training goes on."""
+    from prsgd_hvd.elastic import LocalSGDState
+    # Horovod's broadcast_optimizer_state needs the same state structure on every rank, so no
+    # rank-dependent branch here (common.Net has one).
+    torch.manual_seed(12)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                  interval=100)
+
+    def train_step(t):
+        opt.zero_grad()
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * rank + t))
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    for t in range(1, rank + 2):  # rank r takes r + 1 local steps: counters differ
+        train_step(t)
+    state = LocalSGDState(model, opt, epoch=rank)
+    state.sync()
+    out = {"synced_step": opt.local_step, "synced_epoch": state.epoch,
+           "synced_params": flat_params(model)}
+    state.commit()
+    for t in range(2):
+        train_step(50 + t)
+    state.restore()
+    out["restored_step"] = opt.local_step
+    out["restored_equal"] = torch.equal(flat_params(model), out["synced_params"])
+    state.reset()  # what hvd.elastic does after re-initialising Horovod
+    opt._local_sgd.schedule.interval = 2  # keep going: rounds must still work
+    for t in range(2):
+        train_step(60 + t)
+    out["rounds_after_reset"] = opt.rounds
+    return out
+
+
 def crash(rank):
     model = make_model(9)
     opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05), interval=2)
@@ -94,7 +131,8 @@ def main():
         crash(rank)
         return
     out = {"amp": amp(rank), "raise": nonfinite(rank, "raise"),
-           "exclude": nonfinite(rank, "exclude"), "state": shared_state(rank)}
+           "exclude": nonfinite(rank, "exclude"), "state": shared_state(rank),
+           "elastic": elastic_state(rank)}
     torch.save(out, f"{args.out}/rank{rank}.pt")
 
 
