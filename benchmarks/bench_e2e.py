@@ -67,7 +67,7 @@ class TorchStyleAverager:
             offset += p.numel()
 
 
-def run_variant(model_name, variant, steps, warmup, init_state):
+def run_variant(model_name, variant, steps, warmup, init_state, local_kwargs):
     build, batch = MODELS[model_name]
     model = build()
     model.load_state_dict(init_state)
@@ -79,7 +79,7 @@ def run_variant(model_name, variant, steps, warmup, init_state):
     if kind == "distopt":
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
     elif kind == "local_sgd":
-        opt = hvd.DistributedLocalSGD(opt, interval=interval,
+        opt = hvd.DistributedLocalSGD(opt, interval=interval, **local_kwargs,
                                       named_parameters=model.named_parameters())
     else:
         averager = TorchStyleAverager(model.parameters(), interval)
@@ -108,6 +108,8 @@ def run_variant(model_name, variant, steps, warmup, init_state):
         sent = averager.bytes_sent - bytes0
     else:
         sent = steps * sum(p.numel() * p.element_size() for p in model.parameters())
+    if kind == "local_sgd":
+        opt.finalize()   # outside the timing; completes the round overlap may have started
     return seconds, sent
 
 
@@ -120,6 +122,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--intervals", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
+    ap.add_argument("--nonfinite", default=None, choices=["raise", "exclude", "ignore"],
+                    help="passed to DistributedLocalSGD (default: the package's default)")
     args = ap.parse_args()
 
     hvd.init()
@@ -130,6 +134,7 @@ def main():
     names = {("distopt", None): "hvd.DistributedOptimizer"}
     names.update({("local_sgd", i): f"DistributedLocalSGD(I={i})" for i in args.intervals})
     names.update({("torch_style", i): f"torch-style averaging(I={i})" for i in args.intervals})
+    local_kwargs = {} if args.nonfinite is None else {"nonfinite": args.nonfinite}
     steps_for = dict(zip(args.models, args.steps + [args.steps[-1]] * len(args.models)))
 
     for model_name in args.models:
@@ -141,7 +146,8 @@ def main():
         totals = {v: [0.0, 0] for v in variants}
         for rep in range(args.repeats):
             for v in variants:       # interleaved, so drifting machine load hits every variant
-                seconds, sent = run_variant(model_name, v, steps, args.warmup, init_state)
+                seconds, sent = run_variant(model_name, v, steps, args.warmup, init_state,
+                                            local_kwargs)
                 totals[v][0] += seconds
                 totals[v][1] += sent
         if hvd.rank() == 0:
@@ -149,7 +155,8 @@ def main():
             base_rate = args.repeats * steps / base[0]
             base_bytes = base[1] / (args.repeats * steps)
             print(f"\n{hvd.size()} ranks, {model_name} ({n_params:,} params), {steps} steps x "
-                  f"{args.repeats} repeats per variant, {args.threads} thread(s) per rank")
+                  f"{args.repeats} repeats per variant, {args.threads} thread(s) per rank"
+                  + (f", DistributedLocalSGD(nonfinite={args.nonfinite!r})" if local_kwargs else ""))
             print(f"{'variant':<30} {'steps/s':>8} {'vs DistOpt':>10} {'MiB/step':>9} "
                   f"{'vs DistOpt':>10}")
             for v in variants:
