@@ -7,7 +7,12 @@
 from horovod.torch import *  # noqa: F401,F403  (the drop-in promise: every horovod.torch name)
 import horovod.torch as _horovod_torch
 
+import importlib as _importlib
+
 from . import ops  # noqa: F401
+# `hvd.elastic` is horovod.torch.elastic's API plus LocalSGDState. The star import above bound
+# the name to Horovod's module, so `from . import elastic` would return that: import ours.
+elastic = _importlib.import_module(".elastic", __name__)
 from .compression import Compression  # horovod's Compression plus bf16 (shadows horovod's name)
 from .optimizer import DistributedLocalSGD
 from .schedules import (Adaptive, FixedInterval, Heterogeneous, Hierarchical, Schedule, StepPlan,

@@ -17,6 +17,8 @@ optimizer, whose ``state_dict()`` carries the local-SGD counters and schedule po
   that joins follows the same averaging schedule (Horovod's optimizer sync sends only the
   state tensors); the model itself is broadcast from rank 0, so after a reset every worker
   restarts from a common model;
+* ``sync()`` also runs the cross-rank agreement check, which the optimizer's constructor
+  skips under the elastic launcher (a joining worker constructs while the others sync);
 * on reset the optimizer re-binds to the new world: new rank and size, new averagers, and the
   schedule re-derives what depends on N (``TimeVarying.paper``'s N, ``Heterogeneous.by_speed``
   recalibrates). ``Heterogeneous`` with explicit per-rank counts and ``Hierarchical`` cannot
@@ -24,9 +26,12 @@ optimizer, whose ``state_dict()`` carries the local-SGD counters and schedule po
 """
 from __future__ import annotations
 
-from horovod.torch.elastic import TorchState
+# `import prsgd_hvd as hvd` makes this module `hvd.elastic`, where horovod.torch.elastic used
+# to be: keep every name of it (run, TorchState, ...) so `@hvd.elastic.run` still works.
+from horovod.torch.elastic import *  # noqa: F401,F403
+from horovod.torch.elastic import TorchState, run  # noqa: F401
 
-__all__ = ["LocalSGDState"]
+__all__ = ["LocalSGDState", "TorchState", "run"]
 
 
 class LocalSGDState(TorchState):
@@ -45,6 +50,9 @@ class LocalSGDState(TorchState):
         ls = self.optimizer._local_sgd
         ls.load_local_state(hvd.broadcast_object(ls.local_state(), root_rank=0,
                                                  name="prsgd_hvd.elastic.local_state"))
+        # Every worker, old and new, is here together: the place for the agreement check
+        # that DistributedLocalSGD(...) skips under the elastic launcher.
+        ls.check_ranks_agree()
 
     def reset(self):
         super().reset()

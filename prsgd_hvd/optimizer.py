@@ -17,6 +17,7 @@ must not run there -- it would advance the local-SGD counters and could start an
 from __future__ import annotations
 
 import contextlib
+import os
 import zlib
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -76,7 +77,6 @@ class _LocalSGDState:
                                  **self._averager_args)
         self._fused_layout_key: Optional[Tuple] = None
         self._fused_segments: List[List[Tuple[Optional[int], int, int]]] = []
-        self._n_gathers = 0
         schedule.bind(self.rank, self.size, self.allgather)
         # Averagers over groups of ranks, for schedules that average within groups too
         # (Hierarchical); the whole process set uses self.averager.
@@ -107,7 +107,7 @@ class _LocalSGDState:
         self.rank, self.size = hvd.rank(), hvd.size()
         self.overlap = self._wants_overlap and self.size > 1
         self.in_flight, self.prestarted_for = None, None  # died with the old Horovod
-        self.averager = Averager(self.process_set, name=self.averager.name + "r",
+        self.averager = Averager(self.process_set, name=self.averager.name,
                                  **self._averager_args)
         self.schedule.bind(self.rank, self.size, self.allgather)
 
@@ -124,10 +124,12 @@ class _LocalSGDState:
     def all_averagers(self) -> List[Averager]:
         return [self.averager, *self.group_averagers.values()]
 
-    def allgather(self, obj: Any) -> List[Any]:
-        """Collective over the process set (used by schedules that agree on measured values)."""
-        self._n_gathers += 1
-        return allgather_object(obj, self.process_set, f"prsgd_hvd.gather{self._n_gathers}")
+    def allgather(self, obj: Any, purpose: str = "schedule") -> List[Any]:
+        """Collective over the process set (schedules use it to agree on measured values).
+
+        The collective's name depends only on what it is for, never on how many were made
+        before on this rank: a worker that joins an elastic job late must meet the others."""
+        return allgather_object(obj, self.process_set, f"{self.averager.name}.{purpose}")
 
     # ---- what gets averaged ------------------------------------------------------------------
     def params(self) -> List[torch.Tensor]:
@@ -173,7 +175,7 @@ class _LocalSGDState:
                                     name="prsgd_hvd.state_layout", process_set=self.process_set)
             if sums.tolist() != [self.size * h, self.size * h * h]:  # someone lists others
                 common = set(local)
-                for other in self.allgather(local):
+                for other in self.allgather(local, "state_layout"):
                     common &= set(other)
                 local = [entry for entry in local if entry in common]
         return [self.opt.state[params[i]][key] for i, key in local]
@@ -195,7 +197,7 @@ class _LocalSGDState:
             "parameters": [(self.names.get(id(p), f"#{i}"), tuple(p.shape), str(p.dtype),
                             p.device.type) for i, p in enumerate(params)],
         }
-        everyone = self.allgather(mine)
+        everyone = self.allgather(mine, "agree")
         problems = []
         for key in mine:
             values = [e[key] for e in everyone]
@@ -349,9 +351,11 @@ class _LocalSGDState:
         # here together and can afford one more collective to find the culprits: their own
         # tensors still hold their local values (nothing was written back yet).
         mine = not all(bool(torch.isfinite(t).all()) for t in self.tensors())
-        bad = [r for r, flag in enumerate(self.allgather(mine)) if flag]
+        bad = [r for r, flag in enumerate(self.allgather(mine, "nonfinite")) if flag]
         where = (f"averaging round {self.rounds + 1} (after {self.local_step} local steps on "
                  f"rank {self.rank})")
+        if not bad and self.averager.codec is None:
+            return rnd, False  # the sum overflowed fp32 but every model is finite: go on
         if not bad and self.averager.codec is not None:
             raise FloatingPointError(
                 f"DistributedLocalSGD: the 16-bit compressed sum overflowed at {where}: the "
@@ -685,7 +689,11 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
     state = _LocalSGDState(optimizer, schedule, warmup_steps, process_set, fuse_step,
                            use_kernels, model, average_state, names, overlap, nonfinite,
                            compression, bool(error_feedback))
-    state.check_ranks_agree()  # before the class swap: a mismatch leaves the optimizer as it was
+    # Before the class swap: a mismatch leaves the optimizer as it was. Under Horovod's elastic
+    # launcher a worker that joins builds its optimizer while the others are already in
+    # state.sync(), so there the check runs in LocalSGDState.sync() instead (prsgd_hvd.elastic).
+    if os.environ.get("HOROVOD_ELASTIC") != "1":
+        state.check_ranks_agree()
     optimizer.__class__ = cls
     optimizer._local_sgd = state
     return optimizer

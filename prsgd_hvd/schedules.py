@@ -275,12 +275,14 @@ class Heterogeneous(_Epochs):
 
     Args:
         intervals: one int >= 1 per rank of the process set.
-        weights: ``"uniform"`` (the paper's rule: the plain mean) or ``"steps"`` (each rank's
-            model weighted by the local steps it took in the epoch). Plain averaging of ranks
-            that took different numbers of steps over-weights the slow ranks' objectives when
-            the data are not IID (the objective inconsistency FedNova describes); "steps" makes
-            each local step count once. ``finalize()``/``average_now()`` always take the plain
-            mean, so every rank ends with the same model.
+        weights: ``"uniform"`` (the paper's rule: the plain mean, the default) or ``"steps"``
+            (each rank's model weighted by the local steps it took in the epoch).
+            ``finalize()``/``average_now()`` always take the plain mean, so every rank ends
+            with the same model. Choose "uniform" unless you have measured otherwise: as
+            FedNova shows, with non-IID data ranks that take more local steps already pull
+            the average toward their own objective, and "steps" weighting pulls further that
+            way; on label-skewed shards it did clearly worse in docs/REPRODUCTION.md. It
+            suits IID data where a rank's extra steps are simply extra progress.
 
     Use :meth:`by_speed` or :meth:`every_seconds` to pick the counts from measured speed.
     """

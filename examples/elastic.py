@@ -1,0 +1,65 @@
+"""Elastic local SGD: workers may leave and join; training resumes from the last commit.
+
+    horovodrun -np 2 --min-np 1 --max-np 3 \
+        --host-discovery-script examples/discover_hosts.sh python examples/elastic.py
+
+`discover_hosts.sh` prints the hosts and slots available now (here: localhost, with the slot
+count read from $PRSGD_SLOTS_FILE if set, so a test can grow and shrink the job). When a
+worker fails or the host list changes, Horovod re-initialises, LocalSGDState restores the
+last commit (model, optimizer state, local-SGD counters and schedule position) and brings
+every worker -- new ones too -- to rank 0's model and schedule.
+"""
+import argparse
+import os
+import time
+
+import torch
+from torch import nn
+
+import prsgd_hvd as hvd
+
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--interval", type=int, default=4)
+    ap.add_argument("--step-ms", type=float, default=20.0, help="extra time per step (to watch)")
+    ap.add_argument("--record", default=None, help="append 'size step rounds' lines here (rank 0)")
+    args = ap.parse_args()
+
+    hvd.init()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                  interval=args.interval)
+    state = hvd.elastic.LocalSGDState(model, opt, step=0)
+
+    @hvd.elastic.run
+    def train(state):
+        last_rounds = opt.rounds
+        while state.step < args.steps:
+            g = torch.Generator().manual_seed(1000 * hvd.rank() + state.step)
+            x = torch.randn(32, 16, generator=g)
+            y = x[:, :1].sin()
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            time.sleep(args.step_ms / 1000)
+            state.step += 1
+            if opt.rounds > last_rounds:  # commit right after a round: models are close
+                last_rounds = opt.rounds
+                state.commit()
+                if hvd.rank() == 0 and args.record:
+                    with open(args.record, "a") as f:
+                        f.write(f"{hvd.size()} {state.step} {opt.rounds}\n")
+
+    train(state)
+    opt.finalize()
+    if hvd.rank() == 0:
+        print(f"done: {state.step} steps, {opt.rounds} rounds, final size {hvd.size()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
