@@ -109,3 +109,19 @@ def test_heterogeneous_errors():
         Heterogeneous.every_seconds(0)
     with pytest.raises(ValueError, match="base_interval"):
         Heterogeneous.by_speed(0)
+
+
+def test_checkpoints_across_world_sizes_re_derive_what_depends_on_n():
+    # by_speed: calibrated counts are kept on the same world size, recalibrated on another.
+    a = bound(Heterogeneous.by_speed(2), size=2)
+    a.intervals = [4, 2]
+    same, other = bound(Heterogeneous.by_speed(2), size=2), bound(Heterogeneous.by_speed(2), size=3)
+    same.load_state_dict(a.state_dict())
+    other.load_state_dict(a.state_dict())
+    assert same.intervals == [4, 2] and other.intervals == [] and other._calibrating()
+    # TimeVarying.paper takes N from the world it is bound to.
+    two, four = bound(TimeVarying.paper(lr0=0.1, k0=8.0), size=2), bound(TimeVarying.paper(lr0=0.1, k0=8.0), size=4)
+    assert (two.epoch_lengths(8), four.epoch_lengths(8)) == (8, 4)
+    # Explicit per-rank counts cannot follow a resize, and say so.
+    with pytest.raises(ValueError, match="2 entries but the process set has 3 ranks"):
+        bound(Heterogeneous([1, 2]), size=3)
