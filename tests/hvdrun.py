@@ -32,28 +32,41 @@ class HorovodRunError(AssertionError):
         self.returncode = returncode
 
 
-def launch(script: str, np: int, args: Sequence[str] = (), timeout: float = 240,
-           env: Optional[dict] = None, extra_horovodrun_args: Sequence[str] = ()):
-    """Run ``script`` on ``np`` ranks; returns (returncode, combined output, out_dir)."""
-    out_dir = tempfile.mkdtemp(prefix="prsgd_hvd_test_")
-    cmd = [horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}", "--gloo",
-           *extra_horovodrun_args, sys.executable, str(WORKERS / script), "--out", out_dir, *args]
+def run_command(cmd: Sequence[str], timeout: float, env: Optional[dict] = None,
+                cwd: Optional[str] = None, what: str = "job"):
+    """Run ``cmd`` (a horovodrun command line) with the test environment; returns
+    (returncode, combined output). On timeout the whole process group is killed."""
     full_env = dict(os.environ)
     # 2 cores, several ranks: one intra-op thread each, or they fight over the cores.
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO), str(WORKERS)] + [p for p in [full_env.get("PYTHONPATH")] if p])
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=str(REPO), env=full_env, start_new_session=True)
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=cwd or str(REPO), env=full_env, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        raise HorovodRunError(f"{script} on {np} ranks did not finish in {timeout} s:\n"
-                              f"{output[-6000:]}", output, None)
-    return proc.returncode, output, out_dir
+        raise HorovodRunError(f"{what} did not finish in {timeout} s:\n{output[-6000:]}",
+                              output, None)
+    return proc.returncode, output
+
+
+def horovodrun_command(np: int, script: Path, args: Sequence[str] = (),
+                       extra_horovodrun_args: Sequence[str] = ()):
+    return [horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}", "--gloo",
+            *extra_horovodrun_args, sys.executable, str(script), *args]
+
+
+def launch(script: str, np: int, args: Sequence[str] = (), timeout: float = 240,
+           env: Optional[dict] = None, extra_horovodrun_args: Sequence[str] = ()):
+    """Run tests/workers/``script`` on ``np`` ranks; returns (returncode, output, out_dir)."""
+    out_dir = tempfile.mkdtemp(prefix="prsgd_hvd_test_")
+    cmd = horovodrun_command(np, WORKERS / script, ["--out", out_dir, *args], extra_horovodrun_args)
+    rc, output = run_command(cmd, timeout, env, what=f"{script} on {np} ranks")
+    return rc, output, out_dir
 
 
 def run_workers(script: str, np: int, args: Sequence[str] = (), timeout: float = 240,
