@@ -35,7 +35,6 @@ class StepPlan:
 
     average_before: bool = False  # x_i <- avg(x^{t-1}) before the update (Algorithm 1)
     lr: Optional[float] = None    # set on every param group before the update, when not None
-    group_size: Optional[int] = None  # average within groups of this many ranks (None: all)
 
 
 NO_ACTION = StepPlan()
@@ -469,7 +468,7 @@ class Hierarchical(Schedule):
     def before_step(self, t: int) -> StepPlan:
         if self._level(t) is None:
             return NO_ACTION
-        return StepPlan(average_before=True, group_size=self.before_step_group(t))
+        return StepPlan(average_before=True)
 
     def before_step_group(self, t: int) -> Optional[int]:
         group = self._level(t)
