@@ -88,8 +88,7 @@ class _LocalSGDState:
             for g in schedule.group_sizes():
                 self.group_averagers[g] = Averager(
                     group_process_set(members, g, my_rank), name=f"{self.averager.name}.g{g}",
-                    kernels=self.averager.kernels, compression=compression,
-                    error_feedback=error_feedback)
+                    **self._averager_args)
         self.in_flight: Optional[Averager] = None  # the averager whose round was prestarted
 
     def exposed_seconds(self) -> float:
