@@ -350,21 +350,23 @@ class _LocalSGDState:
         # here together and can afford one more collective to find the culprits: their own
         # tensors still hold their local values (nothing was written back yet).
         mine = not all(bool(torch.isfinite(t).all()) for t in self.tensors())
-        bad = [r for r, flag in enumerate(self.allgather(mine, "nonfinite")) if flag]
+        flags = allgather_object(mine, averager.process_set, f"{averager.name}.nonfinite")
+        members = averager.process_set.ranks or list(range(len(flags)))  # global ranks
+        bad = [members[r] for r, flag in enumerate(flags) if flag]
         where = (f"averaging round {self.rounds + 1} (after {self.local_step} local steps on "
                  f"rank {self.rank})")
-        if not bad and self.averager.codec is None:
-            return rnd, False  # the sum overflowed fp32 but every model is finite: go on
-        if not bad and self.averager.codec is not None:
+        if not bad:
+            if averager.codec is None:
+                return rnd, False  # the sum overflowed fp32 but every model is finite: go on
             raise FloatingPointError(
                 f"DistributedLocalSGD: the 16-bit compressed sum overflowed at {where}: the "
-                f"models moved further from the last average than "
-                f"{self.averager.codec.kind} can hold. Average more often, or use "
-                f"compression=hvd.Compression.bf16 (wider range) or no compression.")
-        if self.nonfinite == "raise" or len(bad) == self.size or not bad:
+                f"models moved further from the last average than {averager.codec.kind} can "
+                f"hold. Average more often, or use compression=hvd.Compression.bf16 (wider "
+                f"range) or no compression.")
+        if self.nonfinite == "raise" or len(bad) == averager.size:
             raise FloatingPointError(
                 f"DistributedLocalSGD: non-finite values (inf/NaN) in the model of rank(s) "
-                f"{bad or 'unknown'} at {where}; averaging them would poison every rank. Lower "
+                f"{bad} at {where}; averaging them would poison every rank. Lower "
                 f"the learning rate, clip gradients, use a GradScaler, or pass "
                 f"nonfinite='exclude' to leave such ranks out of the average.")
         self.excluded.append({"round": self.rounds + 1, "ranks": bad})
