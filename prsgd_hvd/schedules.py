@@ -434,7 +434,9 @@ class Hierarchical(Schedule):
     them (as PyTorch requires), so every model eventually meets every other. Rounds happen
     before the update (Algorithm 1). Groups are Horovod process sets: start the job with
     ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` (they are then created when the optimizer is built),
-    or pass the same groups to ``hvd.init(process_sets=[...])``.
+    or pass the same groups to ``hvd.init(process_sets=[...])``. All ranks must run the same
+    number of steps: ``finalize()``'s join protocol covers rounds of the whole set only, so a
+    rank that stops early would leave its group's next round waiting.
     """
 
     def __init__(self, period_group_size: Dict[int, int]):
