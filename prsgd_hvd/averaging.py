@@ -74,11 +74,17 @@ class Round:
     def scale(self) -> float:
         return 1.0 if self.prescaled else 1.0 / self.weight_sum
 
+    _finite: Optional[bool] = field(default=None, repr=False)
+
     def is_finite(self) -> bool:
         # NaN and inf survive a sum, so one reduction per bucket finds them without the
         # temporary of isfinite(); a sum that overflows only raises a false alarm, which the
-        # caller's per-rank check clears.
-        return all(math.isfinite(float(b.payload.sum())) for b in self.buckets if b.tensors)
+        # caller's per-rank check clears. Computed once per round (the compression codec and
+        # the optimizer both ask).
+        if self._finite is None:
+            self._finite = all(math.isfinite(float(b.payload.sum()))
+                               for b in self.buckets if b.tensors)
+        return self._finite
 
 
 def flat_dtype_for(dtype: torch.dtype) -> torch.dtype:
