@@ -644,10 +644,11 @@ def test_graph_capture_replays_and_survives_cache_eviction(gen):
 @needs_cuda
 def test_graph_capture_refuses_a_table_not_uploaded(gen):
     fresh = [rand((37,), torch.float32, "cuda", gen), rand((5,), torch.float32, "cuda", gen)]
+    out = torch.empty(42, device="cuda")  # nothing is allocated or enqueued inside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="not on the device yet. Run the same call once"):
         with torch.cuda.graph(g):
-            ops.flatten(fresh)
+            ops.flatten(fresh, out)
     torch.cuda.synchronize()
     assert torch.equal(ops.flatten(fresh), ref.flatten(fresh))  # and nothing is left broken
