@@ -64,8 +64,6 @@ def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
         n = t.numel()
         out[offsets[i]:offsets[i] + n].copy_(t.reshape(-1))
         out[offsets[i] + n:offsets[i + 1]].zero_()
-    if not tensors:
-        out.zero_()
     return out
 
 
