@@ -5,7 +5,7 @@ NP      ?= 2
 HVDRUN  := PATH=$(CURDIR)/$(VENV)/bin:$$PATH horovodrun -np $(NP) -H localhost:$(NP) --gloo
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo check-cuda check-cmake bench bench-e2e reproduce clean
+.PHONY: setup test demo check-cuda check-cmake bench bench-e2e reproduce clean gpu-check gpu-check-prepare
 
 setup:
 	bash scripts/setup_env.sh
@@ -19,6 +19,15 @@ demo: setup
 # The CUDA kernels compile with nvcc here even where nothing CUDA can run.
 check-cuda:
 	bash scripts/check_cuda_compile.sh
+
+# On a GPU machine, offline: Horovod from .gpu_carry/, the extension for the local GPU, the CUDA
+# tests, compute-sanitizer, bench_kernels --device cuda, a horovodrun job; one summary.
+# Run gpu-check-prepare first where there is network, and carry .gpu_carry/ along.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+gpu-check-prepare:
+	bash scripts/gpu_check.sh --prepare
 
 # The same extension built through CMake + find_package(Torch).
 check-cmake: setup

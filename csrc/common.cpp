@@ -4,15 +4,20 @@
 
 namespace prsgd {
 
-std::vector<int64_t> segment_offsets(at::TensorList tensors) {
-  std::vector<int64_t> offsets(tensors.size() + 1);
-  int64_t total = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    offsets[i] = total;
-    total += tensors[i].numel();
-  }
-  offsets[tensors.size()] = total;
-  return offsets;
+std::vector<int64_t> segment_offsets(const char* op, at::TensorList tensors,
+                                     c10::ScalarType flat_dtype, int64_t align) {
+  TORCH_CHECK_VALUE(valid_align(align), op, ": 'align' must be a power of two between 1 and ",
+                    kMaxAlignBytes, " (bytes), got ", align);
+  return prsgd::segment_offsets(
+      tensors.size(), [&](size_t i) { return tensors[i].numel(); },
+      align_elements(align, static_cast<int64_t>(c10::elementSize(flat_dtype))));
+}
+
+c10::ScalarType flatten_dtype(at::TensorList tensors, const c10::optional<at::Tensor>& out) {
+  if (out.has_value()) return out->scalar_type();
+  TORCH_CHECK_VALUE(!tensors.empty(),
+                    "flatten: 'tensors' is empty and no 'out' was given to take a dtype from");
+  return tensors[0].scalar_type();
 }
 
 static bool is_float_type(c10::ScalarType t) {
@@ -45,7 +50,7 @@ at::Tensor flatten_prepare_out(at::TensorList tensors, const c10::optional<at::T
   }
   TORCH_CHECK_VALUE(result.dim() == 1 && result.numel() == total,
                     "flatten: 'out' must be 1-D with ", total,
-                    " elements (the tensors' total), got shape ", result.sizes());
+                    " elements (the tensors' total in this layout), got shape ", result.sizes());
   TORCH_CHECK_VALUE(result.is_contiguous(), "flatten: 'out' must be contiguous");
   TORCH_CHECK_TYPE(is_float_type(result.scalar_type()),
                    "flatten: 'out' must be float32, float16, bfloat16 or float64, got ",
@@ -61,8 +66,8 @@ at::Tensor flatten_prepare_out(at::TensorList tensors, const c10::optional<at::T
 }
 
 std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat,
-                                     at::TensorList params) {
-  auto offsets = segment_offsets(params);
+                                     at::TensorList params, int64_t align) {
+  auto offsets = segment_offsets(op, params, flat.scalar_type(), align);
   const int64_t total = offsets.back();
   TORCH_CHECK_VALUE(flat.dim() == 1 && flat.numel() == total, op,
                     ": 'flat' must be 1-D with ", total,

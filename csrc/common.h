@@ -1,8 +1,8 @@
 // Argument checking and segment layout shared by the CPU and CUDA implementations.
 //
-// NOTE: [Segment layout] flatten() packs tensors back to back in list order; segment i of
-// `flat` starts at the sum of the numels before it. Every op derives its offsets from the
-// tensor list with segment_offsets(), so the layout has exactly one definition.
+// The layout itself (NOTE: [Segment layout], packed by default, each segment 16-byte aligned
+// with align=16) is defined once, torch-free, in segment_table.h; every op derives its offsets
+// from the tensor list with segment_offsets() below.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,13 +11,19 @@
 
 #include <vector>
 
+#include "segment_table.h"
 #include "sgd_options.h"
 
 namespace prsgd {
 
 
-// offsets[i] = start of tensor i in flat; offsets[n] = total numel.
-std::vector<int64_t> segment_offsets(at::TensorList tensors);
+// offsets[i] = start of tensor i in a flat buffer of `flat_dtype`; offsets[n] = its total numel.
+// `align`: the ops' argument (bytes; checked here, `op` names the op in the error).
+std::vector<int64_t> segment_offsets(const char* op, at::TensorList tensors,
+                                     c10::ScalarType flat_dtype, int64_t align);
+
+// The dtype of flatten()'s result: out's, or tensors[0]'s (an error when neither exists).
+c10::ScalarType flatten_dtype(at::TensorList tensors, const c10::optional<at::Tensor>& out);
 
 // (flat dtype, param dtype) pairs the unflatten kernels are compiled for: same dtype (fp32,
 // fp16, bf16, fp64), or an fp32 flat buffer with fp16/bf16 params.
@@ -31,7 +37,8 @@ at::Tensor flatten_prepare_out(at::TensorList tensors, const c10::optional<at::T
                                int64_t total);
 
 // Checks shared by both unflatten ops; returns the segment offsets.
-std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat, at::TensorList params);
+std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat, at::TensorList params,
+                                     int64_t align);
 
 // NOTE: [Divergence] Both unflatten ops take an optional `divergence`, a 1-element float64
 // tensor on flat's device, and add to it sum over all elements of all params of

@@ -8,6 +8,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 namespace prsgd {
@@ -40,14 +41,18 @@ void run_average_sgd(const std::vector<cpu::SgdSegment>& segs, c10::ScalarType f
   cpu::default_cpu::average_sgd(segs, flat_type, o, divergence);
 }
 
-at::Tensor flatten_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& out) {
-  const auto offsets = segment_offsets(tensors);
+at::Tensor flatten_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& out,
+                       int64_t align) {
+  const auto offsets = segment_offsets("flatten", tensors, flatten_dtype(tensors, out), align);
   at::Tensor result = flatten_prepare_out(tensors, out, offsets.back());
   char* dst_base = static_cast<char*>(result.data_ptr());
   const int64_t dst_size = result.element_size();
   std::vector<cpu::CastSegment> segs;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
+    // Padding after the segment (NOTE: [Segment layout]): zeros, a few bytes at most.
+    const int64_t end = offsets[i] + t.numel();
+    std::memset(dst_base + end * dst_size, 0, (offsets[i + 1] - end) * dst_size);
     if (t.numel() == 0) continue;
     if (t.is_contiguous() && is_kernel_cast(t.scalar_type(), result.scalar_type())) {
       segs.push_back({t.const_data_ptr(), dst_base + offsets[i] * dst_size, t.numel(),
@@ -61,8 +66,8 @@ at::Tensor flatten_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& 
 }
 
 void unflatten_average_cpu(const at::Tensor& flat, at::TensorList params, double scale,
-                           const c10::optional<at::Tensor>& divergence) {
-  const auto offsets = check_unflatten("unflatten_average_", flat, params);
+                           const c10::optional<at::Tensor>& divergence, int64_t align) {
+  const auto offsets = check_unflatten("unflatten_average_", flat, params, align);
   double* div = check_divergence("unflatten_average_", flat, divergence);
   const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
   const int64_t flat_size = flat.element_size();
@@ -83,8 +88,8 @@ void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,
                                const c10::List<bool>& first_step, double scale, double lr,
                                double momentum, double dampening, double weight_decay,
                                bool nesterov, bool maximize,
-                               const c10::optional<at::Tensor>& divergence) {
-  const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params);
+                               const c10::optional<at::Tensor>& divergence, int64_t align) {
+  const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params, align);
   check_sgd(flat, params, grads, momentum_buffers, first_step, momentum);
   double* div = check_divergence("unflatten_average_sgd_", flat, divergence);
   const char* flat_base = static_cast<const char*>(flat.const_data_ptr());

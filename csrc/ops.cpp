@@ -24,20 +24,22 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(prsgd_hvd, m) {
-  // Packs `tensors` (any shapes/strides) back to back into `out` (cast to out's dtype), or into
-  // a new tensor of tensors[0]'s dtype. Returns the packed buffer.
-  m.def("flatten(Tensor[] tensors, Tensor(a!)? out=None) -> Tensor");
+  // Packs `tensors` (any shapes/strides) into `out` (cast to out's dtype), or into a new tensor
+  // of tensors[0]'s dtype. Returns the packed buffer. `align` (bytes, every op's last argument,
+  // defaulting to the packed layout so older calls keep working): each segment starts at a
+  // multiple of it and the gaps are zeros (NOTE: [Segment layout] in segment_table.h).
+  m.def("flatten(Tensor[] tensors, Tensor(a!)? out=None, int align=1) -> Tensor");
   // params[i] = flat[segment_i] * scale. With `divergence` (1-element float64), also
   // divergence += sum (old params[i] - flat[segment_i] * scale)^2 (NOTE: [Divergence] in
   // common.h). It is last and defaults to None, so calls written before it still work.
   m.def(
       "unflatten_average_(Tensor flat, Tensor(a!)[] params, float scale, "
-      "Tensor(b!)? divergence=None) -> ()");
+      "Tensor(b!)? divergence=None, int align=1) -> ()");
   // params[i] = SGD step applied to flat[segment_i] * scale; momentum buffers updated;
   // `divergence` as above, measured to the average before the step.
   m.def(
       "unflatten_average_sgd_(Tensor flat, Tensor(a!)[] params, Tensor?[] grads, "
       "Tensor(b!)?[] momentum_buffers, bool[] first_step, float scale, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor(c!)? divergence=None) -> ()");
+      "Tensor(c!)? divergence=None, int align=1) -> ()");
 }

@@ -13,8 +13,17 @@ import torch
 
 from . import ops_reference as _reference
 
-__all__ = ["has_extension", "extension_error", "flatten", "unflatten_average_",
-           "unflatten_average_sgd_"]
+__all__ = ["has_extension", "extension_error", "segment_layout", "flatten", "unflatten_average_",
+           "unflatten_average_sgd_", "PADDED"]
+
+# NOTE: [Segment layout] (csrc/segment_table.h). Every op takes `align` (bytes): 1, the default,
+# packs the segments back to back; PADDED (16) starts every segment on a 16-byte boundary, which
+# lets the CUDA kernels run every segment of an aligned tensor in 16-byte vector accesses. The
+# padding is zeros written by flatten() (an allreduce of it stays zero) and costs at most
+# align - element size bytes per tensor. The flat buffer must be allocated with
+# segment_layout(...)[-1] elements, and all three ops of a round must get the same `align`.
+PADDED = 16
+segment_layout = _reference.segment_layout
 
 try:  # the compiled kernels register torch.ops.prsgd_hvd.* when imported
     from . import _C  # type: ignore[attr-defined]  # noqa: F401
@@ -40,32 +49,38 @@ def extension_error() -> Optional[str]:
     return _EXTENSION_ERROR
 
 
-def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pack ``tensors`` into one 1-D buffer (cast to ``out.dtype`` when ``out`` is given)."""
+def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None, *,
+            align: int = 1) -> torch.Tensor:
+    """Pack ``tensors`` into one 1-D buffer (cast to ``out.dtype`` when ``out`` is given), laid
+    out by :func:`segment_layout` with ``align``; padding is written as zeros."""
     if _C is None:
-        return _reference.flatten(tensors, out)
+        return _reference.flatten(tensors, out, align=align)
     tensors = list(tensors)
     if not tensors and out is None:  # the dispatcher would have no tensor to pick a device from
         raise ValueError("flatten: 'tensors' is empty and no 'out' was given to take a dtype from")
     # Optimizer ops: params are leaves that require grad, and this is not differentiable.
     with torch.no_grad():
-        return torch.ops.prsgd_hvd.flatten(tensors, out)
+        if align == 1:  # the schema's default; same call as before the option existed
+            return torch.ops.prsgd_hvd.flatten(tensors, out)
+        return torch.ops.prsgd_hvd.flatten(tensors, out, int(align))
 
 
 def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float,
-                       divergence: Optional[torch.Tensor] = None) -> None:
-    """``params[i] = flat[segment_i] * scale``.
+                       divergence: Optional[torch.Tensor] = None, align: int = 1) -> None:
+    """``params[i] = flat[segment_i] * scale`` (segments laid out with ``align``).
 
     ``divergence``: optional 1-element float64 tensor on ``flat``'s device; the op adds
     ``sum((old params[i] - flat[segment_i] * scale)**2)`` to it, in the same pass.
     """
     if _C is None or not _dense(params):
-        return _reference.unflatten_average_(flat, params, scale=scale, divergence=divergence)
+        return _reference.unflatten_average_(flat, params, scale=scale, divergence=divergence,
+                                             align=align)
     with torch.no_grad():
-        if divergence is None:  # the schema's default; same call as before the option existed
+        if divergence is None and align == 1:  # the schema's defaults: the call from before
             torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale))
         else:
-            torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale), divergence)
+            torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale), divergence,
+                                                   int(align))
 
 
 def unflatten_average_sgd_(
@@ -83,17 +98,18 @@ def unflatten_average_sgd_(
     maximize: bool = False,
     first_step: Union[bool, Sequence[bool]] = False,
     divergence: Optional[torch.Tensor] = None,
+    align: int = 1,
 ) -> None:
     """One pass: average, then ``torch.optim.SGD``'s update applied to the average.
 
     ``divergence``: as in :func:`unflatten_average_`, measured from the params before the
-    step to the average.
+    step to the average. ``align``: the layout of ``flat`` (:func:`segment_layout`).
     """
     if _C is None or not (_dense(params) and _dense(grads) and _dense(momentum_buffers)):
         return _reference.unflatten_average_sgd_(
             flat, params, grads, momentum_buffers, scale=scale, lr=lr, momentum=momentum,
             dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, first_step=first_step, divergence=divergence)
+            maximize=maximize, first_step=first_step, divergence=divergence, align=align)
     params = list(params)
     n = len(params)
     firsts = [bool(first_step)] * n if isinstance(first_step, bool) else [bool(f) for f in first_step]
@@ -101,4 +117,4 @@ def unflatten_average_sgd_(
         torch.ops.prsgd_hvd.unflatten_average_sgd_(
             flat, params, list(grads), list(momentum_buffers), firsts, float(scale), float(lr),
             float(momentum), float(dampening), float(weight_decay), bool(nesterov),
-            bool(maximize), divergence)
+            bool(maximize), divergence, int(align))

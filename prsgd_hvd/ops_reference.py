@@ -6,49 +6,75 @@ and rounded once when written, which is what the kernels do too.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["flatten", "unflatten_average_", "unflatten_average_sgd_"]
+__all__ = ["segment_layout", "flatten", "unflatten_average_", "unflatten_average_sgd_"]
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _numel(t) -> int:
+    return t.numel() if isinstance(t, torch.Tensor) else torch.Size(t).numel()
+
+
+def segment_layout(tensors, flat_dtype: torch.dtype, *, align: int = 1) -> List[int]:
+    """Offsets of the segments of a flat buffer of ``flat_dtype`` holding ``tensors`` (tensors or
+    shapes): ``offsets[i]`` is where tensor i starts, ``offsets[-1]`` the buffer's numel.
+
+    ``align`` (bytes, a power of two up to 4096): every segment starts at a multiple of ``align``
+    bytes from the buffer's start, and the total is rounded up the same way; the gaps are zeros
+    written by :func:`flatten`. ``align`` at most the element size (the default, 1) packs the
+    segments back to back.
+    """
+    if not (isinstance(align, int) and 1 <= align <= 4096 and align & (align - 1) == 0):
+        raise ValueError(f"'align' must be a power of two between 1 and 4096 (bytes), got {align!r}")
+    unit = max(1, align // torch.empty((), dtype=flat_dtype).element_size())
+    offsets, end = [], 0
+    for t in tensors:
+        start = -(-end // unit) * unit
+        offsets.append(start)
+        end = start + _numel(t)
+    offsets.append(-(-end // unit) * unit)
+    return offsets
+
+
+def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None, *,
+            align: int = 1) -> torch.Tensor:
     """Concatenate ``tensors`` (any shapes, contiguous or not) into one 1-D tensor.
 
     With ``out`` the values are cast to ``out.dtype`` and written into it; ``out`` must hold
-    exactly the total number of elements.
+    exactly the layout's total (:func:`segment_layout`; with the default ``align`` the total
+    number of elements). Padding between segments is written as zeros.
     """
     tensors = list(tensors)
-    total = sum(t.numel() for t in tensors)
     if out is None:
         if not tensors:
             raise ValueError("flatten: 'tensors' is empty and no 'out' was given to take a dtype from")
-        out = torch.empty(total, dtype=tensors[0].dtype, device=tensors[0].device)
+        offsets = segment_layout(tensors, tensors[0].dtype, align=align)
+        out = torch.empty(offsets[-1], dtype=tensors[0].dtype, device=tensors[0].device)
+    offsets = segment_layout(tensors, out.dtype, align=align)
+    total = offsets[-1]
     if out.dim() != 1 or out.numel() != total:
         raise ValueError(f"flatten: 'out' must be 1-D with {total} elements, got shape {tuple(out.shape)}")
-    offset = 0
-    for t in tensors:
+    for i, t in enumerate(tensors):
         n = t.numel()
-        out[offset:offset + n].copy_(t.reshape(-1))
-        offset += n
+        out[offsets[i]:offsets[i] + n].copy_(t.reshape(-1))
+        out[offsets[i] + n:offsets[i + 1]].zero_()
     return out
 
 
-def _segments(flat: torch.Tensor, params: Sequence[torch.Tensor]):
-    total = sum(p.numel() for p in params)
+def _segments(flat: torch.Tensor, params: Sequence[torch.Tensor], align: int = 1):
+    offsets = segment_layout(params, flat.dtype, align=align)
+    total = offsets[-1]
     if flat.dim() != 1 or flat.numel() != total:
         raise ValueError(f"'flat' must be 1-D with {total} elements (the params' total), "
                          f"got shape {tuple(flat.shape)}")
-    offset = 0
-    for p in params:
-        n = p.numel()
-        yield flat[offset:offset + n].view(p.shape)
-        offset += n
+    for i, p in enumerate(params):
+        yield flat[offsets[i]:offsets[i] + p.numel()].view(p.shape)
 
 
 def _check_divergence(op_name: str, flat: torch.Tensor, divergence: Optional[torch.Tensor]) -> None:
@@ -72,8 +98,9 @@ def _squared_distance(old: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
 
 
 def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float,
-                       divergence: Optional[torch.Tensor] = None) -> None:
-    """``params[i] = flat[segment_i] * scale`` (segments laid out as :func:`flatten` does).
+                       divergence: Optional[torch.Tensor] = None, align: int = 1) -> None:
+    """``params[i] = flat[segment_i] * scale`` (segments laid out as :func:`flatten` with the
+    same ``align`` does).
 
     With ``divergence`` (a 1-element float64 tensor on ``flat``'s device), also adds to it the
     sum over all elements of all params of ``(old params[i] - flat[segment_i] * scale)**2``,
@@ -82,7 +109,7 @@ def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, sc
     """
     _check_divergence("unflatten_average_", flat, divergence)
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for p, seg in zip(params, _segments(flat, params)):
+    for p, seg in zip(params, _segments(flat, params, align)):
         op = _opmath(p.dtype)
         x = seg.to(op) * scale
         if divergence is not None:
@@ -107,6 +134,7 @@ def unflatten_average_sgd_(
     maximize: bool = False,
     first_step: Union[bool, Sequence[bool]] = False,
     divergence: Optional[torch.Tensor] = None,
+    align: int = 1,
 ) -> None:
     """Average, then apply exactly ``torch.optim.SGD``'s update to the average, per tensor.
 
@@ -127,7 +155,8 @@ def unflatten_average_sgd_(
         raise ValueError(f"'first_step' must be a bool or have one entry per param ({n}), got {len(firsts)}")
     _check_divergence("unflatten_average_sgd_", flat, divergence)
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for p, g, buf, first, seg in zip(params, grads, momentum_buffers, firsts, _segments(flat, params)):
+    for p, g, buf, first, seg in zip(params, grads, momentum_buffers, firsts,
+                                         _segments(flat, params, align)):
         op = _opmath(p.dtype)
         x = seg.to(op) * scale
         if divergence is not None:

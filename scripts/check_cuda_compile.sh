@@ -3,7 +3,12 @@
 #
 # 1. Every csrc/cuda/*.cu (torch-free by design) is compiled with
 #    `nvcc -std=c++17 -c -arch=sm_90` into a temporary directory.
-# 2. The CUDA glue csrc/cuda/*.cpp is syntax-checked with the host compiler against the
+# 2. The SASS of kernels.cu for that arch is checked (scripts/check_sass.py): 128-bit global
+#    stores and loads in every vector loop, no generic accesses, no spills, registers leaving
+#    at least 4 resident blocks per SM. cuobjdump/nvdisasm come from the toolkit when it has
+#    them, else from the pinned nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels, installed
+#    once with pip --target into the cache (PRSGD_CACHE, default ~/.cache/prsgd_hvd).
+# 3. The CUDA glue csrc/cuda/*.cpp is syntax-checked with the host compiler against the
 #    installed torch's headers. A CPU torch wheel lacks the generated
 #    c10/cuda/impl/cuda_cmake_macros.h; a stub of it is supplied (it only defines export macros).
 #    Skipped when no python with torch is found.
@@ -42,6 +47,30 @@ done
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY="$(command -v python3 || true)"; fi
+fi
+
+# ---- SASS assertions -------------------------------------------------------------------------
+CUDA_TOOLS_VERSION=13.2.78
+CACHE="${PRSGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prsgd_hvd}"
+tools_bin=""
+if [[ -n "$CUDA_HOME" && -x "$CUDA_HOME/bin/cuobjdump" && -x "$CUDA_HOME/bin/nvdisasm" ]]; then
+  tools_bin="$CUDA_HOME/bin"
+elif command -v cuobjdump >/dev/null && command -v nvdisasm >/dev/null; then
+  tools_bin="$(dirname "$(command -v cuobjdump)")"
+else
+  target="$CACHE/cuda-tools-$CUDA_TOOLS_VERSION"
+  if [[ ! -x "$target/nvidia/cu13/bin/nvdisasm" ]]; then
+    echo "  installing nvidia-cuda-cuobjdump/nvdisasm==$CUDA_TOOLS_VERSION into $target"
+    "${PY:-python3}" -m pip install -q --disable-pip-version-check --no-deps --target "$target.tmp" \
+      "nvidia-cuda-cuobjdump==$CUDA_TOOLS_VERSION" "nvidia-cuda-nvdisasm==$CUDA_TOOLS_VERSION" \
+      && rm -rf "$target" && mv "$target.tmp" "$target"
+  fi
+  tools_bin="$target/nvidia/cu13/bin"
+fi
+if [[ "$ARCH" == sm_* ]]; then
+  echo "  nvcc -cubin -arch=$ARCH csrc/cuda/kernels.cu; SASS checks with $tools_bin/cuobjdump"
+  "$NVCC" -std=c++17 -O3 -cubin -arch="$ARCH" -Icsrc -o "$TMP/kernels.cubin" csrc/cuda/kernels.cu
+  PATH="$tools_bin:$PATH" "${PY:-python3}" scripts/check_sass.py "$TMP/kernels.cubin"
 fi
 glue=(csrc/cuda/*.cpp)
 if [[ -n "$PY" ]] && TORCH_INC="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null)"; then

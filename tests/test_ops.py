@@ -456,8 +456,33 @@ def test_schemas_mark_mutation():
     assert "Tensor(a!)[] params" in str(torch.ops.prsgd_hvd.unflatten_average_.default._schema)
     # divergence is written in place, last, and optional (old positional calls keep working)
     assert str(torch.ops.prsgd_hvd.unflatten_average_.default._schema).endswith(
-        "Tensor(b!)? divergence=None) -> ()")
-    assert schema.endswith("Tensor(c!)? divergence=None) -> ()")
+        "Tensor(b!)? divergence=None, int align=1) -> ()")
+    assert schema.endswith("Tensor(c!)? divergence=None, int align=1) -> ()")
+    # align comes last with the packed default, so calls written before it keep working
+    assert str(torch.ops.prsgd_hvd.flatten.default._schema).endswith(
+        "Tensor(a!)? out=None, int align=1) -> Tensor")
+
+
+# ---- padded layout (NOTE: [Segment layout] in csrc/segment_table.h) --------------------------
+
+
+@pytest.mark.parametrize("flat_dtype", FLOATS, ids=_name)
+@pytest.mark.parametrize("align", [1, 2, 8, 16, 64])
+def test_segment_layout(flat_dtype, align):
+    shapes = [(3,), (0,), (), (5, 2), (1,), (4,), (0, 3), (7,)]
+    offsets = ops.segment_layout(shapes, flat_dtype, align=align)
+    unit = max(1, align // torch.empty((), dtype=flat_dtype).element_size())
+    numels = [torch.Size(s).numel() for s in shapes]
+    assert len(offsets) == len(shapes) + 1 and offsets[0] == 0
+    for i, n in enumerate(numels):
+        assert offsets[i] % unit == 0
+        assert offsets[i] + n <= offsets[i + 1] < offsets[i] + n + unit  # least padding
+    assert offsets[-1] % unit == 0
+    if unit == 1:
+        assert offsets[-1] == sum(numels)
+    for bad in (0, 3, 12, 8192, 16.0):
+        with pytest.raises(ValueError, match="'align' must be a power of two"):
+            ops.segment_layout(shapes, flat_dtype, align=bad)
 
 
 @needs_ext
@@ -488,3 +513,174 @@ def test_strided_tensors_take_the_reference(device, dtype, gen):
                 assert torch.equal(a, b)
         for a, b in zip(got, want):
             assert torch.equal(a, b) and a.stride() == b.stride()
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("src", FLOATS, ids=_name)
+@pytest.mark.parametrize("dst", FLOATS, ids=_name)
+def test_flatten_padded(device, src, dst, gen):
+    tensors = make_params(SMALL_SHAPES + BIG_SHAPES[:1], src, device, gen)
+    base = rand((40, 30), src, device, gen)
+    tensors += [base.t(), base[::3, 1:], rand((5,), src, device, gen)]  # strided: the copy_ path
+    offsets = ops.segment_layout(tensors, dst, align=ops.PADDED)
+    out = torch.full((offsets[-1],), float("nan"), dtype=dst, device=device)
+    assert ops.flatten(tensors, out, align=16).data_ptr() == out.data_ptr()
+    expected = ref.flatten(tensors, torch.empty_like(out), align=16)
+    assert torch.equal(out, expected)  # padding written as zeros, values exact
+    gaps = torch.ones(offsets[-1], dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        gaps[offsets[i]:offsets[i] + t.numel()] = False
+        assert torch.equal(out[offsets[i]:offsets[i] + t.numel()], t.reshape(-1).to(dst))
+    assert gaps.any() and torch.all(out.cpu()[gaps] == 0)
+    if dst == src:
+        assert torch.equal(ops.flatten(tensors, align=16), expected)  # out allocated: same layout
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flat_dtype,param_dtype", PAIRS, ids=lambda d: _name(d))
+@pytest.mark.parametrize("op", ["avg", "sgd"])
+def test_unflatten_padded(device, flat_dtype, param_dtype, op, gen):
+    """The padded layout end to end: flatten -> (the allreduce's sum) -> unflatten, against the
+    reference on the same padded buffer, divergence included."""
+    shapes = SMALL_SHAPES + BIG_SHAPES[:1]
+    n = len(shapes)
+    flat = ops.flatten(make_params(shapes, param_dtype, device, gen),
+                       torch.empty(ops.segment_layout(shapes, flat_dtype, align=16)[-1],
+                                   dtype=flat_dtype, device=device), align=16)
+    flat.mul_(3)  # a stand-in for the sum over 3 ranks; the padding stays zero
+    old = make_params(shapes, param_dtype, device, gen)
+    ours, theirs = [p.clone() for p in old], [p.clone() for p in old]
+    div = torch.zeros(1, dtype=torch.float64, device=device)
+    div_r = div.clone()
+    if op == "avg":
+        ops.unflatten_average_(flat, ours, scale=1 / 3, divergence=div, align=16)
+        ref.unflatten_average_(flat, theirs, scale=1 / 3, divergence=div_r, align=16)
+        bufs = bufs_r = []
+    else:
+        grads = [rand(s, param_dtype, device, gen) for s in shapes]
+        grads[3] = None
+        bufs = [rand(s, param_dtype, device, gen) for s in shapes]
+        bufs_r = [b.clone() for b in bufs]
+        kw = dict(scale=1 / 3, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True,
+                  first_step=[i % 2 == 0 for i in range(n)], align=16)
+        ops.unflatten_average_sgd_(flat, ours, grads, bufs, divergence=div, **kw)
+        ref.unflatten_average_sgd_(flat, theirs, grads, bufs_r, divergence=div_r, **kw)
+    for i in range(n):
+        assert_close(ours[i], theirs[i], f"params[{i}]")
+    for i, (b, br) in enumerate(zip(bufs, bufs_r)):
+        assert_close(b, br, f"momentum_buffers[{i}]")
+    assert_sum_close(div, div_r)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_layout_errors(device, gen):
+    p = [rand((3,), torch.float32, device, gen), rand((2, 2), torch.float32, device, gen)]
+    packed = rand((7,), torch.float32, device, gen)
+    with pytest.raises(ERR, match="'align' must be a power of two"):
+        ops.flatten(p, align=3)
+    with pytest.raises(ERR, match="'align' must be a power of two"):
+        ops.unflatten_average_(packed, p, scale=1.0, align=24)
+    # a packed buffer is too small for the padded layout (3 -> 4, then 4: 8 elements)
+    with pytest.raises(ERR, match="'flat' must be 1-D with 8"):
+        ops.unflatten_average_(packed, p, scale=1.0, align=16)
+    with pytest.raises(ERR, match="'flat' must be 1-D with 8"):
+        ops.unflatten_average_sgd_(packed, p, [None, None], [None, None], scale=1.0, lr=0.1,
+                                   align=16)
+    with pytest.raises(ERR, match="'out' must be 1-D with 8"):
+        ops.flatten(p, torch.empty(7, device=device), align=16)
+
+
+# ---- CUDA only: the segment table cache across streams and in graphs -------------------------
+# (NOTE: [Segment table cache] in csrc/cuda/cuda_ops.cpp)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+def _dirty_small_pool():
+    """Leaves freed small blocks full of 0xff in the caching allocator, so that a table's fresh
+    device memory holds garbage (not an old copy of the same table) until its upload lands."""
+    junk = [torch.full((64,), -1, dtype=torch.int64, device="cuda") for _ in range(2000)]
+    torch.cuda.synchronize()
+    del junk
+
+
+@needs_ext
+@needs_cuda
+def test_cached_table_waits_for_upload_on_another_stream(gen):
+    """Defect: a cache miss uploads the table on stream s1 (here queued behind a long kernel);
+    the same tensors on stream s2 hit the cache and must wait for that upload."""
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    for trial in range(5):
+        _dirty_small_pool()
+        tensors = [rand((n,), torch.float32, "cuda", gen) for n in (1000, 3, 40000, 17)]
+        total = sum(t.numel() for t in tensors)
+        out1 = torch.full((total,), float("nan"), device="cuda")
+        out2 = torch.full((total,), float("nan"), device="cuda")
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s1):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the upload
+            ops.flatten(tensors, out1)
+        with torch.cuda.stream(s2):  # no wait on s1: only the cache's event orders this
+            ops.flatten(tensors, out2)
+        torch.cuda.synchronize()
+        expected = ref.flatten(tensors)
+        assert torch.equal(out1, expected), f"trial {trial}: s1"
+        assert torch.equal(out2, expected), f"trial {trial}: s2 ran before the table was uploaded"
+
+
+@needs_ext
+@needs_cuda
+def test_graph_capture_replays_and_survives_cache_eviction(gen):
+    shapes = [(64, 3), (5,), (33,), (CHUNK + 1,), ()]
+    params = make_params(shapes, torch.float32, "cuda", gen)
+    grads = [rand(s, torch.float32, "cuda", gen) for s in shapes]
+    bufs = [rand(s, torch.float32, "cuda", gen) for s in shapes]
+    offsets = ops.segment_layout(shapes, torch.float32, align=16)
+    flat = torch.zeros(offsets[-1], device="cuda")
+    kw = dict(scale=0.5, lr=0.1, momentum=0.9, weight_decay=1e-4, align=16)
+
+    def round_():
+        ops.flatten(params, flat, align=16)
+        flat.mul_(2)  # the allreduce's sum of 2 identical ranks
+        ops.unflatten_average_sgd_(flat, params, grads, bufs, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up puts the tables on the device
+        round_()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        round_()
+    for replay in range(3):
+        if replay == 2:  # push many other tables through the cache: the graph's must stay
+            for k in range(300):
+                ops.flatten([torch.ones(k + 1, device="cuda")])
+            torch.cuda.synchronize()
+        expect_p = [p.clone() for p in params]
+        expect_b = [b.clone() for b in bufs]
+        expect_flat = ref.flatten(expect_p, torch.empty_like(flat), align=16).mul_(2)
+        ref.unflatten_average_sgd_(expect_flat, expect_p, grads, expect_b, **kw)
+        g.replay()
+        torch.cuda.synchronize()
+        for i in range(len(shapes)):
+            assert_close(params[i], expect_p[i], f"replay {replay} params[{i}]")
+            assert_close(bufs[i], expect_b[i], f"replay {replay} buf[{i}]")
+
+
+@needs_ext
+@needs_cuda
+def test_graph_capture_refuses_a_table_not_uploaded(gen):
+    fresh = [rand((37,), torch.float32, "cuda", gen), rand((5,), torch.float32, "cuda", gen)]
+    out = torch.empty(42, device="cuda")  # nothing is allocated or enqueued inside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="not on the device yet. Run the same call once"):
+        with torch.cuda.graph(g):
+            ops.flatten(fresh, out)
+    torch.cuda.synchronize()
+    assert torch.equal(ops.flatten(fresh), ref.flatten(fresh))  # and nothing is left broken

@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -39,22 +38,45 @@ DType to_dtype(c10::ScalarType t) {
 // The last kMaxEntries tables are kept on the device, keyed by their exact bytes and device,
 // and reused without any host-to-device copy. A different table (new parameter set, grads
 // reallocated by zero_grad(set_to_none=True), first_step flipping) costs one small
-// asynchronous upload from pinned memory. Device copies come from the caching allocator and
-// are recorded on every stream that uses them, so evicting one never frees memory a queued
-// kernel still reads.
+// asynchronous upload from pinned memory. kMaxEntries is far above the tables of one round
+// (one per op, dtype and bucket), so a round never evicts a table it needs again.
+//  - Streams: the upload is ordered before the kernel on the stream that missed; an event
+//    recorded after it makes every other stream that later hits the entry wait for it (a
+//    kernel on a second stream would otherwise read the table while the copy may still be
+//    queued behind other work on the first). Device copies come from the caching allocator
+//    and are recorded on every stream that uses them, so evicting one never frees memory a
+//    queued kernel still reads.
+//  - NOTE: [Tables in CUDA graphs] A captured kernel reads its table's device memory at every
+//    replay, so that memory must never be freed or rewritten while the graph lives, and a copy
+//    captured from a reused pinned staging buffer would replay whatever the buffer holds by
+//    then. So while the current stream captures, the cache is only read: a hit whose upload
+//    has completed is pinned (never evicted, for the life of the process) and used; a miss, or
+//    an upload still in flight, is refused with an error that says to run the same call once
+//    before capturing (the warm-up torch.cuda.graphs asks for anyway) and synchronize.
 class TableCache {
  public:
   const Segment* get(std::vector<Segment> host, c10::DeviceIndex device,
                      const c10::cuda::CUDAStream& stream) {
     std::lock_guard<std::mutex> lock(mu_);
     const size_t bytes = host.size() * sizeof(Segment);
+    const uint64_t key = hash(host.data(), bytes);
+    const bool capturing = is_capturing(stream);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->device == device && it->host.size() == host.size() &&
+      if (it->key == key && it->device == device && it->host.size() == host.size() &&
           std::memcmp(it->host.data(), host.data(), bytes) == 0) {
         entries_.splice(entries_.begin(), entries_, it);  // most recently used first
-        return use(entries_.front(), stream);
+        Entry& e = entries_.front();
+        if (capturing) return use_in_capture(e);
+        if (e.upload_stream != stream) {
+          C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), e.uploaded, 0));
+        }
+        return use(e, stream);
       }
     }
+    TORCH_CHECK(!capturing,
+                "prsgd_hvd: a CUDA graph is being captured, and the segment table of this call "
+                "(its tensors, their data pointers, first_step) is not on the device yet. Run "
+                "the same call once before capturing (a warm-up iteration) and synchronize.");
     at::Tensor staging = at::empty({static_cast<int64_t>(bytes)},
                                    at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(staging.data_ptr(), host.data(), bytes);
@@ -63,21 +85,69 @@ class TableCache {
     // Non-blocking from pinned memory: the host allocator keeps `staging` alive until the
     // copy has run, and the copy is ordered before our kernel on the current stream.
     dev.copy_(staging, /*non_blocking=*/true);
-    entries_.push_front(Entry{device, std::move(host), std::move(dev)});
-    if (entries_.size() > kMaxEntries) entries_.pop_back();
+    cudaEvent_t uploaded = nullptr;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&uploaded, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(uploaded, stream.stream()));
+    entries_.push_front(Entry{key, device, std::move(host), std::move(dev), uploaded, stream});
+    evict();
     return use(entries_.front(), stream);
   }
 
  private:
-  static constexpr size_t kMaxEntries = 16;
+  static constexpr size_t kMaxEntries = 256;
   struct Entry {
+    uint64_t key;
     c10::DeviceIndex device;
     std::vector<Segment> host;
     at::Tensor dev;
+    cudaEvent_t uploaded;  // recorded on upload_stream right after the copy
+    c10::cuda::CUDAStream upload_stream;
+    bool pinned = false;   // used by a captured graph: never evicted
   };
+
+  static uint64_t hash(const void* data, size_t bytes) {  // FNV-1a: cheap, tables are small
+    uint64_t h = 1469598103934665603ull;
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+  }
+
+  static bool is_capturing(const c10::cuda::CUDAStream& stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+    return status != cudaStreamCaptureStatusNone;
+  }
+
+  // Drops the least recently used unpinned entries beyond kMaxEntries.
+  void evict() {
+    size_t unpinned = 0;
+    for (const Entry& e : entries_) unpinned += e.pinned ? 0 : 1;
+    for (auto it = entries_.end(); unpinned > kMaxEntries && it != entries_.begin();) {
+      --it;
+      if (it->pinned) continue;
+      // Destroying an event with work pending is allowed: it is released once that completes.
+      C10_CUDA_CHECK(cudaEventDestroy(it->uploaded));
+      it = entries_.erase(it);
+      --unpinned;
+    }
+  }
 
   static const Segment* use(Entry& e, const c10::cuda::CUDAStream& stream) {
     c10::cuda::CUDACachingAllocator::recordStream(e.dev.storage().data_ptr(), stream);
+    return static_cast<const Segment*>(e.dev.const_data_ptr());
+  }
+
+  static const Segment* use_in_capture(Entry& e) {
+    // Querying an event recorded outside the capture is legal in relaxed mode only.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    const cudaError_t done = cudaEventQuery(e.uploaded);
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    if (done == cudaErrorNotReady) (void)cudaGetLastError();
+    TORCH_CHECK(done == cudaSuccess,
+                "prsgd_hvd: a CUDA graph is being captured, and the segment table of this call "
+                "is still being uploaded from an earlier call; synchronize before capturing.");
+    e.pinned = true;
     return static_cast<const Segment*>(e.dev.const_data_ptr());
   }
 
@@ -92,46 +162,32 @@ TableCache& table_cache() {
   return *cache;
 }
 
-// Segments of one dtype (source dtype for flatten, param dtype for the unflatten ops).
-struct Group {
-  std::vector<Segment> segments;
-  int64_t chunks = 0;
-  void add(void* tensor, const void* grad, void* buf, int64_t flat_offset, int64_t numel,
-           bool first) {
-    Segment s{};
-    s.tensor = tensor;
-    s.grad = grad;
-    s.momentum_buf = buf;
-    s.flat_offset = flat_offset;
-    s.numel = numel;
-    s.chunk_begin = chunks;
-    s.first_step = first ? 1 : 0;
-    s.reserved = 0;
-    segments.push_back(s);
-    chunks += cuda::chunks_of(numel);
-  }
-};
+using cuda::SegmentGroup;
+using cuda::SegmentGroups;
+using cuda::kNumDTypes;
 
-constexpr size_t kNumDTypes = 4;
-
-at::Tensor flatten_cuda(at::TensorList tensors, const c10::optional<at::Tensor>& out) {
-  const auto offsets = segment_offsets(tensors);
+at::Tensor flatten_cuda(at::TensorList tensors, const c10::optional<at::Tensor>& out,
+                        int64_t align) {
+  const auto offsets = segment_offsets("flatten", tensors, flatten_dtype(tensors, out), align);
   at::Tensor result = flatten_prepare_out(tensors, out, offsets.back());
   const c10::cuda::CUDAGuard guard(result.device());
-  std::array<Group, kNumDTypes> groups;
+  SegmentGroups groups;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    if (t.numel() == 0) continue;
+    const int64_t pad = offsets[i + 1] - offsets[i] - t.numel();
+    if (t.numel() == 0) continue;  // and pad == 0 (NOTE: [Segment layout])
     if (t.is_contiguous() && is_kernel_cast(t.scalar_type(), result.scalar_type())) {
       groups[static_cast<size_t>(to_dtype(t.scalar_type()))].add(
-          const_cast<void*>(t.const_data_ptr()), nullptr, nullptr, offsets[i], t.numel(), false);
+          const_cast<void*>(t.const_data_ptr()), nullptr, nullptr, offsets[i], t.numel(), pad,
+          false);
     } else {  // strided sources and casts to/from fp64: torch's copy kernel, still one pass
       result.narrow(0, offsets[i], t.numel()).view(t.sizes()).copy_(t);
+      if (pad > 0) result.narrow(0, offsets[i] + t.numel(), pad).zero_();
     }
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
   for (size_t d = 0; d < kNumDTypes; ++d) {
-    Group& g = groups[d];
+    SegmentGroup& g = groups[d];
     if (g.segments.empty()) continue;
     const int32_t n = static_cast<int32_t>(g.segments.size());
     const Segment* table = table_cache().get(std::move(g.segments), result.device().index(), stream);
@@ -141,7 +197,7 @@ at::Tensor flatten_cuda(at::TensorList tensors, const c10::optional<at::Tensor>&
   return result;
 }
 
-void run_unflatten(const at::Tensor& flat, std::array<Group, kNumDTypes>& groups,
+void run_unflatten(const at::Tensor& flat, SegmentGroups& groups,
                    const cuda::SgdHyper& hyper, bool sgd, double* divergence) {
   const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
   // NOTE: [Divergence] (common.h): one block-sum scratch buffer, from the caching allocator,
@@ -149,12 +205,12 @@ void run_unflatten(const at::Tensor& flat, std::array<Group, kNumDTypes>& groups
   at::Tensor block_sums;
   if (divergence != nullptr) {
     int64_t scratch = 0;
-    for (const Group& g : groups) scratch = std::max(scratch, cuda::divergence_scratch_size(g.chunks));
+    for (const SegmentGroup& g : groups) scratch = std::max(scratch, cuda::divergence_scratch_size(g.chunks));
     if (scratch == 0) return;  // no elements: nothing to add
     block_sums = at::empty({scratch}, flat.options().dtype(at::kDouble));
   }
   for (size_t d = 0; d < kNumDTypes; ++d) {
-    Group& g = groups[d];
+    SegmentGroup& g = groups[d];
     if (g.segments.empty()) continue;
     const int32_t n = static_cast<int32_t>(g.segments.size());
     const Segment* table = table_cache().get(std::move(g.segments), flat.device().index(), stream);
@@ -166,16 +222,17 @@ void run_unflatten(const at::Tensor& flat, std::array<Group, kNumDTypes>& groups
 }
 
 void unflatten_average_cuda(const at::Tensor& flat, at::TensorList params, double scale,
-                            const c10::optional<at::Tensor>& divergence) {
-  const auto offsets = check_unflatten("unflatten_average_", flat, params);
+                            const c10::optional<at::Tensor>& divergence, int64_t align) {
+  const auto offsets = check_unflatten("unflatten_average_", flat, params, align);
   double* div = check_divergence("unflatten_average_", flat, divergence);
   const c10::cuda::CUDAGuard guard(flat.device());
-  std::array<Group, kNumDTypes> groups;
+  SegmentGroups groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
+    // The unflatten kernels never touch the padding: pad 0 keeps one table per param list.
     groups[static_cast<size_t>(to_dtype(p.scalar_type()))].add(p.data_ptr(), nullptr, nullptr,
-                                                                offsets[i], p.numel(), false);
+                                                                offsets[i], p.numel(), 0, false);
   }
   run_unflatten(flat, groups, cuda::SgdHyper{scale, 0.0, 0.0, 0.0, 0.0, 0, 0}, false, div);
 }
@@ -186,12 +243,12 @@ void unflatten_average_sgd_cuda(const at::Tensor& flat, at::TensorList params,
                                 const c10::List<bool>& first_step, double scale, double lr,
                                 double momentum, double dampening, double weight_decay,
                                 bool nesterov, bool maximize,
-                                const c10::optional<at::Tensor>& divergence) {
-  const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params);
+                                const c10::optional<at::Tensor>& divergence, int64_t align) {
+  const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params, align);
   check_sgd(flat, params, grads, momentum_buffers, first_step, momentum);
   double* div = check_divergence("unflatten_average_sgd_", flat, divergence);
   const c10::cuda::CUDAGuard guard(flat.device());
-  std::array<Group, kNumDTypes> groups;
+  SegmentGroups groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
@@ -199,11 +256,9 @@ void unflatten_average_sgd_cuda(const at::Tensor& flat, at::TensorList params,
     const bool has_grad = g.has_value() && g->defined();
     void* buf = nullptr;
     if (has_grad && momentum != 0.0) buf = momentum_buffers.get(i)->data_ptr();
-    // first_step only matters where a buffer is written; normalising it elsewhere keeps the
-    // table (and its cache key) stable.
     groups[static_cast<size_t>(to_dtype(p.scalar_type()))].add(
-        p.data_ptr(), has_grad ? g->const_data_ptr() : nullptr, buf, offsets[i], p.numel(),
-        buf != nullptr && first_step.get(i));
+        p.data_ptr(), has_grad ? g->const_data_ptr() : nullptr, buf, offsets[i], p.numel(), 0,
+        first_step.get(i));
   }
   run_unflatten(flat, groups,
                 cuda::SgdHyper{scale, lr, momentum, dampening, weight_decay, nesterov ? 1 : 0,

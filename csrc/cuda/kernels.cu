@@ -5,7 +5,8 @@
 // op maps it over a chunk of one tensor, and one generic kernel hands chunks to blocks. Unlike
 // MultiTensorApply the tensor list is not packed into kernel arguments: the kernel reads the
 // segment table from device memory (NOTE: [Segment table] in multi_segment.h), so one launch
-// covers any number of tensors, and a persistent grid sized to the SM count loops over chunks.
+// covers any number of tensors, and a persistent grid, as large as can be resident at once
+// (NOTE: [Grid size]), loops over chunks.
 //
 // Tensor lists and their roles (one Segment per tensor):
 //   flatten:                  tensor (read, any strides made contiguous by the glue) -> flat (written)
@@ -26,14 +27,24 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstring>
 #include <type_traits>
+
+// NOTE: [Emulated launch] Launches go through PRSGD_LAUNCH so that the host emulation of these
+// kernels (tests/cuda_emu/, which compiles this file with g++) can turn them into calls;
+// nvcc gets the usual triple-chevron launch.
+#ifndef PRSGD_LAUNCH
+#define PRSGD_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#endif
 
 namespace prsgd {
 namespace cuda {
 namespace {
 
 constexpr int kBlockSize = 256;
-constexpr int kBlocksPerSm = 8;  // 2048 resident threads per SM on sm_80/sm_90
+// At most 2048 resident threads per SM (sm_80/sm_90): an upper bound of any kernel's blocks
+// per SM; the grid of each kernel is its measured occupancy (NOTE: [Grid size]).
+constexpr int kMaxBlocksPerSm = 2048 / kBlockSize;
 // Elements per thread per step: enough for a 16-byte access of the narrowest type a functor
 // touches (4 fp32, 8 fp16/bf16; a pair of fp32 flat and fp16 params takes 8, i.e. two 16-byte
 // fp32 accesses and one fp16 one), and at least 4 (fp64: two 16-byte accesses).
@@ -69,37 +80,98 @@ __device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, 
 __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
 
-// ---- vector loads ------------------------------------------------------------------------
+// ---- 16-byte global memory words -----------------------------------------------------------
 
-// N elements of T, aligned for 16-byte accesses (or to its size, when smaller).
-template <typename T, int N>
-struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
-  T v[N];
-};
+// NOTE: [Vector access] Every vector access is a 16-byte word moved with an explicit
+// ld.global.v4.b32 / st.global.v4.b32 on the pointer converted to the global window. Written as
+// C++ (a struct of N elements through a cast pointer) the loads became LDG.E.128 but most stores
+// did not: the front end splits the struct store into per-element stores and the back end
+// re-merges them only for simple addresses, so flatten, the plain average and the SGD param
+// store were 4 or 8 narrow stores per word. And the integer cast in is_aligned() hid the global
+// address space, leaving generic LD.E/ST.E. The PTX leaves ptxas no choice: 128-bit global
+// accesses in every instantiation (scripts/check_cuda_compile.sh asserts it on the SASS).
+// On the host (the emulation in tests/cuda_emu/) the words are plain copies, and a misaligned
+// word traps as it faults on the GPU (cudaErrorMisalignedAddress).
+constexpr int kWordBytes = 16;
 
-template <int N, typename T>
-__device__ __forceinline__ bool is_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % alignof(Pack<T, N>) == 0;
+// Tells the compiler that p, read from the segment table (so a generic pointer to it), points
+// to global memory, so that scalar accesses through it are LDG/STG rather than generic LD/ST.
+template <typename T>
+__device__ __forceinline__ T* assume_global(T* p) {
+#if defined(__CUDA_ARCH__)
+  __builtin_assume(__isGlobal(p));
+#endif
+  return p;
 }
 
-// out[k] = base[i + k], k < N, in 16-byte vector loads; base + i must be aligned.
+__device__ __forceinline__ bool is_word_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % kWordBytes == 0;
+}
+
+__device__ __forceinline__ uint4 load_word(const void* p) {
+  uint4 w;
+#if defined(__CUDA_ARCH__)
+  asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
+               : "l"(__cvta_generic_to_global(p)));
+#else
+  if (!is_word_aligned(p)) __trap();
+  std::memcpy(&w, p, sizeof(w));
+#endif
+  return w;
+}
+
+__device__ __forceinline__ void store_word(void* p, const uint4& w) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)),
+               "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+               : "memory");
+#else
+  if (!is_word_aligned(p)) __trap();
+  std::memcpy(p, &w, sizeof(w));
+#endif
+}
+
+// N elements of T: a whole number of 16-byte words (kILPOf guarantees it).
+template <typename T, int N>
+constexpr int kWordsOf = int(sizeof(T)) * N / kWordBytes;
+
+// out[k] = base[i + k], k < N, as raw elements; base + i must be word-aligned.
+template <int N, typename T>
+__device__ __forceinline__ void load_raw(T (&out)[N], const T* base, int64_t i) {
+  static_assert(sizeof(T) * N % kWordBytes == 0, "a pack is whole 16-byte words");
+  uint4 w[kWordsOf<T, N>];
+#pragma unroll
+  for (int k = 0; k < kWordsOf<T, N>; ++k) w[k] = load_word(base + i + k * (kWordBytes / sizeof(T)));
+  std::memcpy(out, w, sizeof(w));
+}
+
+// base[i + k] = in[k], k < N, as raw elements; base + i must be word-aligned.
+template <int N, typename T>
+__device__ __forceinline__ void store_raw(T* base, int64_t i, const T (&in)[N]) {
+  static_assert(sizeof(T) * N % kWordBytes == 0, "a pack is whole 16-byte words");
+  uint4 w[kWordsOf<T, N>];
+  std::memcpy(w, in, sizeof(w));
+#pragma unroll
+  for (int k = 0; k < kWordsOf<T, N>; ++k) store_word(base + i + k * (kWordBytes / sizeof(T)), w[k]);
+}
+
+// out[k] = opmath(base[i + k]), k < N.
 template <typename op_t, int N, typename T>
 __device__ __forceinline__ void load_pack(op_t (&out)[N], const T* base, int64_t i) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(base + i);
+  T raw[N];
+  load_raw(raw, base, i);
 #pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = to_op(pk.v[k]);
+  for (int k = 0; k < N; ++k) out[k] = to_op(raw[k]);
 }
 
-// base[i + k] = in[k], k < N; base + i must be aligned.
-// NOTE: the PTX of several instantiations (e.g. unflatten_average_ fp32, already before the
-// per-type ILP) shows this struct store split into per-element stores while the loads stay
-// vectorized; building uint4 words in registers did not change that. Not yet understood.
+// base[i + k] = T(in[k]) (rounded once), k < N.
 template <typename T, typename op_t, int N>
 __device__ __forceinline__ void store_pack(T* base, int64_t i, const op_t (&in)[N]) {
-  Pack<T, N> pk;
+  T raw[N];
 #pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_op<T>(in[k]);
-  *reinterpret_cast<Pack<T, N>*>(base + i) = pk;
+  for (int k = 0; k < N; ++k) raw[k] = from_op<T>(in[k]);
+  store_raw(base, i, raw);
 }
 
 // ---- math --------------------------------------------------------------------------------
@@ -170,24 +242,40 @@ __device__ __forceinline__ double block_sum(double v) {
 template <typename src_t, typename dst_t>
 struct FlattenFunctor {
   static constexpr bool kReduces = false;
+  // Same dtype: a bit copy. Converting fp16/bf16 to itself through fp32 costs two conversions
+  // per element and canonicalises NaN payloads; copy_ (and so the reference) keeps the bits.
+  static constexpr bool kCopy = std::is_same<src_t, dst_t>::value;
   dst_t* flat;
 
   __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len,
                                              double& /*acc*/) const {
-    using op_t = std::conditional_t<std::is_same<src_t, double>::value, double, float>;
-    const src_t* src = static_cast<const src_t*>(s.tensor) + start;
-    dst_t* dst = flat + s.flat_offset + start;
+    using op_t = opmath_t<src_t>;
+    const src_t* src = assume_global(static_cast<const src_t*>(s.tensor) + start);
+    dst_t* dst = assume_global(flat + s.flat_offset + start);
     constexpr int kILP = kILPOf<src_t, dst_t>;
-    const int64_t n_vec =
-        (is_aligned<kILP>(src) && is_aligned<kILP>(dst)) ? len / kILP * kILP : 0;
+    const int64_t n_vec = (is_word_aligned(src) && is_word_aligned(dst)) ? len / kILP * kILP : 0;
     for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
-      op_t v[kILP];
-      load_pack(v, src, i);
-      store_pack(dst, i, v);
+      if constexpr (kCopy) {
+        src_t v[kILP];
+        load_raw(v, src, i);
+        store_raw(dst, i, v);
+      } else {
+        op_t v[kILP];
+        load_pack(v, src, i);
+        store_pack(dst, i, v);
+      }
     }
     // Masked tail: the last len % kILP elements, or the whole chunk when unaligned.
     for (int64_t i = n_vec + threadIdx.x; i < len; i += blockDim.x) {
-      dst[i] = from_op<dst_t>(static_cast<op_t>(to_op(src[i])));
+      if constexpr (kCopy) {
+        dst[i] = src[i];
+      } else {
+        dst[i] = from_op<dst_t>(static_cast<op_t>(to_op(src[i])));
+      }
+    }
+    // The segment's padding (NOTE: [Segment layout]), by the block that has its last chunk.
+    if (start + len == s.numel) {
+      for (int64_t i = threadIdx.x; i < s.flat_pad; i += blockDim.x) dst[len + i] = dst_t{};
     }
   }
 };
@@ -204,16 +292,19 @@ struct AverageFunctor {
 
   __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len,
                                              double& acc) const {
-    const flat_t* f = flat + s.flat_offset + start;
-    param_t* p = static_cast<param_t*>(s.tensor) + start;
+    const flat_t* f = assume_global(flat + s.flat_offset + start);
+    param_t* p = assume_global(static_cast<param_t*>(s.tensor) + start);
     const param_t* g = (kSgd && s.grad) ? static_cast<const param_t*>(s.grad) + start : nullptr;
-    param_t* b = (g && c.has_momentum) ? static_cast<param_t*>(s.momentum_buf) + start : nullptr;
+    // Offsets are applied only to pointers that are set (null + start is undefined behaviour).
+    param_t* b = (g && c.has_momentum && s.momentum_buf)
+                     ? static_cast<param_t*>(s.momentum_buf) + start
+                     : nullptr;
     const bool first = s.first_step != 0;
     const bool read_buf = b != nullptr && !first;
     constexpr int kILP = kILPOf<flat_t, param_t>;
-    const bool aligned = is_aligned<kILP>(f) && is_aligned<kILP>(p) &&
-                         (g == nullptr || is_aligned<kILP>(g)) &&
-                         (b == nullptr || is_aligned<kILP>(b));
+    const bool aligned = is_word_aligned(f) && is_word_aligned(p) &&
+                         (g == nullptr || is_word_aligned(g)) &&
+                         (b == nullptr || is_word_aligned(b));
     const int64_t n_vec = aligned ? len / kILP * kILP : 0;
 
     for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
@@ -242,10 +333,10 @@ struct AverageFunctor {
       if constexpr (kDivergence) add_square(acc, to_op(p[i]), x);
       if (g == nullptr) {
         p[i] = from_op<param_t>(x);
-      } else {
-        op_t bv = read_buf ? to_op(b[i]) : op_t(0);
-        p[i] = from_op<param_t>(sgd_math(x, to_op(g[i]), bv, first, c));
-        if (b) b[i] = from_op<param_t>(bv);
+      } else {  // g and b were null-checked, so assumed global only here (the phi forgets it)
+        op_t bv = read_buf ? to_op(assume_global(b)[i]) : op_t(0);
+        p[i] = from_op<param_t>(sgd_math(x, to_op(assume_global(g)[i]), bv, first, c));
+        if (b) assume_global(b)[i] = from_op<param_t>(bv);
       }
     }
   }
@@ -289,36 +380,69 @@ __global__ void __launch_bounds__(kBlockSize)
   if (threadIdx.x == 0) *out = add(*out, acc);
 }
 
-// SM count of the current device, cached per device (cudaDeviceGetAttribute is not free).
-int sm_count() {
-  static std::atomic<int> cache[64];
+constexpr int kMaxDevices = 64;
+
+// A per-device value computed once by `get` (>= 1; 1 when the query fails).
+template <typename Get>
+int per_device_cached(std::atomic<int> (&cache)[kMaxDevices], const Get& get) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (dev < 64) {
+  if (dev >= 0 && dev < kMaxDevices) {
     const int cached = cache[dev].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      sms <= 0) {
-    sms = 1;
-  }
-  if (dev < 64) cache[dev].store(sms, std::memory_order_relaxed);
-  return sms;
+  int value = get(dev);
+  if (value <= 0) value = 1;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(value, std::memory_order_relaxed);
+  return value;
 }
 
-// Persistent grid: at most kBlocksPerSm blocks per SM, never more blocks than chunks.
-int64_t grid_size(int64_t num_chunks) {
-  const int64_t max_blocks = int64_t(sm_count()) * kBlocksPerSm;
+// SM count of the current device (cudaDeviceGetAttribute is not free).
+int sm_count() {
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device_cached(cache, [](int dev) {
+    int sms = 0;
+    return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess ? sms
+                                                                                            : 1;
+  });
+}
+
+// NOTE: [Grid size] The grid is persistent (blocks loop over chunks), so it should be exactly
+// as large as can be resident at once: more blocks run as a second, partial wave. A fixed 8
+// blocks per SM assumed <= 32 registers per thread, but half the instantiations (the
+// optimizer's fp32 and mixed-precision SGD steps among them) use 36-46, which leaves room for
+// 5-6 blocks of 256 threads. So each kernel asks the occupancy calculator once per device
+// (a static per template instantiation), and the grid is SMs * that, capped by the chunk count.
+template <typename Kernel>
+int resident_blocks_per_sm(Kernel kernel) {
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device_cached(cache, [&](int) {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &blocks, reinterpret_cast<const void*>(kernel), kBlockSize, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // a failed query must not be reported by the next launch
+      return 1;
+    }
+    return blocks < kMaxBlocksPerSm ? blocks : kMaxBlocksPerSm;
+  });
+}
+
+int64_t grid_size(int64_t num_chunks, int blocks_per_sm) {
+  const int64_t max_blocks = int64_t(sm_count()) * blocks_per_sm;
   return num_chunks < max_blocks ? num_chunks : max_blocks;
 }
 
+// Launches multi_segment_kernel<Functor> with its resident grid; *grid_out = the grid used.
 template <typename Functor>
 cudaError_t launch(const Segment* table, int32_t num_segments, int64_t num_chunks,
-                   const Functor& op, cudaStream_t stream) {
+                   const Functor& op, cudaStream_t stream, int64_t* grid_out = nullptr) {
+  if (grid_out != nullptr) *grid_out = 0;
   if (num_segments <= 0 || num_chunks <= 0) return cudaSuccess;
-  const unsigned grid = static_cast<unsigned>(grid_size(num_chunks));
-  multi_segment_kernel<<<grid, kBlockSize, 0, stream>>>(table, num_segments, num_chunks, op);
+  const int64_t grid =
+      grid_size(num_chunks, resident_blocks_per_sm(multi_segment_kernel<Functor>));
+  if (grid_out != nullptr) *grid_out = grid;
+  PRSGD_LAUNCH(multi_segment_kernel<Functor>, static_cast<unsigned>(grid), kBlockSize, stream)
+  (table, num_segments, num_chunks, op);
   return cudaGetLastError();
 }
 
@@ -359,7 +483,7 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
 }
 
 int64_t divergence_scratch_size(int64_t num_chunks) {
-  return num_chunks > 0 ? grid_size(num_chunks) : 0;
+  return num_chunks > 0 ? grid_size(num_chunks, kMaxBlocksPerSm) : 0;
 }
 
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
@@ -377,10 +501,11 @@ cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const 
                     (std::is_same<flat_t, float>::value && is_reduced<param_t>)) {
         const auto* f = static_cast<const flat_t*>(flat);
         const SgdConsts<op_t> c = make_consts<op_t>(hyper);
+        int64_t grid = 0;
         auto run = [&](auto sgd_tag, auto divergence_tag) {
           using Op = AverageFunctor<flat_t, param_t, decltype(sgd_tag)::value,
                                     decltype(divergence_tag)::value>;
-          return launch(table, num_segments, num_chunks, Op{f, c, block_sums}, stream);
+          return launch(table, num_segments, num_chunks, Op{f, c, block_sums}, stream, &grid);
         };
         using yes = std::true_type;
         using no = std::false_type;
@@ -388,9 +513,8 @@ cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const 
           err = sgd ? run(yes{}, no{}) : run(no{}, no{});
         } else {
           err = sgd ? run(yes{}, yes{}) : run(no{}, yes{});
-          if (err == cudaSuccess && num_segments > 0 && num_chunks > 0) {
-            add_block_sums_kernel<<<1, kBlockSize, 0, stream>>>(block_sums,
-                                                               grid_size(num_chunks), divergence);
+          if (err == cudaSuccess && grid > 0) {  // the first `grid` block sums were written
+            PRSGD_LAUNCH(add_block_sums_kernel, 1u, kBlockSize, stream)(block_sums, grid, divergence);
             err = cudaGetLastError();
           }
         }
