@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from . import ops, ops_reference
+from . import horovod_compat, ops, ops_reference
 from .averaging import Averager, Bucket, Round
 from .collectives import allgather_object, group_process_set
 from .compression import resolve_compression
@@ -60,6 +60,7 @@ class _LocalSGDState:
         self.names = names
         self.local_step = 0
         self.rounds = 0
+        self.averaged_step = 0  # local_step when this rank last took a plain average
         self.rank = process_set.rank()
         self.size = process_set.size()
         self.overlap = overlap and self.size > 1
@@ -118,6 +119,7 @@ class _LocalSGDState:
     def load_local_state(self, local: Dict[str, Any]) -> None:
         self.local_step = int(local["local_step"])
         self.rounds = int(local["rounds"])
+        self.averaged_step = self.local_step  # a resume starts from one (broadcast) model
         self.schedule.load_state_dict(local.get("schedule", {}))
 
     def all_averagers(self) -> List[Averager]:
@@ -135,7 +137,9 @@ class _LocalSGDState:
         seen, out = set(), []
         for group in self.opt.param_groups:
             for p in group["params"]:
-                if id(p) not in seen:
+                # Integer/bool parameters cannot be trained: nothing to average
+                # (horovod_compat.check_parameter_dtypes refuses the other non-float ones).
+                if id(p) not in seen and p.is_floating_point():
                     seen.add(id(p))
                     out.append(p)
         return out
@@ -401,6 +405,7 @@ class _LocalSGDState:
         rnd, _ = self._round(prestarted=prestarted)
         self.write_back(rnd)
         self.rounds += 1
+        self.averaged_step = self.local_step
         self.prestart(self.local_step + 1)
 
     def discard_in_flight(self) -> None:
@@ -422,6 +427,7 @@ class _LocalSGDState:
             self.write_back(rnd)
             self.rounds += 1
             if rnd.active_ranks == 0:
+                self.averaged_step = self.local_step
                 return
 
 
@@ -467,6 +473,7 @@ class _LocalSGDMethods:
         return self._local_sgd.rounds
 
     def step(self, closure=None, **kwargs):
+        self._compat_before_step()
         ls: _LocalSGDState = self._local_sgd
         base_step = super(self.__class__, self).step
         loss = None
@@ -495,6 +502,7 @@ class _LocalSGDMethods:
             ls.scheduled_round(update, kwargs, ls.schedule.round_weight(), then_step=False)
             ls.schedule.observe(t, ls.divergence, ls.exposed_seconds() - waited)
             ls.schedule.round_done()
+            ls.averaged_step = t
         ls.local_step = t
         ls.prestart(t + 1)
         return loss
@@ -562,6 +570,7 @@ class _LocalSGDMethods:
         }
 
     def state_dict(self) -> Dict[str, Any]:
+        horovod_compat.warn_if_unaveraged(self, "state_dict")
         sd = super(self.__class__, self).state_dict()
         sd["local_sgd"] = self._local_sgd.local_state()
         return sd
@@ -605,16 +614,25 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                         warmup_steps: int = 0, process_set=None, fused: Optional[bool] = None,
                         model: Optional[torch.nn.Module] = None, average_state: bool = False,
                         overlap: bool = True, nonfinite: str = "raise", compression=None,
-                        error_feedback: bool = True):
+                        error_feedback: bool = True, backward_passes_per_step: int = 1,
+                        op=None, gradient_predivide_factor: float = 1.0, num_groups: int = 0,
+                        groups=None, sparse_as_dense: bool = False):
     """Wrap ``optimizer`` for Parallel Restarted SGD (local SGD with periodic model averaging).
+
+    Takes every argument of ``hvd.DistributedOptimizer`` (docs/migrating.md), so swapping the
+    call is one line; those that mean something for averaging models are honoured, the others
+    are validated as Horovod validates them and documented below.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; it is returned, re-classed (see the NOTE above).
         interval: an ``int >= 1`` (average every ``interval`` steps, Algorithm 1) or a schedule
             (``FixedInterval``, ...).
         named_parameters: ``model.named_parameters()``, for error messages that name parameters.
+            As in Horovod, it must name every parameter of the optimizer (or be omitted).
         warmup_steps: average at every step for the first ``warmup_steps`` steps.
-        process_set: the Horovod process set to average over (default: all ranks).
+        process_set: the Horovod process set to average over (default: all ranks). As in
+            Horovod, a rank outside it may wrap its optimizer too: it trains alone, never
+            averaging (and never blocking the members).
         fused: ``None`` uses the compiled kernels when available (the fused average+update for
             ``torch.optim.SGD``), ``True`` requires them, ``False`` uses the pure-torch reference.
         model: when given, its floating-point buffers (BatchNorm statistics) are averaged too.
@@ -635,17 +653,40 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
             within about 1e-3 (relative) of exact averaging. ``None``: full precision.
         error_feedback: with compression, carry what the 16-bit cast lost into the next
             round, so rounding errors do not accumulate.
+        backward_passes_per_step: Horovod's gradient accumulation. Gradients stay local here,
+            so they accumulate in ``.grad`` over any number of backward passes anyway: call
+            ``step()`` once per accumulated batch, as with Horovod. Validated (int >= 1); no
+            other effect.
+        op: ``hvd.Average`` (or ``None``), the only reduction that is model averaging;
+            ``hvd.Adasum`` and ``hvd.Sum`` raise a ``ValueError`` saying why.
+        gradient_predivide_factor: Horovod splits the gradient average into a scale before
+            and after the sum, to keep fp16 gradient sums in range. Models are summed in fp32
+            (or as 16-bit deltas, see ``compression``), so there is nothing to split: validated
+            (a finite number > 0), no effect.
+        num_groups, groups: Horovod's grouping of gradient allreduces. Every round already
+            sends all parameters of one (device, dtype) as one buffer, the coarsest grouping
+            there is: validated as Horovod does, no effect.
+        sparse_as_dense: Horovod densifies sparse gradients before allreducing them. Gradients
+            are never sent here and parameters (embeddings included) are dense, so sparse
+            gradients (``nn.Embedding(sparse=True)`` with ``SparseAdam`` or ``SGD``) work either
+            way: validated (a bool), no effect.
+
+    ``synchronize()`` and ``skip_synchronize()`` are there for Horovod's gradient-clipping and
+    AMP loops; ``hvd.broadcast_optimizer_state`` carries the local-SGD counters.
     """
-    hvd = _hvd()
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"DistributedLocalSGD: 'optimizer' must be a torch.optim.Optimizer, "
                         f"got {type(optimizer).__name__}")
     if hasattr(optimizer, "_local_sgd"):
         raise ValueError("DistributedLocalSGD: this optimizer is already wrapped")
-    if "step" in vars(optimizer):
-        raise ValueError("DistributedLocalSGD: 'optimizer.step' was replaced on the instance (an "
-                         "LR scheduler created before wrapping does this); create LR schedulers "
-                         "after DistributedLocalSGD(...)")
+    lr_scheduler_patched = horovod_compat.take_lr_scheduler_patch(optimizer)
+    compat = horovod_compat.prepare(
+        optimizer, interval, named_parameters, process_set,
+        backward_passes_per_step=backward_passes_per_step,
+        op=_hvd().Average if op is None else op,
+        gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
+        groups=groups, sparse_as_dense=sparse_as_dense)
+    named_parameters, process_set = compat["named_parameters"], compat["process_set"]
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"DistributedLocalSGD: 'warmup_steps' must be an int >= 0, got {warmup_steps!r}")
     if fused not in (None, True, False):
@@ -654,16 +695,7 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
         raise TypeError(f"DistributedLocalSGD: 'model' must be a torch.nn.Module, got {type(model).__name__}")
     schedule = as_schedule(interval)
     names = _check_named_parameters(optimizer, named_parameters)
-    if process_set is None:
-        process_set = hvd.global_process_set
-    try:
-        process_set.size()
-    except ValueError as exc:
-        raise RuntimeError("DistributedLocalSGD: Horovod is not initialised; call hvd.init() "
-                           "before wrapping the optimizer") from exc
-    if not process_set.included():
-        raise ValueError("DistributedLocalSGD: this rank is not in 'process_set'; wrap the "
-                         "optimizer only on the ranks of the process set")
+    horovod_compat.check_schedule_outside_process_set(schedule, compat)
 
     is_sgd = type(optimizer) is torch.optim.SGD
     if fused is True:
@@ -679,7 +711,9 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
     fuse_step = use_kernels and is_sgd
 
     base_cls = type(optimizer)
-    methods = {k: v for k, v in vars(_LocalSGDMethods).items() if k not in ("__dict__", "__weakref__")}
+    methods = {k: v for k, v in [*vars(horovod_compat.HorovodCompatMethods).items(),
+                                 *vars(_LocalSGDMethods).items()]
+               if k not in ("__dict__", "__weakref__")}
     cls = type(base_cls.__name__, (base_cls,), methods)
     if nonfinite not in ("raise", "exclude", "ignore"):
         raise ValueError(f"DistributedLocalSGD: 'nonfinite' must be 'raise', 'exclude' or "
@@ -697,4 +731,5 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
         state.check_ranks_agree()
     optimizer.__class__ = cls
     optimizer._local_sgd = state
+    horovod_compat.finish(optimizer, compat, lr_scheduler_patched)
     return optimizer
