@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import math
 import threading
 import warnings
@@ -67,15 +68,17 @@ class LocalSGDOptimizer(metaclass=_WrappedOptimizerMeta):
 
 def _horovod_step_functions():
     from horovod.torch import optimizer as hvd_optimizer
-    return {vars(c)["step"] for c in (hvd_optimizer._DistributedOptimizer,
-                                       hvd_optimizer._DistributedAdasumOptimizer)}
+    return {inspect.unwrap(vars(c)["step"]) for c in (hvd_optimizer._DistributedOptimizer,
+                                                      hvd_optimizer._DistributedAdasumOptimizer)}
 
 
 def is_horovod_distributed_optimizer(optimizer) -> bool:
     """True for what ``hvd.DistributedOptimizer(...)`` returned (its classes copy the step
-    function of Horovod's ``_DistributedOptimizer`` into a dynamic subclass)."""
+    function of Horovod's ``_DistributedOptimizer`` into a dynamic subclass; torch's
+    ``Optimizer.__init__`` then wraps it in its profiling hook, hence the unwrap)."""
     steps = _horovod_step_functions()
-    return any(vars(c).get("step") in steps for c in type(optimizer).__mro__)
+    return any(inspect.unwrap(vars(c)["step"]) in steps
+               for c in type(optimizer).__mro__ if "step" in vars(c))
 
 
 def check_not_wrapped_by_horovod(optimizer) -> None:
@@ -361,8 +364,11 @@ def warn_if_unaveraged(optimizer, when: str) -> None:
         return
     setattr(optimizer, flag, True)
     ls = optimizer._local_sgd
+    # At exit Horovod has shut down already (its atexit handler was registered by hvd.init(),
+    # after ours): the rank recorded at construction is what is left.
+    rank = _hvd().rank() if _hvd().is_initialized() else optimizer._prsgd_global_rank
     what = ("this checkpoint holds rank {rank}'s own model" if when == "state_dict" else
-            "rank {rank} exits with its own model").format(rank=_hvd().rank())
+            "rank {rank} exits with its own model").format(rank=rank)
     warnings.warn(
         f"{_PREFIX}: {what}: its last {n} local step(s) were never averaged with the other "
         f"{ls.size - 1} rank(s), so the ranks hold different models. Call opt.finalize() on "
@@ -457,6 +463,7 @@ def finish(optimizer, prepared: Dict[str, Any], lr_scheduler_patched: bool) -> N
     tracking, and the warning at exit."""
     for key, value in prepared["horovod_args"].items():
         setattr(optimizer, key, value)
+    optimizer._prsgd_global_rank = _hvd().rank()
     if lr_scheduler_patched:
         del optimizer.step
         reinstall_lr_scheduler_patch(optimizer)
