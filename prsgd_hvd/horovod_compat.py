@@ -33,7 +33,7 @@ import math
 import threading
 import warnings
 import weakref
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -370,10 +370,10 @@ def warn_if_unaveraged(optimizer, when: str) -> None:
     what = ("this checkpoint holds rank {rank}'s own model" if when == "state_dict" else
             "rank {rank} exits with its own model").format(rank=rank)
     warnings.warn(
-        f"{_PREFIX}: {what}: its last {n} local step(s) were never averaged with the other "
-        f"{ls.size - 1} rank(s), so the ranks hold different models. Call opt.finalize() on "
-        f"every rank after the training loop (or train inside `with opt.local_sgd():`) to "
-        f"end with one averaged model, then checkpoint it.",
+        f"{_PREFIX}: {what}: it took local steps after the last averaging round (it is at "
+        f"step {ls.local_step}), so the {ls.size} ranks hold different models. Call "
+        f"opt.finalize() on every rank after the training loop (or train inside `with "
+        f"opt.local_sgd():`) to end with one averaged model, then checkpoint it.",
         LocalStepsNotAveragedWarning, stacklevel=3)
 
 

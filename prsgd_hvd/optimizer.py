@@ -726,7 +726,8 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                            compression, bool(error_feedback))
     # Before the class swap: a mismatch leaves the optimizer as it was. Under Horovod's elastic
     # launcher a worker that joins builds its optimizer while the others are already in
-    # state.sync(), so there the check runs in LocalSGDState.sync() instead (prsgd_hvd.elastic).
+    # state.sync(), so there the check runs in the elastic state's sync() instead (the
+    # TorchState handler in prsgd_hvd.horovod_compat, which LocalSGDState uses too).
     if os.environ.get("HOROVOD_ELASTIC") != "1":
         state.check_ranks_agree()
     optimizer.__class__ = cls

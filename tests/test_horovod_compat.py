@@ -10,11 +10,8 @@
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -236,7 +233,7 @@ def test_standard_resume_gives_every_rank_the_counters(compat):
 def test_warning_when_local_steps_were_never_averaged(compat):
     for res in _cases(compat, "unaveraged_warning"):
         assert len(res["messages"]) == 1  # once per optimizer, never after finalize()
-        assert "last 3 local step(s) were never averaged" in res["messages"][0]
+        assert "took local steps after the last averaging round (it is at step 3)" in res["messages"][0]
         assert "opt.finalize()" in res["messages"][0]
 
 
@@ -244,3 +241,16 @@ def test_warning_at_exit_without_finalize(compat):
     # The worker leaves one optimizer with an un-averaged step: every rank says so at exit.
     for rank in range(NP):
         assert f"rank {rank} exits with its own model" in compat.output, compat.output[-4000:]
+
+
+def test_wrapping_before_hvd_init_says_so():
+    """The real cause, not a process-set error: hvd.init() was never called."""
+    code = ("import torch, prsgd_hvd as hvd\n"
+            "try:\n"
+            "    hvd.DistributedLocalSGD(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), interval=2)\n"
+            "except RuntimeError as e:\n"
+            "    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert "ERR DistributedLocalSGD: Horovod is not initialised; call hvd.init()" in out.stdout, \
+        out.stdout + out.stderr
