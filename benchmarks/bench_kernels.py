@@ -12,8 +12,8 @@ With divergence telemetry (``divergence=`` on the fused avg+step: the kernel als
 param before overwriting it, +4 B/elem fp32, so 24 B/elem) the avg+step time is measured
 again in the same run, interleaved with the plain one; the "div ms" column and "+div" ratio.
 
-Bytes per element follow DESIGN.md section 5 (fp32, SGD with momentum): fused 8 + 20 = 28;
-unfused "about 44" in DESIGN.md. Our own count of what the unfused path moves is printed too
+Bytes per element follow the performance model in docs/benchmarks.md (fp32, SGD with momentum): fused 8 + 20 = 28;
+unfused "about 44" of the performance model. Our own count of what the unfused path moves is printed too
 (cat 8, /=N 8, copy back 8, foreach SGD with weight decay 12 + 8 + 12 + 12 = 44, so 68 in all).
 The ceiling is a large tensor copy_ (read + write) measured in the same run on the same device
 and thread count. Times are medians over --repeats after warm-up.
@@ -61,9 +61,9 @@ def resnet50_shapes():
 
 MODELS = {"resnet20": resnet20_cifar_shapes, "resnet50": resnet50_shapes}
 
-FUSED_BYTES = 8 + 20        # DESIGN.md section 5
+FUSED_BYTES = 8 + 20        # the performance model in docs/benchmarks.md
 STEP_DIV_BYTES = 20 + 4     # avg+step with divergence: the old param is read too
-UNFUSED_BYTES_DESIGN = 44   # DESIGN.md section 5 ("about 44")
+UNFUSED_BYTES_DESIGN = 44   # the performance model in docs/benchmarks.md ("about 44")
 UNFUSED_BYTES_COUNTED = 8 + 8 + 8 + 44
 
 LR, MOMENTUM, WEIGHT_DECAY, WORLD = 0.1, 0.9, 5e-4, 4
@@ -189,7 +189,7 @@ def main():
     copy_gbs = max(copy_bandwidth(args.device, args.repeats) for _ in range(3))
     print(f"copy_ ceiling (256 MiB fp32, read+write, best of 3): {copy_gbs:.1f} GB/s")
     print(f"bytes/elem: fused {FUSED_BYTES} (pack 8 + avg+step 20); avg+step with divergence "
-          f"{STEP_DIV_BYTES}; unfused {UNFUSED_BYTES_DESIGN} (DESIGN.md), "
+          f"{STEP_DIV_BYTES}; unfused {UNFUSED_BYTES_DESIGN} (the performance model), "
           f"{UNFUSED_BYTES_COUNTED} by our count")
     print()
     hdr = (f"{'model':9} {'params':>10} {'tensors':>7} | {'pack ms':>8} {'GB/s':>6} | "

@@ -15,7 +15,8 @@ from . import ops  # noqa: F401
 elastic = _importlib.import_module(".elastic", __name__)
 from .compression import Compression  # horovod's Compression plus bf16 (shadows horovod's name)
 from .optimizer import DistributedLocalSGD
-from .schedules import (Adaptive, FixedInterval, Heterogeneous, Hierarchical, Schedule, StepPlan,
+from .schedules import (Adaptive, FixedInterval, Heterogeneous, Hierarchical, RoundReport, Schedule,
+                        StepPlan,
                         TimeVarying)
 
 __version__ = "0.1.0"

@@ -1,38 +1,81 @@
-"""Packing tensors into flat buffers and averaging them across ranks with Horovod.
+"""One averaging round over a Horovod process set, from packing to writing back.
 
-One averaging round:
+Read in this order; a round goes through the objects in it:
 
-    start():  pack each bucket (kernel 1: flatten)  ->  hvd.allreduce_async_(Sum)
-    wait():   the sums have arrived
-    write_back() (kernel 2: unflatten_average_), or the caller's fused average+SGD step on the
-              same flat buffers, scaled by ``Round.scale``
+    Averager.start(tensors, identity, ...)  pack each bucket (kernel 1: flatten) and start its
+        -> PendingRound                     hvd.allreduce_async_(Sum); owns the handles
+    PendingRound.wait()                     the sums have arrived (decoded, when compressed)
+        -> Round                            the summed buckets and every rank's control record
+    Round.check_identity()                  every rank was in the same round, or all raise
+    Round.write_back(...)                   tensor = sum / weight_sum (kernel 2), or the fused
+                                            average+SGD step of prsgd_hvd.fused_sgd on the
+                                            same buckets
 
 A bucket holds every tensor of one (device, dtype); fp16/bf16 tensors are summed in an fp32
-buffer so that the mean of low-precision models is computed accurately and rounded once.
-The bucket layout is built once and reused until the set of tensors changes.
+buffer so that the mean of low-precision models is computed accurately and rounded once. The
+layout is built once and reused until the set of tensors changes.
 
-NOTE: [control elements]
-Bucket 0's flat buffer carries two extra elements after the payload, summed with it in the same
-allreduce: this rank's weight in the average and 1.0 if this rank is still training (0.0 once
-it is in ``finalize()``). The sums give the divisor of the (possibly weighted) mean and tell a
-finishing rank whether the round it joined was someone's scheduled round or the final one --
-the join protocol of ``finalize()`` -- without a second collective per round. (With
-compression they travel in a tiny fp32 allreduce of their own: 16 bits cannot count exactly.)
+NOTE: [control records]
+Bucket 0's flat buffer ends with one control record per rank of the process set, summed with the
+payload in the same allreduce. A rank writes its own record (below) into its own slot and zeros
+into the others, so the sum hands every rank every rank's record -- an allgather that costs no
+extra collective. A record holds small integers and a weight, exact in fp32:
+
+    weight       this rank's weight in the average (the divisor is the sum of weights)
+    active       1 while the rank trains, 0 once it is in finalize() (the join protocol)
+    kind, number the round's identity: which round this rank believes this is
+    agree        the rank's schedule will agree on measured values right after this round
+    fingerprint  (first round only) a checksum of the initial parameters, which must be equal
+    layout       a checksum of the shapes and dtypes of what the rank sends
+
+Ranks that disagree on the identity (an ``average_now()`` on one rank only, counters not
+restored on resume) or on the layout raise the same error on every rank, before anything is
+written back. (With compression the records travel in a small fp32 allreduce of their own:
+16 bits cannot carry them exactly.)
 """
 from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import ops
+from .collectives import SetCollectives
 from .compression import DeltaCodec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_N_CONTROL = 2  # weight, still-training flag
+KINDS = ("scheduled", "average_now", "join")  # a join round matches any kind (finalize())
+_FIELDS = ("weight", "active", "kind", "number", "agree", "fingerprint", "layout")
+CONTROL_FIELDS = len(_FIELDS)  # per rank, after bucket 0's payload
+_EXACT = 1 << 23  # integers below this survive an fp32 sum of one non-zero term exactly
+
+
+def small_checksum(data: bytes) -> int:
+    """A checksum that an fp32 control record carries exactly (>= 1, so 0 means 'none')."""
+    return zlib.crc32(data) % (_EXACT - 1) + 1
+
+
+@dataclass(frozen=True)
+class RoundId:
+    """Which round this is: its kind and its number (rounds counted so far + 1)."""
+
+    kind: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} round {self.number}"
+
+
+class RoundMismatchError(RuntimeError):
+    """The ranks took part in different rounds, or sent different layouts; raised on every rank."""
+
+
+class RoundLayoutError(RuntimeError):
+    """Horovod refused to sum the buckets (their shapes differ between ranks)."""
 
 
 @dataclass
@@ -43,48 +86,18 @@ class Bucket:
     device: torch.device
     dtype: torch.dtype
     tensors: List[torch.Tensor]
-    flat: torch.Tensor              # payload, then the control elements in bucket 0
-    # Where each tensor's segment starts in the payload (and one past the end, last).
-    offsets: List[int] = field(default_factory=list)
-    handle: Optional[int] = None
+    positions: List[int]            # each tensor's index in the list the layout was built from
+    flat: torch.Tensor              # payload, then the control records in bucket 0
+    offsets: List[int]              # where each tensor's segment starts (and the end, last)
 
-    @property
-    def payload(self) -> torch.Tensor:
-        return self.flat[:self.offsets[-1]]
-
-    @property
-    def control(self) -> torch.Tensor:
-        return self.flat[self.offsets[-1]:]
+    def __post_init__(self):
+        # Views made once: slicing costs microseconds, and a round asks for them often.
+        self.payload = self.flat[:self.offsets[-1]]
+        self.control = self.flat[self.offsets[-1]:]
 
     def segment(self, first: int, last: int) -> torch.Tensor:
         """The part of the payload holding tensors[first:last] (contiguous by construction)."""
         return self.flat[self.offsets[first]:self.offsets[last]]
-
-
-@dataclass
-class Round:
-    """The outcome of one round: the summed buckets and what the control elements said."""
-
-    buckets: List[Bucket]
-    weight_sum: float     # divisor of the mean
-    active_ranks: int     # ranks still training (0: every rank is finishing)
-    prescaled: bool = False  # the payloads already hold the average (compressed rounds)
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.prescaled else 1.0 / self.weight_sum
-
-    _finite: Optional[bool] = field(default=None, repr=False)
-
-    def is_finite(self) -> bool:
-        # NaN and inf survive a sum, so one reduction per bucket finds them without the
-        # temporary of isfinite(); a sum that overflows only raises a false alarm, which the
-        # caller's per-rank check clears. Computed once per round (the compression codec and
-        # the optimizer both ask).
-        if self._finite is None:
-            self._finite = all(math.isfinite(float(b.payload.sum()))
-                               for b in self.buckets if b.tensors)
-        return self._finite
 
 
 def flat_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -95,75 +108,109 @@ def _signature(tensors: Sequence[torch.Tensor]) -> Tuple:
     return tuple((t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors)
 
 
-class Averager:
-    """Averages lists of tensors over a Horovod process set, one allreduce per bucket."""
+class BucketLayout:
+    """The buckets for one list of tensors. Tensors keep their relative order inside a bucket,
+    so a caller that lists tensors group by group gets each group as one contiguous segment."""
 
-    def __init__(self, process_set, name: str = "prsgd_hvd", kernels=ops,
-                 compression: Optional[str] = None, error_feedback: bool = True):
+    def __init__(self, tensors: Sequence[torch.Tensor], n_ranks: int):
+        self.signature = _signature(tensors)
+        self.tensors = list(tensors)
+        by_key: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        for i, t in enumerate(tensors):
+            if not t.is_floating_point():
+                raise TypeError(f"can only average floating-point tensors, got {t.dtype}")
+            by_key.setdefault((t.device, t.dtype), []).append(i)
+        if not by_key:  # nothing to average still needs bucket 0 for the control records
+            by_key[(torch.device("cpu"), torch.float32)] = []
+        self.buckets: List[Bucket] = []
+        for b, ((device, dtype), positions) in enumerate(by_key.items()):
+            ts = [tensors[i] for i in positions]
+            offsets = [0]
+            for t in ts:
+                offsets.append(offsets[-1] + t.numel())
+            extra = n_ranks * len(_FIELDS) if b == 0 else 0
+            flat = torch.empty(offsets[-1] + extra, dtype=flat_dtype_for(dtype), device=device)
+            self.buckets.append(Bucket(b, device, dtype, ts, positions, flat, offsets))
+        self.checksum = small_checksum(repr([(tuple(t.shape), str(t.dtype), t.device.type)
+                                             for t in tensors]).encode())
+
+    def write_record(self, rank: int, record: Tuple[float, ...]) -> None:
+        """This rank's control record in its slot, zeros in the others (NOTE above)."""
+        control = self.buckets[0].control
+        if control.device.type == "cpu":  # through a numpy view: no tensor allocations
+            rows = control.numpy().reshape(-1, len(_FIELDS))
+            rows.fill(0.0)
+            rows[rank] = record
+        else:
+            rows = control.view(-1, len(_FIELDS))
+            rows.zero_()
+            rows[rank] = torch.tensor(record, dtype=control.dtype)
+
+    def read_records(self) -> List[Tuple[float, ...]]:
+        return [tuple(r) for r in self.buckets[0].control.view(-1, len(_FIELDS)).tolist()]
+
+    def leading(self, n: int) -> List[int]:
+        """Per bucket, how many of its tensors are among the first ``n`` of the list."""
+        return [sum(1 for p in b.positions if p < n) for b in self.buckets]
+
+
+class Averager:
+    """Averages lists of tensors over one Horovod process set: one round at a time, one
+    allreduce per bucket. ``name`` prefixes the round's collectives in Horovod (and its
+    timeline); it must say what is averaged, so that ranks meet in the same collective."""
+
+    def __init__(self, process_set, name: str, kernels=ops, compression: Optional[str] = None,
+                 error_feedback: bool = True):
         import horovod.torch as hvd  # imported here so that importing this module stays cheap
 
-        self._hvd = hvd
-        # 16-bit deltas from the last common average (prsgd_hvd.compression); None: full precision.
-        self.codec = DeltaCodec(compression, error_feedback) if compression else None
-        self._compressed_round = False
-        self._control_handle = None
-        self.kernels = kernels  # prsgd_hvd.ops, or prsgd_hvd.ops_reference for fused=False
+        self.hvd = hvd
         self.process_set = process_set
         self.name = name
-        self.size = process_set.size()
-        self._buckets: List[Bucket] = []
-        self._signature: Optional[Tuple] = None
-        self._started_at = 0.0
-        self.in_flight = False
+        self.kernels = kernels  # prsgd_hvd.ops, or prsgd_hvd.ops_reference for fused=False
+        self.collectives = SetCollectives(process_set, name)
+        self.size, self.rank = self.collectives.size, self.collectives.rank
+        self.members = self.collectives.members  # global ranks, to name ranks in errors
+        # 16-bit deltas from the last common average (prsgd_hvd.compression); None: full precision.
+        self.codec = DeltaCodec(compression, error_feedback) if compression else None
+        self.layout: Optional[BucketLayout] = None
+        self.pending: Optional[PendingRound] = None
         # Telemetry, read by DistributedLocalSGD.stats().
         self.bytes_sent = 0
         self.comm_seconds = 0.0
         self.wait_seconds = 0.0
 
-    # ---- layout ---------------------------------------------------------------------------
-    def buckets_for(self, tensors: Sequence[torch.Tensor]) -> List[Bucket]:
-        """The bucket layout for ``tensors`` (cached; rebuilt only when the tensors change).
+    def rename(self, name: str) -> None:
+        self.name = self.collectives.prefix = name
 
-        Tensors keep their relative order inside a bucket, so a caller that lists tensors
-        group by group gets each group as one contiguous segment of the flat buffer.
-        """
-        sig = _signature(tensors)
-        if sig != self._signature:
-            by_key: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
-            for t in tensors:
-                if not t.is_floating_point():
-                    raise TypeError(f"can only average floating-point tensors, got {t.dtype}")
-                by_key.setdefault((t.device, t.dtype), []).append(t)
-            if not by_key:  # nothing to average still needs bucket 0 for the control elements
-                by_key[(torch.device("cpu"), torch.float32)] = []
-            buckets = []
-            for i, ((device, dtype), ts) in enumerate(by_key.items()):
-                offsets = [0]
-                for t in ts:
-                    offsets.append(offsets[-1] + t.numel())
-                extra = _N_CONTROL if i == 0 else 0
-                flat = torch.empty(offsets[-1] + extra, dtype=flat_dtype_for(dtype), device=device)
-                buckets.append(Bucket(i, device, dtype, ts, flat, offsets=offsets))
-            self._buckets, self._signature = buckets, sig
+    def layout_for(self, tensors: Sequence[torch.Tensor]) -> BucketLayout:
+        if self.layout is None or self.layout.signature != _signature(tensors):
+            if self.pending is not None:
+                raise RuntimeError("the tensors changed while an averaging round was in flight")
+            self.layout = BucketLayout(tensors, self.size)
             if self.codec is not None:
                 self.codec.reset()
-        return self._buckets
+        return self.layout
 
-    # ---- one round ------------------------------------------------------------------------
     @torch.no_grad()
-    def start(self, tensors: Sequence[torch.Tensor], weight: float = 1.0,
-              active: bool = True, contribute: bool = True) -> None:
+    def start(self, tensors: Sequence[torch.Tensor], identity: RoundId, *, weight: float = 1.0,
+              active: bool = True, contribute: bool = True, agree: bool = False,
+              fingerprint: int = 0) -> "PendingRound":
         """Pack ``tensors`` (times ``weight``) and start summing them across ranks.
 
-        ``contribute=False`` sends zeros instead (a rank left out of the average still takes
-        part in the collective)."""
-        if self.in_flight:
-            raise RuntimeError("an averaging round is already in flight; wait() for it first")
-        buckets = self.buckets_for(tensors)
-        self._started_at = time.perf_counter()
-        compressed = self.codec is not None and self.size > 1 and self.codec.ready(len(buckets))
-        self._compressed_round = compressed
-        for b in buckets:
+        ``contribute=False`` sends zeros and weight 0 (a rank left out of the average still
+        takes part in the collective)."""
+        if self.pending is not None:
+            raise RuntimeError(f"{self.pending.identity} is still in flight; wait() for it first")
+        layout = self.layout_for(tensors)
+        started = time.perf_counter()
+        compressed = self.codec is not None and self.size > 1 and self.codec.ready(len(layout.buckets))
+        if not contribute:
+            weight = 0.0
+        record = (weight, 1.0 if active else 0.0, float(KINDS.index(identity.kind) + 1),
+                  float(identity.number % _EXACT), 1.0 if agree else 0.0, float(fingerprint),
+                  float(layout.checksum))
+        pending = PendingRound(self, layout, identity, compressed, started)
+        for b in layout.buckets:
             if not contribute:
                 b.payload.zero_()
             else:
@@ -171,90 +218,177 @@ class Averager:
                 if weight != 1.0 and not compressed:
                     b.payload.mul_(weight)
             if b.index == 0:
-                b.control[0].fill_(weight)
-                b.control[1].fill_(1.0 if active else 0.0)
-            if self.size == 1:
-                continue
-            name = f"{self.name}.bucket{b.index}"
-            if compressed:
-                wire = self.codec.encode(b.index, b.payload, weight, contribute)
-                if self.codec.uses_allgather:
-                    b.handle = self._hvd.allgather_async(
-                        wire.view(torch.int16), name=name, process_set=self.process_set)
-                else:
-                    b.handle = self._hvd.allreduce_async_(
-                        wire, name=name, op=self._hvd.Sum, process_set=self.process_set)
-                self.bytes_sent += wire.numel() * wire.element_size()
-            else:
-                b.handle = self._hvd.allreduce_async_(
-                    b.flat, name=name, op=self._hvd.Sum, process_set=self.process_set)
-                self.bytes_sent += b.flat.numel() * b.flat.element_size()
+                layout.write_record(self.rank, record)
+            if self.size > 1:
+                pending.handles[b.index] = self._send(b, compressed, weight, contribute)
         if compressed:
-            control = buckets[0].control
-            self._control_handle = self._hvd.allreduce_async_(
-                control, name=f"{self.name}.control", op=self._hvd.Sum,
+            control = layout.buckets[0].control
+            pending.control_handle = self.hvd.allreduce_async_(
+                control, name=f"{self.name}.control", op=self.hvd.Sum,
                 process_set=self.process_set)
             self.bytes_sent += control.numel() * control.element_size()
-        self.in_flight = True
+        self.pending = pending
+        return pending
 
-    def wait(self) -> Round:
-        """Block until every bucket's sum has arrived."""
-        if not self.in_flight:
-            raise RuntimeError("no averaging round in flight; call start() first")
+    def _send(self, b: Bucket, compressed: bool, weight: float, contribute: bool):
+        name = f"{self.name}.bucket{b.index}"
+        if not compressed:
+            self.bytes_sent += b.flat.numel() * b.flat.element_size()
+            return self.hvd.allreduce_async_(b.flat, name=name, op=self.hvd.Sum,
+                                             process_set=self.process_set)
+        wire = self.codec.encode(b.index, b.payload, weight, contribute)
+        self.bytes_sent += wire.numel() * wire.element_size()
+        if self.codec.uses_allgather:
+            return self.hvd.allgather_async(wire.view(torch.int16), name=name,
+                                            process_set=self.process_set)
+        return self.hvd.allreduce_async_(wire, name=name, op=self.hvd.Sum,
+                                         process_set=self.process_set)
+
+
+class PendingRound:
+    """A round whose collectives are in flight. ``wait()`` may be called again after it was
+    interrupted (an exception, e.g. KeyboardInterrupt, while waiting): it resumes with the
+    handles that have not completed, so the averager is never left 'in flight' for good."""
+
+    def __init__(self, averager: Averager, layout: BucketLayout, identity: RoundId,
+                 compressed: bool, started_at: float):
+        self.averager, self.layout, self.identity = averager, layout, identity
+        self.compressed, self.started_at = compressed, started_at
+        self.handles: List[Optional[int]] = [None] * len(layout.buckets)
+        self.control_handle: Optional[int] = None
+        self.received: List[Optional[torch.Tensor]] = [None] * len(layout.buckets)
+
+    def wait(self) -> "Round":
+        av = self.averager
         t0 = time.perf_counter()
-        received = []
-        for b in self._buckets:
-            received.append(self._hvd.synchronize(b.handle) if b.handle is not None else None)
-            b.handle = None
-        if self._control_handle is not None:
-            self._hvd.synchronize(self._control_handle)
-            self._control_handle = None
-        now = time.perf_counter()
-        self.wait_seconds += now - t0
-        self.comm_seconds += now - self._started_at
-        self.in_flight = False
-        weight_sum, active = self._buckets[0].control.tolist()
-        rnd = Round(self._buckets, weight_sum, int(round(active)), prescaled=self._compressed_round)
-        if self.codec is not None and self.size > 1:
-            self._advance_codec(rnd, received)
+        try:
+            for i, handle in enumerate(self.handles):
+                if handle is not None:
+                    self.received[i] = av.hvd.synchronize(handle)
+                    self.handles[i] = None
+            if self.control_handle is not None:
+                av.hvd.synchronize(self.control_handle)
+                self.control_handle = None
+        except Exception as exc:  # Horovod reports a shape mismatch as a failed collective
+            if "ismatched" in str(exc):
+                self._drain()
+                raise RoundLayoutError(str(exc)) from exc
+            raise
+        finally:
+            av.wait_seconds += time.perf_counter() - t0
+        av.comm_seconds += time.perf_counter() - self.started_at
+        av.pending = None
+        rnd = Round(self.layout, self.identity, self.layout.read_records(),
+                    prescaled=self.compressed, members=av.members)
+        if av.codec is not None and av.size > 1:
+            self._advance_codec(rnd)
         return rnd
 
+    def _drain(self) -> None:
+        """After a failed collective: collect what is left, so the averager can start again."""
+        for h in [*self.handles, self.control_handle]:
+            if h is not None:
+                try:
+                    self.averager.hvd.synchronize(h)
+                except Exception:  # noqa: BLE001 - the first error is the one reported
+                    pass
+        self.handles = [None] * len(self.handles)
+        self.control_handle = None
+        self.averager.pending = None
+
     @torch.no_grad()
-    def _advance_codec(self, rnd: Round, received: List[Optional[torch.Tensor]]) -> None:
+    def _advance_codec(self, rnd: "Round") -> None:
         """Compressed rounds: rebuild the average from the deltas. Every accepted round (a
         non-finite one is retried or raised by the caller) sets the common anchor."""
-        for b, got in zip(rnd.buckets, received):
-            if rnd.prescaled:
-                self.codec.decode(b.index, b.payload, got, self.size, rnd.weight_sum)
+        codec = self.averager.codec
+        if rnd.prescaled:
+            for b, got in zip(rnd.buckets, self.received):
+                codec.decode(b.index, b.payload, got, self.averager.size, rnd.weight_sum)
         if not rnd.is_finite():
             return
         for b in rnd.buckets:
-            average = b.payload if rnd.prescaled else b.payload * rnd.scale
-            self.codec.commit(b.index, average)
+            codec.commit(b.index, b.payload if rnd.prescaled else b.payload * rnd.scale)
+
+
+@dataclass
+class Round:
+    """A completed round: the summed buckets and every rank's control record."""
+
+    layout: BucketLayout
+    identity: RoundId
+    records: List[Tuple[float, ...]]   # one per rank of the set (NOTE: [control records])
+    prescaled: bool = False            # the payloads already hold the average (compressed)
+    members: List[int] = field(default_factory=list)
+    _finite: Optional[bool] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.buckets: List[Bucket] = self.layout.buckets
+        self.weight_sum = sum(self._field("weight"))       # the divisor of the mean
+        self.active_ranks = int(round(sum(self._field("active"))))  # ranks still training
+        self.agree = any(self._field("agree"))             # a schedule agrees after this round
+
+    def _field(self, name: str) -> List[float]:
+        i = _FIELDS.index(name)
+        return [r[i] for r in self.records]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.prescaled else 1.0 / self.weight_sum
+
+    def fingerprints(self) -> List[int]:
+        return [int(f) for f in self._field("fingerprint")]
+
+    def check_identity(self) -> None:
+        """Raise :class:`RoundMismatchError` (on every rank alike: all see the same records)
+        unless every rank believes this is the same round and sent the same layout."""
+        kinds = [KINDS[int(k) - 1] if 1 <= int(k) <= len(KINDS) else f"kind {k}"
+                 for k in self._field("kind")]
+        numbers = [int(n) for n in self._field("number")]
+        layouts = [int(c) for c in self._field("layout")]
+        training = {k for k in kinds if k != "join"}
+        if len(set(numbers)) > 1 or len(training) > 1:
+            per_rank = "; ".join(f"rank {m}: {k} round {n}"
+                                 for m, k, n in zip(self.members, kinds, numbers))
+            raise RoundMismatchError(
+                f"DistributedLocalSGD: the ranks are not in the same averaging round ({per_rank}). "
+                f"Every rank must call step(), average_now() and finalize() at the same points "
+                f"of the schedule and start from the same counters: after resuming from a "
+                f"checkpoint on rank 0 only, broadcast the optimizer state with "
+                f"hvd.broadcast_optimizer_state(optimizer, root_rank=0), which carries them.")
+        if len(set(layouts)) > 1:
+            groups: Dict[int, List[int]] = {}
+            for m, c in zip(self.members, layouts):
+                groups.setdefault(c, []).append(m)
+            raise RoundMismatchError(
+                f"DistributedLocalSGD: at {self.identity} the ranks average different sets of "
+                f"tensors (same total size, different shapes or dtypes): ranks "
+                f"{' vs '.join(str(v) for v in groups.values())}. Every rank must have the same "
+                f"parameters, param groups and model buffers, in the same order.")
+
+    def is_finite(self) -> bool:
+        # NaN and inf survive a sum, so one reduction per bucket finds them without the
+        # temporary of isfinite(); a sum that overflows only raises a false alarm, which the
+        # non-finite policy's per-rank check clears. Computed once per round.
+        if self._finite is None:
+            self._finite = all(math.isfinite(float(b.payload.sum()))
+                               for b in self.buckets if b.tensors)
+        return self._finite
 
     @torch.no_grad()
-    def write_back(self, rnd: Round, measured: Optional[Sequence[int]] = None) -> Optional[float]:
-        """``tensor = sum / weight_sum`` for every tensor of the round.
+    def write_back(self, kernels, measured: int = 0) -> Optional[float]:
+        """``tensor = sum / weight_sum`` for every tensor of the round (kernel 2).
 
-        With ``measured`` (per bucket, how many leading tensors to measure) it also returns
-        this rank's squared distance from the average over those tensors, taken in the same
+        With ``measured`` > 0 it also returns this rank's squared distance from the average
+        over the first ``measured`` tensors of the list (the parameters), taken in the same
         pass (``divergence=`` of the kernels)."""
-        total = None if measured is None else 0.0
-        for i, b in enumerate(rnd.buckets):
-            n = 0 if measured is None else measured[i]
+        total = None if measured == 0 else 0.0
+        for b, n in zip(self.buckets, self.layout.leading(measured)):
             if n:
                 acc = torch.zeros(1, dtype=torch.float64, device=b.device)
-                self.kernels.unflatten_average_(b.segment(0, n), b.tensors[:n], scale=rnd.scale,
-                                                divergence=acc)
+                kernels.unflatten_average_(b.segment(0, n), b.tensors[:n], scale=self.scale,
+                                           divergence=acc)
                 total += float(acc)
             if n < len(b.tensors):
-                self.kernels.unflatten_average_(b.segment(n, len(b.tensors)), b.tensors[n:],
-                                                scale=rnd.scale)
+                kernels.unflatten_average_(b.segment(n, len(b.tensors)), b.tensors[n:],
+                                           scale=self.scale)
         return total
-
-    def average_(self, tensors: Sequence[torch.Tensor], active: bool = True) -> Round:
-        """Blocking: replace every tensor by its mean over the process set."""
-        self.start(tensors, active=active)
-        rnd = self.wait()
-        self.write_back(rnd)
-        return rnd

@@ -348,8 +348,8 @@ def _no_unaveraged_warning():
 
 def unaveraged_steps(optimizer) -> int:
     ls = optimizer._local_sgd
-    if ls.size <= 1:
-        return 0  # a world of one (or a rank outside the process set): nothing to average
+    if ls.size <= 1 or ls.finalized:
+        return 0  # a world of one (or a rank outside the process set), or averaged for good
     return max(0, ls.local_step - ls.averaged_step)
 
 

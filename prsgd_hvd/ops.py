@@ -11,10 +11,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import ops_reference as reference
+from . import ops_reference as _reference
 
 __all__ = ["has_extension", "extension_error", "flatten", "unflatten_average_",
-           "unflatten_average_sgd_", "reference"]
+           "unflatten_average_sgd_"]
 
 try:  # the compiled kernels register torch.ops.prsgd_hvd.* when imported
     from . import _C  # type: ignore[attr-defined]  # noqa: F401
@@ -22,6 +22,12 @@ try:  # the compiled kernels register torch.ops.prsgd_hvd.* when imported
 except ImportError as exc:  # pragma: no cover - depends on the build
     _C = None
     _EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _dense(tensors) -> bool:
+    """The kernels write params (and read grads and buffers) as dense arrays; tensors with
+    other strides (channels_last, views) take the reference path, which honours any layout."""
+    return all(t is None or t.is_contiguous() for t in tensors)
 
 
 def has_extension() -> bool:
@@ -37,7 +43,7 @@ def extension_error() -> Optional[str]:
 def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pack ``tensors`` into one 1-D buffer (cast to ``out.dtype`` when ``out`` is given)."""
     if _C is None:
-        return reference.flatten(tensors, out)
+        return _reference.flatten(tensors, out)
     tensors = list(tensors)
     if not tensors and out is None:  # the dispatcher would have no tensor to pick a device from
         raise ValueError("flatten: 'tensors' is empty and no 'out' was given to take a dtype from")
@@ -53,8 +59,8 @@ def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, sc
     ``divergence``: optional 1-element float64 tensor on ``flat``'s device; the op adds
     ``sum((old params[i] - flat[segment_i] * scale)**2)`` to it, in the same pass.
     """
-    if _C is None:
-        return reference.unflatten_average_(flat, params, scale=scale, divergence=divergence)
+    if _C is None or not _dense(params):
+        return _reference.unflatten_average_(flat, params, scale=scale, divergence=divergence)
     with torch.no_grad():
         if divergence is None:  # the schema's default; same call as before the option existed
             torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale))
@@ -83,8 +89,8 @@ def unflatten_average_sgd_(
     ``divergence``: as in :func:`unflatten_average_`, measured from the params before the
     step to the average.
     """
-    if _C is None:
-        return reference.unflatten_average_sgd_(
+    if _C is None or not (_dense(params) and _dense(grads) and _dense(momentum_buffers)):
+        return _reference.unflatten_average_sgd_(
             flat, params, grads, momentum_buffers, scale=scale, lr=lr, momentum=momentum,
             dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, first_step=first_step, divergence=divergence)

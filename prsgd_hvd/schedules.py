@@ -1,86 +1,110 @@
 """When to average: the schedules accepted by ``DistributedLocalSGD(interval=...)``.
 
-A schedule is asked twice per ``step()`` call t = 1, 2, ... on this rank:
+A schedule answers one question, without side effects: ``plan(t, elapsed)`` -> :class:`StepPlan`
+for the ``step()`` call t = 1, 2, ... on this rank (``elapsed``: seconds since this rank's last
+scheduled round ended, or since its first step began). The optimizer asks it at the start of
+step t, and -- to start step t's round early (overlap) -- once more at the end of step t-1; both
+get the same answer about the round because nothing changed in between. The schedule hears back
+through one call, ``on_round(report)``, after every round it asked for (and after warm-up rounds).
 
-* ``before_step(t)``: average the models *before* this step's update (Algorithm 1: the update,
-  computed from the local gradient, is applied to the average), and which learning rate to set;
-* ``after_step(t)``: average *after* the update (Algorithms 2 and 3: an epoch ends with an
-  average, so the next gradient is taken at the average).
+    average_before   x_i <- avg(x^{t-1}), then the update from this step's gradient (Algorithm 1)
+    average_after    the update, then x_i <- avg(x^t): an epoch ends (Algorithms 2 and 3)
+    group            the round is among groups of this many consecutive ranks (Hierarchical)
+    weight           this rank's weight in the round's average (1.0: the plain mean)
+    lr               set on every param group before the update
+    agree            after the round, the schedule agrees on measured values with the other ranks
+                     (``on_round`` gets ``report.agree`` and calls ``self.allgather`` once)
 
 NOTE: [schedules are deterministic per rank]
-Every rank must reach the same number of averaging rounds in the same order, because each round
-is a collective. A schedule therefore decides from its own counters, from values every rank
-agreed on (``describe()`` is compared across ranks at construction; ``by_speed`` agrees on its
-intervals with one allgather), or -- only for ``Heterogeneous.every_seconds`` -- from a clock
-whose epochs all ranks start together at the end of a round. Ranks with different step counts
-per epoch still meet: every rank joins every round, whatever its count.
+Every rank must reach the same averaging rounds in the same order, because each round is a
+collective. A schedule therefore decides from its own counters, from values every rank agreed on
+(``describe()`` is compared across ranks at construction; ``by_speed`` and ``Adaptive`` agree on
+measurements with ``allgather``), or -- only for ``Heterogeneous.every_seconds`` -- from a clock
+whose epochs all ranks start together at the end of a round. Ranks with different step counts per
+epoch still meet: every rank joins every round, whatever its count. Agreement rides on the round:
+the rank that asks for it says so in the round's control record, so a rank that has already
+finished (in ``finalize()``) learns from the same round that it must answer the allgather too.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-__all__ = ["Schedule", "StepPlan", "FixedInterval", "TimeVarying", "Heterogeneous", "Hierarchical",
-           "Adaptive", "as_schedule"]
+__all__ = ["Schedule", "StepPlan", "RoundReport", "FixedInterval", "TimeVarying", "Heterogeneous",
+           "Hierarchical", "Adaptive", "WarmUp", "as_schedule"]
 
 ValueSpec = Union[Sequence[float], Callable[[int], float]]
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What ``step()`` does before the optimizer's own update."""
+    """What ``step()`` t does besides the optimizer's own update (see the module doc)."""
 
-    average_before: bool = False  # x_i <- avg(x^{t-1}) before the update (Algorithm 1)
-    lr: Optional[float] = None    # set on every param group before the update, when not None
+    average_before: bool = False
+    average_after: bool = False
+    group: Optional[int] = None
+    weight: float = 1.0
+    lr: Optional[float] = None
+    agree: bool = False
+
+    @property
+    def averages(self) -> bool:
+        return self.average_before or self.average_after
 
 
 NO_ACTION = StepPlan()
+AVERAGE_BEFORE = StepPlan(average_before=True)
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What a schedule hears after a round (``Schedule.on_round``).
+
+    ``kind`` is ``"scheduled"`` (a round this schedule asked for), ``"warmup"`` (a warm-up round,
+    see :class:`WarmUp`) or ``"join"`` (this rank has finished and is only answering the others'
+    round: it must take part in the agreement when ``agree`` is set, and change nothing else).
+    """
+
+    t: int                    # the step the round belonged to
+    kind: str = "scheduled"
+    steps: int = 0            # local steps since the previous scheduled round
+    compute_seconds: float = 0.0  # time since the previous scheduled round, minus waiting
+    waited_seconds: float = 0.0   # time this rank waited for this round
+    divergence: Optional[float] = None  # ||x_i - avg||^2 measured at this round
+    agree: bool = False       # some rank asked for the schedule's agreement after this round
+
+    @property
+    def finished(self) -> bool:
+        return self.kind == "join"
 
 
 class Schedule:
-    """Base class. Subclasses override the decisions they make and keep their position in
-    ``state_dict`` so that a resumed run averages at the same steps."""
+    """Base class. Subclasses override ``plan`` (and ``on_round`` when they keep a position,
+    which then goes into ``state_dict`` so that a resumed run averages at the same steps)."""
 
     rank = 0
     size = 1
 
-    def bind(self, rank: int, size: int, allgather: Callable[[Any], List[Any]]) -> None:
-        """Called once by the optimizer: this rank, the number of ranks, and a collective
-        ``allgather(obj) -> [obj of rank 0, ...]`` over the optimizer's process set."""
-        self.rank, self.size, self._allgather = rank, size, allgather
+    def bind(self, rank: int, size: int, allgather: Callable[[Any], List[Any]],
+             local_size: Optional[int] = None) -> None:
+        """Called by the optimizer when it is built (and after an elastic resize): this rank,
+        the number of ranks, a collective ``allgather(obj) -> [obj of rank 0, ...]`` over the
+        optimizer's process set, and how many ranks share this rank's host."""
+        self.rank, self.size, self.allgather = rank, size, allgather
+        self.local_size = local_size
 
-    def before_step(self, t: int) -> StepPlan:
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
         return NO_ACTION
 
-    def will_average_before(self, t: int) -> bool:
-        """Lookahead without side effects: will ``before_step(t)`` ask for an average? Lets the
-        optimizer start that round's allreduce as soon as step t-1 ends (overlap)."""
-        return False
-
-    def after_step(self, t: int) -> bool:
-        return False
+    def on_round(self, report: RoundReport) -> None:
+        """Called after every round this schedule asked for (see :class:`RoundReport`)."""
 
     def group_sizes(self) -> List[int]:
         """Sizes of the rank groups this schedule averages within, besides the whole set."""
         return []
-
-    def before_step_group(self, t: int) -> Optional[int]:
-        """Lookahead without side effects: the group size of step ``t``'s round (None: all)."""
-        return None
-
-    def round_weight(self) -> float:
-        """This rank's weight in the average about to be taken (1.0: plain mean)."""
-        return 1.0
-
-    def round_done(self) -> None:
-        """Called after every scheduled averaging round."""
-
-    def observe(self, t: int, divergence: Optional[float], waited_seconds: float) -> None:
-        """Called after every scheduled round, before ``round_done``: the step it happened in,
-        this rank's divergence from the average and how long it waited for the round."""
 
     def describe(self) -> Dict[str, Any]:
         """What every rank must agree on (compared across ranks at construction)."""
@@ -90,7 +114,9 @@ class Schedule:
         return {}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        pass
+        if state:  # a position saved by another kind of schedule
+            raise ValueError(f"schedule state: {type(self).__name__} keeps no position, but the "
+                             f"checkpoint has {sorted(state)}; it was saved with another schedule")
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -99,23 +125,69 @@ def _positive_int(value: Any, what: str) -> int:
     return value
 
 
+def _count(state: Dict[str, Any], key: str, minimum: int = 0) -> int:
+    """A counter from a checkpoint: an int (or integral float) >= minimum, or a clear error."""
+    if key not in state:
+        raise ValueError(f"schedule state: '{key}' is missing; the checkpoint was saved with "
+                         f"another schedule")
+    v = state[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < minimum:
+        raise ValueError(f"schedule state: '{key}' must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
 class FixedInterval(Schedule):
     """Algorithm 1: average every ``interval`` steps (at t = I, 2I, ...), before the update."""
 
     def __init__(self, interval: int):
         self.interval = _positive_int(interval, "FixedInterval: 'interval'")
 
-    def before_step(self, t: int) -> StepPlan:
-        return StepPlan(average_before=self.will_average_before(t))
-
-    def will_average_before(self, t: int) -> bool:
-        return t % self.interval == 0
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
+        return AVERAGE_BEFORE if t % self.interval == 0 else NO_ACTION
 
     def describe(self) -> Dict[str, Any]:
         return {"schedule": "FixedInterval", "interval": self.interval}
 
     def __repr__(self) -> str:
         return f"FixedInterval({self.interval})"
+
+
+class WarmUp(Schedule):
+    """Average at every step for ``t <= steps`` (post-local-SGD warm-up), then follow ``inner``.
+
+    ``DistributedLocalSGD(warmup_steps=W)`` wraps its schedule in this. Warm-up rounds reach the
+    inner schedule as ``kind="warmup"`` reports, so epoch schedules start their first epoch after
+    the warm-up."""
+
+    def __init__(self, inner: Schedule, steps: int):
+        self.inner, self.steps = inner, steps
+
+    def bind(self, rank, size, allgather, local_size=None) -> None:
+        super().bind(rank, size, allgather, local_size)
+        self.inner.bind(rank, size, allgather, local_size)
+
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
+        return AVERAGE_BEFORE if t <= self.steps else self.inner.plan(t, elapsed)
+
+    def on_round(self, report: RoundReport) -> None:
+        if report.t <= self.steps and report.kind == "scheduled":
+            report = dataclasses.replace(report, kind="warmup")
+        self.inner.on_round(report)
+
+    def group_sizes(self) -> List[int]:
+        return self.inner.group_sizes()
+
+    def describe(self) -> Dict[str, Any]:
+        return {**self.inner.describe(), "warmup_steps": self.steps}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
 
 
 class _Sequence:
@@ -150,8 +222,15 @@ class _Sequence:
                              f"epoch {s} got {v!r}")
         return v
 
-    def describe(self):
-        return "callable" if callable(self.spec) else list(self.spec)
+    def describe(self, probe: int = 8):
+        """Sequences as they are; callables by their values at s = 1..probe, so ranks whose
+        callables differ are told apart (two lambdas describe alike by name)."""
+        if not callable(self.spec):
+            return list(self.spec)
+        try:
+            return {"callable": [self.spec(s) for s in range(1, probe + 1)]}
+        except Exception as exc:  # noqa: BLE001 - a callable that fails early fails in plan()
+            return {"callable": f"raises {type(exc).__name__}"}
 
 
 def _is_epoch_length(v) -> bool:
@@ -163,30 +242,31 @@ def _is_lr(v) -> bool:
 
 
 class _Epochs(Schedule):
-    """Shared machinery of Algorithms 2 and 3: epochs of local steps, each ended by an average."""
+    """Shared machinery of Algorithms 2 and 3: epochs of local steps, each ended by an average.
+
+    The position is (epoch s, the local step at which it began); step t is the
+    ``t - epoch_start``-th of its epoch."""
 
     def __init__(self):
-        self.epoch = 1          # s, 1-based
-        self.step_in_epoch = 0  # local steps taken in the current epoch
+        self.epoch = 1
+        self.epoch_start = 0
 
-    def epoch_length(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def in_epoch(self, t: int) -> int:
+        return t - self.epoch_start
 
-    def after_step(self, t: int) -> bool:
-        self.step_in_epoch += 1
-        return self.step_in_epoch >= self.epoch_length()
-
-    def round_done(self) -> None:
-        self.epoch += 1
-        self.step_in_epoch = 0
+    def on_round(self, report: RoundReport) -> None:
+        if report.kind == "scheduled":
+            self.epoch += 1
+        if report.kind in ("scheduled", "warmup"):
+            self.epoch_start = report.t
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        return {"epoch": self.epoch, "epoch_start": self.epoch_start}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state:
-            self.epoch = int(state["epoch"])
-            self.step_in_epoch = int(state["step_in_epoch"])
+            self.epoch = _count(state, "epoch", 1)
+            self.epoch_start = _count(state, "epoch_start")
 
 
 class TimeVarying(_Epochs):
@@ -206,6 +286,7 @@ class TimeVarying(_Epochs):
                                        _is_epoch_length, "ints >= 1")
         self.lrs = None if lrs is None else _Sequence(lrs, "lrs", repeat_last, _is_lr,
                                                       "finite numbers >= 0")
+        self._paper: Optional[Dict[str, Any]] = None
         self._length_cache = (0, 0)
 
     @classmethod
@@ -218,25 +299,25 @@ class TimeVarying(_Epochs):
         max(1, .) (an epoch has at least one step), the scale factors k0 and lr0, and the cap
         lr_max are our reading. ``n_workers=None`` takes N from the optimizer's process set.
         """
-        sched = cls(lambda s: 1, None)
-        sched._paper = {"lr0": lr0, "n_workers": n_workers, "k0": k0, "lr_max": lr_max}
         if not _is_lr(lr0) or lr0 == 0:
             raise ValueError(f"TimeVarying.paper: 'lr0' must be a finite number > 0, got {lr0!r}")
         if k0 <= 0:
             raise ValueError(f"TimeVarying.paper: 'k0' must be > 0, got {k0!r}")
+        sched = cls(lambda s: 1, None)
+        sched._paper = {"lr0": lr0, "n_workers": n_workers, "k0": k0, "lr_max": lr_max}
         return sched
 
-    def bind(self, rank: int, size: int, allgather) -> None:
-        super().bind(rank, size, allgather)
-        paper = getattr(self, "_paper", None)
-        if paper is not None:
-            n = paper["n_workers"] or size
-            k0, lr0, lr_max = paper["k0"], paper["lr0"], paper["lr_max"]
+    def bind(self, rank, size, allgather, local_size=None) -> None:
+        super().bind(rank, size, allgather, local_size)
+        if self._paper is not None:  # N is the world this schedule runs in
+            n = self._paper["n_workers"] or size
+            k0, lr0, lr_max = self._paper["k0"], self._paper["lr0"], self._paper["lr_max"]
             self.epoch_lengths = _Sequence(lambda s: max(1, math.floor(k0 * s ** (1 / 3) / n)),
                                            "epoch_lengths", False, _is_epoch_length, "ints >= 1")
             lr_fn = (lambda s: lr0 * n / s ** (2 / 3)) if lr_max is None else \
                 (lambda s: min(lr_max, lr0 * n / s ** (2 / 3)))
             self.lrs = _Sequence(lr_fn, "lrs", False, _is_lr, "finite numbers >= 0")
+            self._length_cache = (0, 0)
 
     def epoch_length(self) -> int:
         s, k = self._length_cache
@@ -245,22 +326,17 @@ class TimeVarying(_Epochs):
             self._length_cache = (self.epoch, k)
         return k
 
-    def before_step(self, t: int) -> StepPlan:
-        if self.step_in_epoch == 0:
-            self.epoch_length()  # a run-out sequence fails here, before the update
-            if self.lrs is not None:
-                return StepPlan(lr=float(self.lrs(self.epoch)))
-        return NO_ACTION
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
+        k = self.in_epoch(t)
+        length = self.epoch_length()  # a run-out sequence fails here, before the update
+        lr = float(self.lrs(self.epoch)) if k == 1 and self.lrs is not None else None
+        return StepPlan(average_after=k >= length, lr=lr)
 
     def describe(self) -> Dict[str, Any]:
-        d = {"schedule": "TimeVarying"}
-        paper = getattr(self, "_paper", None)
-        if paper is not None:
-            d["paper"] = dict(paper)
-        else:
-            d["epoch_lengths"] = self.epoch_lengths.describe()
-            d["lrs"] = None if self.lrs is None else self.lrs.describe()
-        return d
+        if self._paper is not None:
+            return {"schedule": "TimeVarying", "paper": dict(self._paper)}
+        return {"schedule": "TimeVarying", "epoch_lengths": self.epoch_lengths.describe(),
+                "lrs": None if self.lrs is None else self.lrs.describe()}
 
     def __repr__(self) -> str:
         return f"TimeVarying(epoch={self.epoch})"
@@ -286,6 +362,8 @@ class Heterogeneous(_Epochs):
     Use :meth:`by_speed` or :meth:`every_seconds` to pick the counts from measured speed.
     """
 
+    mode = "fixed"
+
     def __init__(self, intervals: Sequence[int], weights: str = "uniform"):
         super().__init__()
         if isinstance(intervals, (str, bytes)) or not hasattr(intervals, "__len__"):
@@ -296,167 +374,191 @@ class Heterogeneous(_Epochs):
         if weights not in _WEIGHTS:
             raise ValueError(f"Heterogeneous: 'weights' must be one of {_WEIGHTS}, got {weights!r}")
         self.weights = weights
-        self.mode = "fixed"
 
     @classmethod
     def by_speed(cls, base_interval: int, calibrate_steps: int = 20,
-                 weights: str = "uniform") -> "Heterogeneous":
+                 weights: str = "uniform") -> "HeterogeneousBySpeed":
         """Pick I_i from each rank's measured step time.
 
-        For the first ``calibrate_steps`` timed steps every rank averages every
-        ``base_interval`` steps while timing its steps (forward, backward and update, from the
-        end of one ``step()`` call to the end of the next; time spent in averaging rounds is
-        left out); then the ranks agree (one allgather) on I_i = round(base_interval * t_slowest /
-        t_i) from the median step times, so the slowest rank keeps ``base_interval`` and an
-        epoch lasts about as long on every rank. The calibration ends with an average.
+        For the first ``calibrate_steps`` steps every rank averages every ``base_interval``
+        steps and times its epochs (forward, backward and update; time spent waiting for
+        rounds is left out); then the ranks agree (one allgather, announced in the round) on
+        I_i = round(base_interval * t_slowest / t_i) from each rank's median time per step, so
+        the slowest rank keeps ``base_interval`` and an epoch lasts about as long on every
+        rank. The calibration ends with an average.
         """
-        sched = cls([1], weights)
-        sched.intervals = []
-        sched.mode = "by_speed"
-        sched.base_interval = _positive_int(base_interval, "Heterogeneous.by_speed: 'base_interval'")
-        sched.calibrate_steps = _positive_int(calibrate_steps,
-                                              "Heterogeneous.by_speed: 'calibrate_steps'")
-        sched.step_times: List[float] = []
-        return sched
+        return HeterogeneousBySpeed(base_interval, calibrate_steps, weights)
 
     @classmethod
-    def every_seconds(cls, seconds: float, weights: str = "uniform") -> "Heterogeneous":
+    def every_seconds(cls, seconds: float, weights: str = "uniform") -> "HeterogeneousEverySeconds":
         """Each rank runs local steps until ``seconds`` have passed since the last average
         (at least one step), then averages. Ranks end an epoch within one step of each other."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-            raise ValueError(f"Heterogeneous.every_seconds: 'seconds' must be > 0, got {seconds!r}")
-        sched = cls([1], weights)
-        sched.intervals = []
-        sched.mode = "every_seconds"
-        sched.seconds = float(seconds)
-        return sched
+        return HeterogeneousEverySeconds(seconds, weights)
 
-    def bind(self, rank: int, size: int, allgather) -> None:
-        super().bind(rank, size, allgather)
-        if self.mode == "fixed" and len(self.intervals) != size:
+    def bind(self, rank, size, allgather, local_size=None) -> None:
+        super().bind(rank, size, allgather, local_size)
+        if len(self.intervals) != size:
             raise ValueError(f"Heterogeneous: 'intervals' has {len(self.intervals)} entries but "
                              f"the process set has {size} ranks; give one per rank")
-        self._clock: Optional[float] = None   # end of the last step() or round
-        self._epoch_started: Optional[float] = None
 
-    # ---- timing (by_speed, every_seconds) ----------------------------------------------------
-    # A step's time runs from the end of the previous step() call (or of the last round) to
-    # the end of this step's update, so it covers forward, backward and the update but not
-    # the time spent waiting in averaging rounds. The very first step has no start point.
-    def before_step(self, t: int) -> StepPlan:
-        if self._epoch_started is None:
-            self._epoch_started = time.perf_counter()
-        return NO_ACTION
+    def _plan(self, t: int, epoch_ends: bool, agree: bool = False) -> StepPlan:
+        weight = float(self.in_epoch(t)) if self.weights == "steps" else 1.0
+        return StepPlan(average_after=epoch_ends, weight=weight, agree=agree)
 
-    def _step_time(self) -> Optional[float]:
-        now = time.perf_counter()
-        elapsed = None if self._clock is None else now - self._clock
-        self._clock = now
-        return elapsed
-
-    def _calibrating(self) -> bool:
-        return self.mode == "by_speed" and not self.intervals
-
-    def epoch_length(self) -> int:
-        if self._calibrating():
-            return self.base_interval
-        return self.intervals[self.rank]
-
-    def after_step(self, t: int) -> bool:
-        self.step_in_epoch += 1
-        if self.mode == "every_seconds":
-            self._clock = time.perf_counter()
-            return self._clock - self._epoch_started >= self.seconds
-        if self._calibrating():
-            elapsed = self._step_time()
-            if elapsed is not None:
-                self.step_times.append(elapsed)
-            if len(self.step_times) >= self.calibrate_steps:
-                self._agree_on_intervals()
-                return True  # start the measured epochs from a common model
-            return self.step_in_epoch >= self.base_interval
-        return self.step_in_epoch >= self.intervals[self.rank]
-
-    def _agree_on_intervals(self) -> None:
-        mine = statistics.median(self.step_times)
-        all_times = self._allgather(mine)
-        slowest = max(all_times)
-        self.intervals = [max(1, round(self.base_interval * slowest / max(t, 1e-9)))
-                          for t in all_times]
-
-    def round_done(self) -> None:
-        super().round_done()
-        self._epoch_started = self._clock = time.perf_counter()
-
-    def round_weight(self) -> float:
-        return float(self.step_in_epoch) if self.weights == "steps" else 1.0
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
+        return self._plan(t, self.in_epoch(t) >= self.intervals[self.rank])
 
     def describe(self) -> Dict[str, Any]:
-        d = {"schedule": "Heterogeneous", "mode": self.mode, "weights": self.weights}
-        if self.mode == "fixed":
-            d["intervals"] = list(self.intervals)
-        elif self.mode == "by_speed":
-            d.update(base_interval=self.base_interval, calibrate_steps=self.calibrate_steps)
-        else:
-            d["seconds"] = self.seconds
-        return d
+        return {"schedule": "Heterogeneous", "mode": self.mode, "weights": self.weights,
+                "intervals": list(self.intervals)}
 
     def state_dict(self) -> Dict[str, Any]:
-        sd = super().state_dict()
-        sd["intervals"] = list(self.intervals)
-        if self.mode == "by_speed":
-            sd["step_times"] = list(self.step_times)
-        return sd
+        return {**super().state_dict(), "intervals": list(self.intervals)}
+
+    def __repr__(self) -> str:
+        return f"Heterogeneous({self.intervals}, weights={self.weights!r})"
+
+
+class HeterogeneousBySpeed(Heterogeneous):
+    """``Heterogeneous.by_speed``: Algorithm 3 with I_i calibrated from measured step times."""
+
+    mode = "by_speed"
+
+    def __init__(self, base_interval: int, calibrate_steps: int, weights: str):
+        super().__init__([], weights)
+        self.base_interval = _positive_int(base_interval, "Heterogeneous.by_speed: 'base_interval'")
+        self.calibrate_steps = _positive_int(calibrate_steps,
+                                             "Heterogeneous.by_speed: 'calibrate_steps'")
+        self.step_times: List[float] = []  # seconds per step, one entry per calibration epoch
+        self.timed_steps = 0
+
+    def bind(self, rank, size, allgather, local_size=None) -> None:
+        Schedule.bind(self, rank, size, allgather, local_size)  # no per-rank list to check yet
+
+    def calibrating(self) -> bool:
+        return not self.intervals
+
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
+        if not self.calibrating():
+            return super().plan(t, elapsed)
+        k = self.in_epoch(t)
+        # The very first step has no start point (the clock starts when it calls step()).
+        done = self.timed_steps + k - (1 if self.epoch == 1 else 0) >= self.calibrate_steps
+        return self._plan(t, done or k >= self.base_interval, agree=done)
+
+    def on_round(self, report: RoundReport) -> None:
+        if self.calibrating() and report.kind == "scheduled":
+            timed = report.steps - (1 if self.epoch == 1 else 0)
+            if timed > 0:
+                self.step_times.append(report.compute_seconds / timed)
+                self.timed_steps += timed
+        if report.agree:
+            mine = None if report.finished or not self.step_times else statistics.median(self.step_times)
+            everyone = self.allgather(mine)
+            slowest = max((v for v in everyone if v is not None), default=1.0)
+            # A rank that has already finished keeps the base interval: it takes no more steps.
+            self.intervals = [self.base_interval if v is None else
+                              max(1, round(self.base_interval * slowest / max(v, 1e-9)))
+                              for v in everyone]
+        super().on_round(report)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"schedule": "Heterogeneous", "mode": self.mode, "weights": self.weights,
+                "base_interval": self.base_interval, "calibrate_steps": self.calibrate_steps}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "step_times": list(self.step_times),
+                "timed_steps": self.timed_steps}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if state and self.mode != "fixed":
-            # Calibrated I_i are kept as long as the world size is the same.
+        if state:
+            # Calibrated I_i are kept as long as the world size is the same; otherwise the
+            # ranks calibrate again.
             saved = list(state.get("intervals", []))
             self.intervals = saved if len(saved) == self.size else []
-            if self.mode == "by_speed":
-                self.step_times = list(state.get("step_times", [])) if not self.intervals else []
+            keep = not self.intervals and len(saved) == 0
+            self.step_times = list(state.get("step_times", [])) if keep else []
+            self.timed_steps = int(state.get("timed_steps", 0)) if keep else 0
 
     def __repr__(self) -> str:
-        if self.mode == "every_seconds":
-            return f"Heterogeneous.every_seconds({self.seconds})"
-        if self._calibrating():
+        if self.calibrating():
             return f"Heterogeneous.by_speed(base_interval={self.base_interval}, calibrating)"
-        return f"Heterogeneous({self.intervals}, weights={self.weights!r})"
+        return super().__repr__()
+
+
+class HeterogeneousEverySeconds(Heterogeneous):
+    """``Heterogeneous.every_seconds``: an epoch ends at the first step that begins ``seconds``
+    or more after the last average (forward and backward of that step are done by then)."""
+
+    mode = "every_seconds"
+
+    def __init__(self, seconds: float, weights: str):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"Heterogeneous.every_seconds: 'seconds' must be > 0, got {seconds!r}")
+        super().__init__([], weights)
+        self.seconds = float(seconds)
+
+    def bind(self, rank, size, allgather, local_size=None) -> None:
+        Schedule.bind(self, rank, size, allgather, local_size)
+
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
+        return self._plan(t, elapsed >= self.seconds)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"schedule": "Heterogeneous", "mode": self.mode, "weights": self.weights,
+                "seconds": self.seconds}
+
+    def __repr__(self) -> str:
+        return f"Heterogeneous.every_seconds({self.seconds})"
 
 
 class Hierarchical(Schedule):
     """Hierarchical averaging, PyTorch's ``HierarchicalModelAverager`` convention.
 
     ``Hierarchical({2: 2, 8: 8})`` on 8 ranks: every 2 steps, groups of 2 consecutive ranks
-    average; every 8 steps all 8 do. At step t the largest period dividing t wins. Each
-    group size must divide the number of ranks, and the largest period's group must be all of
-    them (as PyTorch requires), so every model eventually meets every other. Rounds happen
-    before the update (Algorithm 1). Groups are Horovod process sets: start the job with
-    ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` (they are then created when the optimizer is built),
-    or pass the same groups to ``hvd.init(process_sets=[...])``. All ranks must run the same
-    number of steps: ``finalize()``'s join protocol covers rounds of the whole set only, so a
-    rank that stops early would leave its group's next round waiting.
+    average; every 8 steps all 8 do. At step t the largest period dividing t wins. A group size
+    may also be ``"host"`` (the ranks of one host: Horovod's ``local_size()``; every host must run
+    the same number of ranks, numbered consecutively, as ``horovodrun -H a:2,b:2`` does) or
+    ``"all"``. Each group size must divide the number of ranks, and the largest period's group
+    must be all of them (as PyTorch requires), so every model eventually meets every other.
+    Rounds happen before the update (Algorithm 1). Groups are Horovod process sets: start the
+    job with ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` (they are then created when the optimizer is
+    built), or pass the same groups to ``hvd.init(process_sets=[...])``. Ranks may end after
+    different numbers of steps: a rank in ``finalize()`` keeps answering its group's rounds and
+    the global ones until every rank has finished.
     """
 
-    def __init__(self, period_group_size: Dict[int, int]):
+    def __init__(self, period_group_size: Dict[int, Union[int, str]]):
         if not isinstance(period_group_size, dict) or not period_group_size:
             raise TypeError("Hierarchical: give a non-empty dict {period: group_size}, "
                             f"got {period_group_size!r}")
         for period, group in period_group_size.items():
             _positive_int(period, "Hierarchical: each period")
-            _positive_int(group, "Hierarchical: each group size")
-        self.levels = sorted(period_group_size.items())  # by period, ascending
+            if group not in ("host", "all"):
+                _positive_int(group, "Hierarchical: each group size (or 'host' or 'all')")
+        self.spec = sorted(period_group_size.items())  # by period, ascending
+        self.levels = [(p, g) for p, g in self.spec if isinstance(g, int)]
 
-    def bind(self, rank: int, size: int, allgather) -> None:
-        super().bind(rank, size, allgather)
-        for period, group in self.levels:
+    def bind(self, rank, size, allgather, local_size=None) -> None:
+        super().bind(rank, size, allgather, local_size)
+        levels = []
+        for period, group in self.spec:
+            if group == "all":
+                group = size
+            elif group == "host":
+                if local_size is None:
+                    raise ValueError("Hierarchical: group 'host' needs the optimizer's process "
+                                     "set to be all ranks (Horovod's local_size)")
+                group = local_size
             if size % group:
                 raise ValueError(f"Hierarchical: group size {group} (period {period}) does not "
                                  f"divide the {size} ranks")
-        if self.levels[-1][1] != size:
-            raise ValueError(f"Hierarchical: the largest period ({self.levels[-1][0]}) must "
-                             f"average all {size} ranks, got groups of {self.levels[-1][1]}")
+            levels.append((period, group))
+        if levels[-1][1] != size:
+            raise ValueError(f"Hierarchical: the largest period ({levels[-1][0]}) must "
+                             f"average all {size} ranks, got groups of {levels[-1][1]}")
+        self.levels = levels
 
     def _level(self, t: int) -> Optional[int]:
         for period, group in reversed(self.levels):
@@ -464,17 +566,11 @@ class Hierarchical(Schedule):
                 return group
         return None
 
-    def will_average_before(self, t: int) -> bool:
-        return self._level(t) is not None
-
-    def before_step(self, t: int) -> StepPlan:
-        if self._level(t) is None:
-            return NO_ACTION
-        return StepPlan(average_before=True)
-
-    def before_step_group(self, t: int) -> Optional[int]:
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
         group = self._level(t)
-        return None if group is None or group == self.size else group
+        if group is None:
+            return NO_ACTION
+        return StepPlan(average_before=True, group=None if group == self.size else group)
 
     def group_sizes(self) -> List[int]:
         return sorted({g for _, g in self.levels if g != self.size})
@@ -489,9 +585,9 @@ class Hierarchical(Schedule):
 class Adaptive(Schedule):
     """Algorithm 1 with an interval that adapts to measured divergence and communication.
 
-    After every round the ranks agree (one small collective) on two means: the divergence
-    ||x_i - x_avg||^2 measured at that round and the fraction of time spent waiting for it,
-    waited / (compute time since the previous round + waited). Then:
+    After every round the ranks agree (one small collective, announced in the round) on two
+    means: the divergence ||x_i - x_avg||^2 measured at that round and the fraction of time
+    spent waiting for it, waited / (compute time since the previous round + waited). Then:
 
     * divergence above ``max_divergence`` -> halve I (the models drift apart: the paper's
       lemma bounds the divergence by 4 gamma^2 I^2 G^2, so it grows with I^2);
@@ -515,38 +611,41 @@ class Adaptive(Schedule):
             raise ValueError(f"Adaptive: 'comm_fraction' must be in (0, 1), got {comm_fraction!r}")
         if max_divergence is not None and not max_divergence > 0:
             raise ValueError(f"Adaptive: 'max_divergence' must be > 0, got {max_divergence!r}")
+        self.initial = self.interval
         self.comm_fraction, self.max_divergence = comm_fraction, max_divergence
         self.next_round = self.interval
         self.history: List[int] = []  # the interval after each round
-        self._since = None
 
-    def will_average_before(self, t: int) -> bool:
-        return t == self.next_round
+    def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
+        return StepPlan(average_before=True, agree=True) if t == self.next_round else NO_ACTION
 
-    def before_step(self, t: int) -> StepPlan:
-        if self._since is None:
-            self._since = time.perf_counter()
-        return StepPlan(average_before=self.will_average_before(t))
-
-    def observe(self, t: int, divergence: Optional[float], waited_seconds: float) -> None:
-        now = time.perf_counter()
-        elapsed = now - (self._since if self._since is not None else now)
-        compute = max(elapsed - waited_seconds, 1e-9)
-        mine = (divergence or 0.0, waited_seconds / (compute + waited_seconds))
-        everyone = self._allgather(mine)
+    def on_round(self, report: RoundReport) -> None:
+        if report.kind == "warmup":
+            self.next_round = report.t + self.interval
+            return
+        if not report.agree:
+            return
+        mine = None
+        if not report.finished:
+            compute = max(report.compute_seconds, 1e-9)
+            mine = (report.divergence or 0.0,
+                    report.waited_seconds / (compute + report.waited_seconds))
+        everyone = [v for v in self.allgather(mine) if v is not None]
+        if report.finished or not everyone:
+            return
         mean_divergence = sum(d for d, _ in everyone) / len(everyone)
         mean_fraction = sum(f for _, f in everyone) / len(everyone)
         if self.max_divergence is not None and mean_divergence > self.max_divergence:
             self.interval = max(self.min_interval, self.interval // 2)
         elif mean_fraction > self.comm_fraction:
             self.interval = min(self.max_interval, self.interval * 2)
-        self.next_round = t + self.interval
+        self.next_round = report.t + self.interval
         self.history.append(self.interval)
-        self._since = time.perf_counter()
 
     def describe(self) -> Dict[str, Any]:
-        return {"schedule": "Adaptive", "min": self.min_interval, "max": self.max_interval,
-                "comm_fraction": self.comm_fraction, "max_divergence": self.max_divergence}
+        return {"schedule": "Adaptive", "initial": self.initial, "min": self.min_interval,
+                "max": self.max_interval, "comm_fraction": self.comm_fraction,
+                "max_divergence": self.max_divergence}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"interval": self.interval, "next_round": self.next_round,
@@ -554,7 +653,8 @@ class Adaptive(Schedule):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state:
-            self.interval, self.next_round = int(state["interval"]), int(state["next_round"])
+            self.interval = _count(state, "interval", 1)
+            self.next_round = _count(state, "next_round", 1)
             self.history = list(state.get("history", []))
 
     def __repr__(self) -> str:

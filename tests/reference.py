@@ -1,7 +1,7 @@
 """Float64, single-process simulation of all ranks of Parallel Restarted SGD.
 
 Written with plain torch optimizers only -- none of prsgd_hvd's code -- straight from the
-algorithm statements in DESIGN.md §3, so that the package is held to an independent reference.
+algorithm statements in README.md ("What exactly happens"), so that the package is held to an independent reference.
 """
 from __future__ import annotations
 

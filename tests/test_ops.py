@@ -394,8 +394,10 @@ def test_errors(device, gen):
     raises("unsupported dtypes.*params\\[1\\]", ops.unflatten_average_, flat,
            [p[0], p[1].double()], scale=1.0)
     raises("unsupported dtypes", ops.unflatten_average_, flat.half(), p, scale=1.0)
-    raises("params\\[1\\] must be contiguous", ops.unflatten_average_, flat,
-           [p[0], p[1].t()], scale=1.0)
+    # ops.* routes strided params to the reference (test_strided_tensors_take_the_reference);
+    # the compiled op itself refuses them by name.
+    raises("params\\[1\\] must be contiguous", torch.ops.prsgd_hvd.unflatten_average_, flat,
+           [p[0], p[1].t()], 1.0)
     raises("same length", ops.unflatten_average_sgd_, flat, p, g[:1], b, **sgd)
     raises("same length", ops.unflatten_average_sgd_, flat, p, g, b[:1], **sgd)
     raises("first_step", ops.unflatten_average_sgd_, flat, p, g, b, first_step=[True], **sgd)
@@ -403,8 +405,8 @@ def test_errors(device, gen):
            [g[0], torch.ones(4, device=device)], b, **sgd)
     raises("grads\\[0\\] has dtype", ops.unflatten_average_sgd_, flat, p,
            [g[0].double(), g[1]], b, **sgd)
-    raises("grads\\[1\\] must be contiguous", ops.unflatten_average_sgd_, flat, p,
-           [g[0], g[1].t()], b, **sgd)
+    raises("grads\\[1\\] must be contiguous", torch.ops.prsgd_hvd.unflatten_average_sgd_, flat,
+           p, [g[0], g[1].t()], b, [False, False], 0.5, 0.1, 0.9, 0.0, 0.0, False, False, None)
     raises("momentum_buffers\\[1\\] is None", ops.unflatten_average_sgd_, flat, p, g,
            [b[0], None], **sgd)
     raises("momentum_buffers\\[0\\] has shape", ops.unflatten_average_sgd_, flat, p, g,
@@ -456,3 +458,33 @@ def test_schemas_mark_mutation():
     assert str(torch.ops.prsgd_hvd.unflatten_average_.default._schema).endswith(
         "Tensor(b!)? divergence=None) -> ()")
     assert schema.endswith("Tensor(c!)? divergence=None) -> ()")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_tensors_take_the_reference(device, dtype, gen):
+    """channels_last and transposed params (and their grads and buffers) are averaged and
+    stepped exactly as the reference does, instead of being refused by the kernels."""
+    def make():
+        g2 = torch.Generator().manual_seed(5)
+        conv = torch.randn(4, 3, 3, 3, generator=g2).to(device=device, dtype=dtype)
+        return [conv.contiguous(memory_format=torch.channels_last),
+                torch.randn(5, 3, generator=g2).to(device=device, dtype=dtype).t()]
+    flat = rand((108 + 15,), torch.float32, device, gen)
+    for op in ("avg", "sgd"):
+        got, want = make(), make()
+        grads = [torch.ones_like(t) for t in got]
+        bufs_got = [torch.full_like(t, 0.5) for t in got]
+        bufs_want = [torch.full_like(t, 0.5) for t in want]
+        if op == "avg":
+            ops.unflatten_average_(flat, got, scale=0.5)
+            ref.unflatten_average_(flat, want, scale=0.5)
+        else:
+            kw = dict(scale=0.5, lr=0.1, momentum=0.9, weight_decay=0.01)
+            ops.unflatten_average_sgd_(flat, got, grads, bufs_got, **kw)
+            ref.unflatten_average_sgd_(flat, want, grads, bufs_want, **kw)
+            for a, b in zip(bufs_got, bufs_want):
+                assert torch.equal(a, b)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b) and a.stride() == b.stride()

@@ -181,7 +181,9 @@ def test_model_buffers_and_optimizer_state_are_included_when_asked():
     opt = hvd.DistributedLocalSGD(opt, interval=1, model=model, average_state=True)
     train_bn = lambda: (opt.zero_grad(), model(torch.randn(6, 4)).sum().backward(), opt.step())
     train_bn()
-    tensors = opt._local_sgd.tensors()
+    ls = opt._local_sgd
+    tensors, n_params = ls.contents.tensors(ls.collectives)
+    assert n_params == len(list(model.parameters()))
     ids = {id(t) for t in tensors}
     assert id(model[1].running_mean) in ids and id(model[1].running_var) in ids
     assert id(model[1].num_batches_tracked) not in ids  # integer buffers are not averaged

@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+from prsgd_hvd.averaging import CONTROL_FIELDS
+
 from hvdrun import run_workers
 from reference import simulate_epochs, simulate_fixed_interval
 
@@ -197,9 +199,10 @@ def test_compression_sends_half_the_bytes(np, kind):
     assert full["rounds"] == comp["rounds"] == 10 and comp["compression"] == kind
     per_round_full = full["bytes_sent"] / full["rounds"]
     # The first round has no common average yet and goes in full precision; every later one
-    # sends 16-bit deltas (half) plus the two fp32 control elements.
+    # sends 16-bit deltas (half) plus the fp32 control records (one per rank).
+    control = np * CONTROL_FIELDS * 4
     per_round_comp = (comp["bytes_sent"] - per_round_full) / (comp["rounds"] - 1)
-    assert per_round_comp == pytest.approx((per_round_full - 8) / 2 + 8)
+    assert per_round_comp == pytest.approx((per_round_full - control) / 2 + control)
 
 
 @pytest.mark.parametrize("np", [2, 3])

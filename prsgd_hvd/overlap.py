@@ -1,0 +1,55 @@
+"""The round in flight between two ``step()`` calls (``DistributedLocalSGD(overlap=True)``).
+
+NOTE: [overlap]
+Algorithm 1 averages x^{t-1}, which is final as soon as step t-1 returns. So when step t will
+average before its update, step t-1 ends by packing the parameters and starting the allreduce;
+step t's forward and backward run while Horovod's background thread moves the bytes, and step
+t only waits for what is left. The packed copy is a snapshot: code that changes the parameters
+between step() calls (other than through this optimizer) must pass overlap=False.
+
+A round is held here under the key of the step it was started for. Step t takes it only when
+its own plan asks for the same round (same step, group, weight); anything else -- the schedule
+changed its mind, ``average_now()``, ``load_state_dict()`` -- first *cancels* it: waits for it
+(every rank started it, so it completes) and drops the result without counting it, on every
+rank alike, so the next round reuses its number. A round whose wait was interrupted (an
+exception while waiting) stays held, and the retried step takes it up where it stopped.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Optional
+
+from .averaging import PendingRound
+
+
+class InFlight:
+    def __init__(self):
+        self.pending: Optional[PendingRound] = None
+        self.key: Optional[Hashable] = None
+
+    def hold(self, pending: PendingRound, key: Hashable) -> None:
+        assert self.pending is None, "one round in flight at a time"
+        self.pending, self.key = pending, key
+
+    def take(self, key: Hashable) -> Optional[PendingRound]:
+        """The held round if it was started for ``key``; otherwise cancel what is held."""
+        if self.pending is not None and self.key == key:
+            pending, self.pending, self.key = self.pending, None, None
+            return pending
+        self.cancel()
+        return None
+
+    def release(self) -> Optional[PendingRound]:
+        """Hand over whatever is held (finalize() joins it as a round)."""
+        pending, self.pending, self.key = self.pending, None, None
+        return pending
+
+    def cancel(self) -> None:
+        pending = self.release()
+        if pending is not None:
+            pending.wait()
+
+    def forget(self) -> None:
+        """After an elastic reset the round died with the old Horovod: nothing to wait for."""
+        if self.pending is not None:
+            self.pending.averager.pending = None
+        self.pending, self.key = None, None

@@ -1,0 +1,140 @@
+"""The round's objects on their own, in one process: BucketLayout, Averager -> PendingRound ->
+Round (control records, identity checks, write-back) and the 16-bit DeltaCodec."""
+import pytest
+import torch
+
+import prsgd_hvd as hvd
+from prsgd_hvd import ops_reference
+from prsgd_hvd.averaging import (CONTROL_FIELDS, Averager, BucketLayout, Round, RoundId,
+                                 RoundMismatchError)
+from prsgd_hvd.compression import DeltaCodec
+
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod():
+    hvd.init()
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 5, generator=g), torch.randn(7, generator=g).half(),
+            torch.randn((), generator=g), torch.randn(2, 2, generator=g).half()]
+
+
+def test_layout_groups_by_dtype_keeps_order_and_sums_low_precision_in_fp32():
+    ts = tensors()
+    layout = BucketLayout(ts, n_ranks=3)
+    assert [b.dtype for b in layout.buckets] == [torch.float32, torch.float16]
+    assert [b.positions for b in layout.buckets] == [[0, 2], [1, 3]]
+    assert layout.buckets[1].flat.dtype == torch.float32
+    assert layout.buckets[0].control.numel() == 3 * CONTROL_FIELDS  # records ride in bucket 0
+    assert layout.buckets[1].control.numel() == 0
+    assert layout.leading(3) == [2, 1]  # of the first 3 tensors, 2 are fp32 and 1 fp16
+    assert BucketLayout(tensors(), 3).checksum == layout.checksum  # shapes, not values
+    assert BucketLayout(ts[:3], 3).checksum != layout.checksum
+
+
+@pytest.mark.parametrize("kernels", ["ops", "reference"])
+def test_a_round_of_one_rank_carries_its_record_and_writes_back_the_weighted_mean(kernels):
+    ts = tensors()
+    before = [t.clone() for t in ts]
+    kernels = hvd.ops if kernels == "ops" else ops_reference
+    averager = Averager(hvd.global_process_set, "unit.round", kernels=kernels)
+    pending = averager.start(ts, RoundId("average_now", 5), weight=2.0, agree=True, fingerprint=9)
+    with pytest.raises(RuntimeError, match="average_now round 5 is still in flight"):
+        averager.start(ts, RoundId("scheduled", 6))
+    rnd = pending.wait()
+    assert averager.pending is None
+    assert rnd.weight_sum == 2.0 and rnd.active_ranks == 1 and rnd.agree
+    assert rnd.fingerprints() == [9]
+    rnd.check_identity()
+    assert rnd.is_finite()
+    divergence = rnd.write_back(kernels, measured=2)
+    for t, b in zip(ts, before):  # sum / weight_sum with one rank: the tensor itself
+        torch.testing.assert_close(t, b)
+    assert divergence == pytest.approx(0.0, abs=1e-6)
+    assert averager.bytes_sent == 0  # a world of one sends nothing
+
+
+def test_contribute_false_sends_zeros_with_weight_zero():
+    ts = [torch.ones(4)]
+    averager = Averager(hvd.global_process_set, "unit.zero")
+    rnd = averager.start(ts, RoundId("scheduled", 1), contribute=False).wait()
+    assert rnd.weight_sum == 0.0 and torch.equal(rnd.buckets[0].payload, torch.zeros(4))
+
+
+def _round(records):
+    layout = BucketLayout([torch.zeros(2)], n_ranks=len(records))
+    return Round(layout, RoundId("scheduled", 3), records, members=list(range(len(records))))
+
+
+def _record(kind, number, layout=1, weight=1.0, active=1.0):
+    from prsgd_hvd.averaging import KINDS
+    return (weight, active, float(KINDS.index(kind) + 1), float(number), 0.0, 0.0, float(layout))
+
+
+def test_identity_checks():
+    _round([_record("scheduled", 3), _record("scheduled", 3)]).check_identity()
+    _round([_record("scheduled", 3), _record("join", 3, active=0.0)]).check_identity()
+    with pytest.raises(RoundMismatchError, match="rank 0: scheduled round 3; rank 1: average_now round 3"):
+        _round([_record("scheduled", 3), _record("average_now", 3)]).check_identity()
+    with pytest.raises(RoundMismatchError, match="rank 1: scheduled round 1"):
+        _round([_record("scheduled", 3), _record("scheduled", 1)]).check_identity()
+    with pytest.raises(RoundMismatchError, match=r"different sets of tensors.*\[0\] vs \[1\]"):
+        _round([_record("scheduled", 3, layout=1), _record("scheduled", 3, layout=2)]).check_identity()
+    r = _round([_record("join", 3, weight=1.0, active=0.0), _record("scheduled", 3, weight=3.0)])
+    assert r.weight_sum == 4.0 and r.active_ranks == 1 and r.scale == 0.25
+
+
+def test_interrupted_wait_resumes():
+    import horovod.torch as horovod_torch
+    # A world of one has no handles; give the pending round one that fails once.
+    averager = Averager(hvd.global_process_set, "unit.interrupt")
+    pending = averager.start([torch.ones(3)], RoundId("scheduled", 1))
+    handle = horovod_torch.allreduce_async_(torch.ones(2), name="unit.interrupt.extra")
+    pending.handles[0] = handle
+    real, calls = horovod_torch.synchronize, []
+
+    def flaky(h):
+        calls.append(h)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(h)
+    horovod_torch.synchronize = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pending.wait()
+        assert averager.pending is pending and pending.handles[0] == handle
+        pending.wait().check_identity()
+    finally:
+        horovod_torch.synchronize = real
+    assert averager.pending is None and calls == [handle, handle]
+
+
+def _compressed_rounds(error_feedback, rounds=40):
+    """One rank: each round the model moves by d_k from the common average, sends the 16-bit
+    change, and takes the decoded average (as the write-back does). Returns how far the final
+    average is from x0 + sum(d_k), the model that exact averaging would give."""
+    g = torch.Generator().manual_seed(1)
+    codec = DeltaCodec("fp16", error_feedback=error_feedback)
+    x = torch.randn(2000, generator=g)
+    exact = x.clone()
+    codec.commit(0, x)                      # the first (full-precision) common average
+    for _ in range(rounds):
+        d = 1e-2 * torch.randn(2000, generator=g)
+        exact += d
+        payload = x + d
+        wire = codec.encode(0, payload, weight=1.0, contribute=True)
+        retry = codec.encode(0, x + d, weight=1.0, contribute=True)  # a rerun sends the same
+        assert torch.equal(wire, retry) and wire.dtype == torch.float16
+        codec.decode(0, x, wire.clone(), size=1, weight_sum=1.0)
+        codec.commit(0, x)
+    return (x - exact).abs().mean().item()
+
+
+def test_delta_codec_error_feedback_keeps_rounding_from_accumulating():
+    with_ef, without = _compressed_rounds(True), _compressed_rounds(False)
+    assert with_ef < 1e-5, "within one round's 16-bit error of exact averaging"
+    assert with_ef < without / 3, (with_ef, without)
+    codec = DeltaCodec("bf16")
+    assert codec.uses_allgather and not codec.ready(1)
