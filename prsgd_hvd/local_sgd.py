@@ -248,6 +248,7 @@ class LocalSGD:
                pending: Optional[PendingRound] = None) -> Tuple[Round, bool]:
         """Run one round (or finish ``pending``) and check it; returns it and whether this rank
         was left out of it (``nonfinite="exclude"``)."""
+        self._claim_name()  # before the key: a retried first round must find its own key
         key = (t, identity.kind, averager.name, weight, agree)
         if pending is None:
             pending = self.inflight.take(key)

@@ -20,6 +20,7 @@ def main():
         opt.step()
     opt.finalize()
     torch.save(opt.stats(), f"{args.out}/rank{hvd.rank()}.pt")
+    hvd.shutdown()  # stops Horovod's background thread, which flushes the timeline file
 
 
 if __name__ == "__main__":
