@@ -26,6 +26,9 @@ def main():
     ap.add_argument("--interval", type=int, default=4)
     ap.add_argument("--step-ms", type=float, default=20.0, help="extra time per step (to watch)")
     ap.add_argument("--record", default=None, help="append 'size step rounds' lines here (rank 0)")
+    ap.add_argument("--state", choices=["localsgd", "torch"], default="localsgd",
+                    help="hvd.elastic.LocalSGDState, or Horovod's own hvd.elastic.TorchState "
+                         "(which handles a wrapped optimizer once prsgd_hvd is imported)")
     args = ap.parse_args()
 
     hvd.init()
@@ -34,7 +37,8 @@ def main():
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                   interval=args.interval)
-    state = hvd.elastic.LocalSGDState(model, opt, step=0)
+    state_class = hvd.elastic.LocalSGDState if args.state == "localsgd" else hvd.elastic.TorchState
+    state = state_class(model, opt, step=0)
 
     @hvd.elastic.run
     def train(state):
@@ -57,8 +61,12 @@ def main():
 
     train(state)
     opt.finalize()
+    # Every worker, the one that joined too, must end on the same schedule and world size.
+    seen = hvd.allgather_object((opt.local_step, opt.rounds, opt.stats()["world_size"]),
+                                name="elastic.counters")
     if hvd.rank() == 0:
         print(f"done: {state.step} steps, {opt.rounds} rounds, final size {hvd.size()}", flush=True)
+        print(f"counters agree: {len(set(seen)) == 1} {seen}", flush=True)
 
 
 if __name__ == "__main__":

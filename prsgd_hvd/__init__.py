@@ -33,3 +33,11 @@ _EXPORTS = {
 for _name, _obj in _EXPORTS.items():
     setattr(_horovod_torch, _name, _obj)
 del _name, _obj
+
+# What a Horovod script reaches through horovod.torch behaves as ours too (and these names
+# here shadow Horovod's from the star import): broadcast_optimizer_state carries the local-SGD
+# counters, Compression has bf16, DistributedOptimizer refuses a wrapped optimizer,
+# hvd.elastic.TorchState handles a wrapped optimizer and hvd.elastic.LocalSGDState exists.
+from . import horovod_compat as _horovod_compat  # noqa: E402
+from .horovod_compat import LocalSGDOptimizer  # noqa: E402,F401
+globals().update(_horovod_compat.install_on_horovod())

@@ -10,16 +10,19 @@
                 state.commit()                # the models are (nearly) common
                 last_rounds = opt.rounds
 
-``LocalSGDState`` is Horovod's ``TorchState`` (it saves and restores the model and the
-optimizer, whose ``state_dict()`` carries the local-SGD counters and schedule position) plus:
+``LocalSGDState`` is Horovod's ``TorchState`` that insists on a wrapped optimizer. Both work:
+importing prsgd_hvd registers a state handler for wrapped optimizers with Horovod's
+``TorchState`` (prsgd_hvd.horovod_compat), so ``hvd.elastic.TorchState(model, opt)`` does the
+same. With a wrapped optimizer the state
 
-* ``sync()`` also sends rank 0's counters and schedule position to every rank, so a worker
-  that joins follows the same averaging schedule (Horovod's optimizer sync sends only the
-  state tensors); the model itself is broadcast from rank 0, so after a reset every worker
-  restarts from a common model;
-* ``sync()`` also runs the cross-rank agreement check, which the optimizer's constructor
-  skips under the elastic launcher (a joining worker constructs while the others sync);
-* on reset the optimizer re-binds to the new world: new rank and size, new averagers, and the
+* saves and restores the optimizer's ``state_dict()``, which carries the local-SGD counters and
+  schedule position;
+* on ``sync()`` broadcasts rank 0's optimizer state, counters and schedule position, so a
+  worker that joins follows the same averaging schedule (the model itself is broadcast from
+  rank 0, so after a reset every worker restarts from a common model), then runs the
+  cross-rank agreement check, which the optimizer's constructor skips under the elastic
+  launcher (a joining worker constructs while the others sync);
+* on reset re-binds the optimizer to the new world: new rank and size, new averagers, and the
   schedule re-derives what depends on N (``TimeVarying.paper``'s N, ``Heterogeneous.by_speed``
   recalibrates). ``Heterogeneous`` with explicit per-rank counts and ``Hierarchical`` cannot
   follow a resize and say so.
@@ -42,18 +45,3 @@ class LocalSGDState(TorchState):
             raise TypeError("LocalSGDState: 'optimizer' must be wrapped by "
                             "DistributedLocalSGD (use hvd.elastic.TorchState otherwise)")
         super().__init__(model=model, optimizer=optimizer, **kwargs)
-
-    def sync(self):
-        import horovod.torch as hvd
-
-        super().sync()
-        ls = self.optimizer._local_sgd
-        ls.load_local_state(hvd.broadcast_object(ls.local_state(), root_rank=0,
-                                                 name="prsgd_hvd.elastic.local_state"))
-        # Every worker, old and new, is here together: the place for the agreement check
-        # that DistributedLocalSGD(...) skips under the elastic launcher.
-        ls.check_ranks_agree()
-
-    def reset(self):
-        super().reset()
-        self.optimizer._local_sgd.rebind()

@@ -86,6 +86,7 @@ class LocalSGD:
         # Counters (in state_dict) and what stats() reports.
         self.local_step = 0
         self.rounds = 0
+        self.averaged_step = 0  # local_step when this rank last took a plain average
         self.finalized = False
         self.divergence: Optional[float] = None
         self._fingerprint = 0               # of the initial parameters, sent in round 1
@@ -187,6 +188,7 @@ class LocalSGD:
         self.local_step, self.rounds = self.validate_local_state(local)
         self.schedule.load_state_dict(local.get("schedule") or {})
         self._last_round_t = self.local_step
+        self.averaged_step = self.local_step  # a resume starts from one (broadcast) model
         self.finalized = False
 
     # ---- the step pipeline --------------------------------------------------------------------
@@ -211,6 +213,7 @@ class LocalSGD:
             update()
         if plan.average_after:
             self._scheduled_round(t, plan, None, skip_update)
+            self.averaged_step = t
         self.local_step = t
         self._prestart(t + 1)
 
@@ -318,6 +321,7 @@ class LocalSGD:
         rnd, _ = self._round(RoundId("average_now", self.rounds + 1), self.averager)
         self._write_back(rnd)
         self.rounds += 1
+        self.averaged_step = self.local_step
         self._prestart(self.local_step + 1)
 
     def discard_in_flight(self) -> None:

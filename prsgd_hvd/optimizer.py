@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from . import ops
+from . import horovod_compat, ops
 from .compression import resolve_compression
 from .local_sgd import LocalSGD
 from .nonfinite import NonFinitePolicy
@@ -62,6 +62,7 @@ class _LocalSGDMethods:
         return self._local_sgd.rounds
 
     def step(self, closure=None, **kwargs):
+        self._compat_before_step()
         ls: LocalSGD = self._local_sgd
         base_step = super(self.__class__, self).step
         if self._needs_closure_in_step:
@@ -130,6 +131,7 @@ class _LocalSGDMethods:
         return self._local_sgd.stats()
 
     def state_dict(self) -> Dict[str, Any]:
+        horovod_compat.warn_if_unaveraged(self, "state_dict")
         sd = super(self.__class__, self).state_dict()
         sd["local_sgd"] = self._local_sgd.local_state()
         return sd
@@ -204,16 +206,25 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                         warmup_steps: int = 0, process_set=None, fused: Optional[bool] = None,
                         model: Optional[torch.nn.Module] = None, average_state: bool = False,
                         overlap: bool = True, nonfinite: str = "raise", compression=None,
-                        error_feedback: bool = True):
+                        error_feedback: bool = True, backward_passes_per_step: int = 1,
+                        op=None, gradient_predivide_factor: float = 1.0, num_groups: int = 0,
+                        groups=None, sparse_as_dense: bool = False):
     """Wrap ``optimizer`` for Parallel Restarted SGD (local SGD with periodic model averaging).
+
+    Takes every argument of ``hvd.DistributedOptimizer`` (docs/migrating.md), so swapping the
+    call is one line; those that mean something for averaging models are honoured, the others
+    are validated as Horovod validates them and documented below.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; it is returned, re-classed (see the NOTE above).
         interval: an ``int >= 1`` (average every ``interval`` steps, Algorithm 1) or a schedule
             (``FixedInterval``, ...).
         named_parameters: ``model.named_parameters()``, for error messages that name parameters.
+            As in Horovod, it must name every parameter of the optimizer (or be omitted).
         warmup_steps: average at every step for the first ``warmup_steps`` steps.
-        process_set: the Horovod process set to average over (default: all ranks).
+        process_set: the Horovod process set to average over (default: all ranks). As in
+            Horovod, a rank outside it may wrap its optimizer too: it trains alone, never
+            averaging (and never blocking the members).
         fused: ``None`` uses the compiled kernels when available (the fused average+update for
             ``torch.optim.SGD``), ``True`` requires them, ``False`` uses the pure-torch reference.
         model: when given, its floating-point buffers (BatchNorm statistics) are averaged too.
@@ -234,17 +245,40 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
             within about 1e-3 (relative) of exact averaging. ``None``: full precision.
         error_feedback: with compression, carry what the 16-bit cast lost into the next
             round, so rounding errors do not accumulate.
+        backward_passes_per_step: Horovod's gradient accumulation. Gradients stay local here,
+            so they accumulate in ``.grad`` over any number of backward passes anyway: call
+            ``step()`` once per accumulated batch, as with Horovod. Validated (int >= 1); no
+            other effect.
+        op: ``hvd.Average`` (or ``None``), the only reduction that is model averaging;
+            ``hvd.Adasum`` and ``hvd.Sum`` raise a ``ValueError`` saying why.
+        gradient_predivide_factor: Horovod splits the gradient average into a scale before
+            and after the sum, to keep fp16 gradient sums in range. Models are summed in fp32
+            (or as 16-bit deltas, see ``compression``), so there is nothing to split: validated
+            (a finite number > 0), no effect.
+        num_groups, groups: Horovod's grouping of gradient allreduces. Every round already
+            sends all parameters of one (device, dtype) as one buffer, the coarsest grouping
+            there is: validated as Horovod does, no effect.
+        sparse_as_dense: Horovod densifies sparse gradients before allreducing them. Gradients
+            are never sent here and parameters (embeddings included) are dense, so sparse
+            gradients (``nn.Embedding(sparse=True)`` with ``SparseAdam`` or ``SGD``) work either
+            way: validated (a bool), no effect.
+
+    ``synchronize()`` and ``skip_synchronize()`` are there for Horovod's gradient-clipping and
+    AMP loops; ``hvd.broadcast_optimizer_state`` carries the local-SGD counters.
     """
-    hvd = _hvd()
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"DistributedLocalSGD: 'optimizer' must be a torch.optim.Optimizer, "
                         f"got {type(optimizer).__name__}")
     if hasattr(optimizer, "_local_sgd"):
         raise ValueError("DistributedLocalSGD: this optimizer is already wrapped")
-    if "step" in vars(optimizer):
-        raise ValueError("DistributedLocalSGD: 'optimizer.step' was replaced on the instance (an "
-                         "LR scheduler created before wrapping does this); create LR schedulers "
-                         "after DistributedLocalSGD(...)")
+    lr_scheduler_patched = horovod_compat.take_lr_scheduler_patch(optimizer)
+    compat = horovod_compat.prepare(
+        optimizer, interval, named_parameters, process_set,
+        backward_passes_per_step=backward_passes_per_step,
+        op=_hvd().Average if op is None else op,
+        gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
+        groups=groups, sparse_as_dense=sparse_as_dense)
+    named_parameters, process_set = compat["named_parameters"], compat["process_set"]
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"DistributedLocalSGD: 'warmup_steps' must be an int >= 0, got {warmup_steps!r}")
     if fused not in (None, True, False):
@@ -254,16 +288,7 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
     schedule = as_schedule(interval)
     names = _check_named_parameters(optimizer, named_parameters)
     _check_parameters(optimizer, names)
-    if process_set is None:
-        process_set = hvd.global_process_set
-    try:
-        process_set.size()
-    except ValueError as exc:
-        raise RuntimeError("DistributedLocalSGD: Horovod is not initialised; call hvd.init() "
-                           "before wrapping the optimizer") from exc
-    if not process_set.included():
-        raise ValueError("DistributedLocalSGD: this rank is not in 'process_set'; wrap the "
-                         "optimizer only on the ranks of the process set")
+    horovod_compat.check_schedule_outside_process_set(schedule, compat)
 
     is_sgd = type(optimizer) is torch.optim.SGD
     if fused is True:
@@ -294,13 +319,17 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                       error_feedback=bool(error_feedback), options=options)
     # Before the class swap: a mismatch leaves the optimizer as it was. Under Horovod's elastic
     # launcher a worker that joins builds its optimizer while the others are already in
-    # state.sync(), so there the check runs in LocalSGDState.sync() instead (prsgd_hvd.elastic).
+    # state.sync(), so there the check runs in the elastic state's sync() instead (the
+    # TorchState handler in prsgd_hvd.horovod_compat, which LocalSGDState uses too).
     if os.environ.get("HOROVOD_ELASTIC") != "1":
         engine.check_ranks_agree()
     base_cls = type(optimizer)
-    methods = {k: v for k, v in vars(_LocalSGDMethods).items() if k not in ("__dict__", "__weakref__")}
+    methods = {k: v for k, v in [*vars(horovod_compat.HorovodCompatMethods).items(),
+                                 *vars(_LocalSGDMethods).items()]
+               if k not in ("__dict__", "__weakref__")}
     cls = type(base_cls.__name__, (base_cls,), methods)
     cls._needs_closure_in_step = issubclass(base_cls, torch.optim.LBFGS)
     optimizer.__class__ = cls
     optimizer._local_sgd = engine
+    horovod_compat.finish(optimizer, compat, lr_scheduler_patched)
     return optimizer

@@ -31,7 +31,9 @@ class RoundContents:
         seen, out = set(), []
         for group in self.opt.param_groups:
             for p in group["params"]:
-                if id(p) not in seen:
+                # Integer/bool parameters cannot be trained: nothing to average
+                # (horovod_compat.check_parameter_dtypes refuses the other non-float ones).
+                if id(p) not in seen and p.is_floating_point():
                     seen.add(id(p))
                     out.append(p)
         return out

@@ -37,7 +37,10 @@ def _start(spec, n):
 
 def _local_step(spec, r, t, model, opt):
     opt.zero_grad()
-    loss_fn(model, spec["seed"], r, t, dtype=torch.float64).backward()
+    k = spec.get("backward_passes", 1)  # gradient accumulation over k micro-batches
+    for j in range(k):
+        micro = t if k == 1 else k * t + j
+        (loss_fn(model, spec["seed"], r, micro, dtype=torch.float64) / k).backward()
 
 
 def fixed_interval_groups(spec: dict, n: int):
@@ -71,11 +74,16 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=spec["lr_step"][0], gamma=spec["lr_step"][1])
               if spec.get("lr_step") else None for o in opts]
     if spec.get("broadcast_state"):
-        # hvd.broadcast_optimizer_state initialises empty state with one step on zero grads.
+        # hvd.broadcast_optimizer_state initialises empty state with one step on zero grads;
+        # for a wrapped optimizer the parameters are then put back (prsgd_hvd.horovod_compat).
         for m, o in zip(models, opts):
+            kept = [p.detach().clone() for p in m.parameters()]
             for p in m.parameters():
                 p.grad = torch.zeros_like(p)
             o.step()
+            with torch.no_grad():
+                for p, k in zip(m.parameters(), kept):
+                    p.copy_(k)
     groups_at = fixed_interval_groups(spec, n)
     steps = [steps_for_rank(spec, r, n) for r in range(n)]
     traj = [[] for _ in range(n)]

@@ -11,10 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule():
+# "torch": Horovod's own hvd.elastic.TorchState, as Horovod's elastic examples use it.
+@pytest.mark.parametrize("state", ["localsgd", "torch"])
+def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
     tmp = Path(tempfile.mkdtemp(prefix="prsgd_elastic_"))
     slots, record = tmp / "slots", tmp / "record"
     slots.write_text("2")
@@ -23,7 +27,7 @@ def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule():
     cmd = ["horovodrun", "--network-interface", "lo", "-np", "2", "--min-np", "1", "--max-np", "3",
            "--host-discovery-script", str(REPO / "examples" / "discover_hosts.sh"),
            sys.executable, str(REPO / "examples" / "elastic.py"), "--steps", "300",
-           "--step-ms", "20", "--record", str(record)]
+           "--step-ms", "20", "--record", str(record), "--state", state]
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -44,3 +48,4 @@ def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule():
     steps = [step for _, step, _ in rows]
     assert steps == sorted(steps), "the schedule resumed from the last commit, never went back"
     assert "done: 300 steps" in output and "final size 3" in output
+    assert "counters agree: True" in output, output[-4000:]

@@ -1,6 +1,7 @@
 """Single-process tests of DistributedLocalSGD (Horovod world of size 1, no horovodrun)."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -119,10 +120,27 @@ def test_lr_scheduler_and_closure():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
-def test_scheduler_created_before_wrapping_is_a_clear_error():
+def test_scheduler_created_before_wrapping_works():
+    """torch's scheduler patches step() on the instance; it is re-installed around ours."""
     model, opt = model_and_sgd()
-    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
-    with pytest.raises(ValueError, match="LR scheduler"):
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt = hvd.DistributedLocalSGD(opt, interval=2)
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()"
+        for _ in range(2):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            sched.step()
+    assert opt.local_step == 2 and opt.rounds == 1  # our step ran (a world of one averages too)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
+
+
+def test_foreign_step_patch_before_wrapping_is_a_clear_error():
+    _, opt = model_and_sgd()
+    opt.step = lambda *a, **k: None
+    with pytest.raises(ValueError, match="replaced on the instance"):
         hvd.DistributedLocalSGD(opt, interval=2)
 
 

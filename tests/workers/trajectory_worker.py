@@ -3,7 +3,9 @@
 Usage (under horovodrun): trajectory_worker.py --out DIR --scenarios JSON
 Each scenario: name, opt, opt_kwargs, seed, and either interval (+ warmup) with steps, or
 schedule (see common.schedule_from_spec) with steps per rank computed from it; optionally
-fused (None/True/False), resume_at (checkpoint round trip after that step; resume_after_round:
+fused (None/True/False), backward_passes (k backward passes of micro-batches per step,
+with backward_passes_per_step=k), hvd_kwargs (more DistributedOptimizer arguments; "op" by
+name), resume_at (checkpoint round trip after that step; resume_after_round:
 after the step that completes that round -- with different step counts per rank that is the
 point where all ranks can restart together), lr_step
 ([step_size, gamma] for StepLR), broadcast_state (call hvd.broadcast_optimizer_state),
@@ -27,7 +29,12 @@ def build(spec, rank):
     process_set = None
     if "process_set_groups" in spec:  # every rank registers every group, then uses its own
         process_set = _process_sets(spec["process_set_groups"])[rank]
-    opt = hvd.DistributedLocalSGD(opt, interval=interval, process_set=process_set,
+    hvd_kwargs = dict(spec.get("hvd_kwargs", {}))
+    if "op" in hvd_kwargs:
+        hvd_kwargs["op"] = getattr(hvd, hvd_kwargs["op"])
+    if spec.get("backward_passes"):
+        hvd_kwargs["backward_passes_per_step"] = spec["backward_passes"]
+    opt = hvd.DistributedLocalSGD(opt, interval=interval, process_set=process_set, **hvd_kwargs,
                                   named_parameters=model.named_parameters(),
                                   warmup_steps=spec.get("warmup", 0), fused=spec.get("fused"),
                                   overlap=spec.get("overlap", True),
@@ -72,7 +79,9 @@ def run(spec, rank):
 def _train(spec, rank, model, opt, sched, traj, divergence):
     for t in range(1, steps_for_rank(spec, rank, hvd.size()) + 1):
         opt.zero_grad()
-        loss_fn(model, spec["seed"], rank, t).backward()
+        k = spec.get("backward_passes", 1)
+        for j in range(k):  # the micro-batches of one step (pytorch_imagenet_resnet50.py)
+            (loss_fn(model, spec["seed"], rank, t if k == 1 else k * t + j) / k).backward()
         opt.step()
         if sched is not None:
             sched.step()
