@@ -51,6 +51,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 KINDS = ("scheduled", "average_now", "join")  # a join round matches any kind (finalize())
 _FIELDS = ("weight", "active", "kind", "number", "agree", "fingerprint", "layout")
 CONTROL_FIELDS = len(_FIELDS)  # per rank, after bucket 0's payload
+# NOTE: [Segment layout] (csrc/segment_table.h): every tensor's segment starts on a 16-byte
+# boundary of the flat buffer, so the CUDA kernels move every segment of an aligned tensor in
+# 16-byte vectors. The padding is zeros (they sum to zero), at most 12 bytes per fp32 tensor,
+# and is counted in bytes_sent like the rest of the buffer.
+ALIGN = ops.PADDED
 _EXACT = 1 << 23  # integers below this survive an fp32 sum of one non-zero term exactly
 
 
@@ -125,9 +130,7 @@ class BucketLayout:
         self.buckets: List[Bucket] = []
         for b, ((device, dtype), positions) in enumerate(by_key.items()):
             ts = [tensors[i] for i in positions]
-            offsets = [0]
-            for t in ts:
-                offsets.append(offsets[-1] + t.numel())
+            offsets = ops.segment_layout(ts, flat_dtype_for(dtype), align=ALIGN)
             extra = n_ranks * len(_FIELDS) if b == 0 else 0
             flat = torch.empty(offsets[-1] + extra, dtype=flat_dtype_for(dtype), device=device)
             self.buckets.append(Bucket(b, device, dtype, ts, positions, flat, offsets))
@@ -214,7 +217,7 @@ class Averager:
             if not contribute:
                 b.payload.zero_()
             else:
-                self.kernels.flatten(b.tensors, out=b.payload)
+                self.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)
                 if weight != 1.0 and not compressed:
                     b.payload.mul_(weight)
             if b.index == 0:
@@ -386,9 +389,9 @@ class Round:
             if n:
                 acc = torch.zeros(1, dtype=torch.float64, device=b.device)
                 kernels.unflatten_average_(b.segment(0, n), b.tensors[:n], scale=self.scale,
-                                           divergence=acc)
+                                           divergence=acc, align=ALIGN)
                 total += float(acc)
             if n < len(b.tensors):
                 kernels.unflatten_average_(b.segment(n, len(b.tensors)), b.tensors[n:],
-                                           scale=self.scale)
+                                           scale=self.scale, align=ALIGN)
         return total

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import ops
-from .averaging import BucketLayout, Round
+from .averaging import ALIGN, BucketLayout, Round
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -72,7 +72,7 @@ class FusedSgdStep:
             for g, first, last in runs:
                 flat, tensors = b.segment(first, last), b.tensors[first:last]
                 if g is None:
-                    ops.unflatten_average_(flat, tensors, scale=rnd.scale)
+                    ops.unflatten_average_(flat, tensors, scale=rnd.scale, align=ALIGN)
                 else:
                     self._step_group(self.opt.param_groups[g], flat, tensors, rnd.scale, acc)
             divergence += float(acc)
@@ -97,4 +97,4 @@ class FusedSgdStep:
             flat, params, grads, bufs, scale=scale, lr=float(group["lr"]), momentum=momentum,
             dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
             nesterov=bool(group["nesterov"]), maximize=bool(group.get("maximize", False)),
-            first_step=firsts, divergence=acc)
+            first_step=firsts, divergence=acc, align=ALIGN)
