@@ -79,7 +79,7 @@ void unflatten_average_cpu(const at::Tensor& flat, at::TensorList params, double
                     p.numel(), p.scalar_type(), false});
   }
   run_average_sgd(segs, flat.scalar_type(),
-                  SgdOptions{scale, 0.0, 0.0, 0.0, 0.0, false, false}, div);
+                  SgdOptions::average_only(scale), div);
 }
 
 void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,

@@ -198,7 +198,7 @@ at::Tensor flatten_cuda(at::TensorList tensors, const c10::optional<at::Tensor>&
 }
 
 void run_unflatten(const at::Tensor& flat, SegmentGroups& groups,
-                   const cuda::SgdHyper& hyper, bool sgd, double* divergence) {
+                   const SgdOptions& hyper, bool sgd, double* divergence) {
   const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
   // NOTE: [Divergence] (common.h): one block-sum scratch buffer, from the caching allocator,
   // shared by the dtype groups' launches, which run in order on this stream.
@@ -234,7 +234,7 @@ void unflatten_average_cuda(const at::Tensor& flat, at::TensorList params, doubl
     groups[static_cast<size_t>(to_dtype(p.scalar_type()))].add(p.data_ptr(), nullptr, nullptr,
                                                                 offsets[i], p.numel(), 0, false);
   }
-  run_unflatten(flat, groups, cuda::SgdHyper{scale, 0.0, 0.0, 0.0, 0.0, 0, 0}, false, div);
+  run_unflatten(flat, groups, SgdOptions::average_only(scale), false, div);
 }
 
 void unflatten_average_sgd_cuda(const at::Tensor& flat, at::TensorList params,
@@ -261,8 +261,7 @@ void unflatten_average_sgd_cuda(const at::Tensor& flat, at::TensorList params,
         first_step.get(i));
   }
   run_unflatten(flat, groups,
-                cuda::SgdHyper{scale, lr, momentum, dampening, weight_decay, nesterov ? 1 : 0,
-                               maximize ? 1 : 0},
+                SgdOptions{scale, lr, momentum, dampening, weight_decay, nesterov, maximize},
                 true, div);
 }
 

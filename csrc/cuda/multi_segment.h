@@ -8,20 +8,10 @@
 #include <cstdint>
 
 #include "segment_table.h"  // Segment, DType, kChunkSize: shared with the glue and the emulation
+#include "sgd_options.h"    // SgdOptions: shared with the glue and the CPU kernels
 
 namespace prsgd {
 namespace cuda {
-
-// Hyperparameters as the op receives them; the kernels round them to their opmath type.
-struct SgdHyper {
-  double scale;
-  double lr;
-  double momentum;
-  double dampening;
-  double weight_decay;
-  int32_t nesterov;
-  int32_t maximize;
-};
 
 // Launchers: enqueue one kernel on `stream` over the `num_segments` segments of a device table
 // holding `num_chunks` chunks in all, and return cudaGetLastError(). They use the current
@@ -44,7 +34,7 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
 // kernel adds the per-block sums in order. Both null: the plain kernel, no extra read.
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
                                      int32_t num_segments, int64_t num_chunks, const void* flat,
-                                     const SgdHyper& hyper, bool sgd, double* divergence,
+                                     const SgdOptions& options, bool sgd, double* divergence,
                                      double* block_sums, cudaStream_t stream);
 
 // Doubles of scratch launch_unflatten_average needs for `divergence` on the current device: an
