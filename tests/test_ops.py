@@ -26,7 +26,7 @@ needs_ext = pytest.mark.skipif(not ops.has_extension(),
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA not available"))]
 
-# Must match kChunkSize in csrc/cuda/multi_segment.h and at::internal::GRAIN_SIZE on CPU.
+# Must match kChunkSize in csrc/segment_table.h and at::internal::GRAIN_SIZE on CPU.
 CHUNK = 32768
 # Element counts around every boundary the kernels have: empty, one element, the CPU vector
 # step (16 fp32 / 8 fp64 with the generic 32-byte Vectorized, 64 with AVX-512), the CUDA ILP

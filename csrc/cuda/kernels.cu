@@ -4,7 +4,7 @@
 // multi_tensor_sgd_kernel.cu: a small *_math device helper holds the arithmetic, one functor per
 // op maps it over a chunk of one tensor, and one generic kernel hands chunks to blocks. Unlike
 // MultiTensorApply the tensor list is not packed into kernel arguments: the kernel reads the
-// segment table from device memory (NOTE: [Segment table] in multi_segment.h), so one launch
+// segment table from device memory (NOTE: [Segment table] in segment_table.h), so one launch
 // covers any number of tensors, and a persistent grid, as large as can be resident at once
 // (NOTE: [Grid size]), loops over chunks.
 //
@@ -18,8 +18,8 @@
 //                             (NOTE: [Divergence] in csrc/common.h)
 //
 // Arithmetic is done in opmath (fp32; fp64 for double) and rounded once when stored.
-// NOTE: [No FMA] (see csrc/cpu_ops.cpp): products and sums use __fmul_rn/__fadd_rn so nvcc
-// cannot contract them into FMAs, and results match the reference (and the CPU kernel) exactly.
+// Products and sums use __fmul_rn/__fadd_rn so nvcc cannot contract them into FMAs, and results
+// match the reference (and the CPU kernel) exactly (NOTE: [No FMA] in csrc/cpu_kernels_impl.h).
 #include "multi_segment.h"
 
 #include <cuda_bf16.h>

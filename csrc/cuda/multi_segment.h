@@ -26,7 +26,7 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
                            int64_t num_chunks, void* flat, cudaStream_t stream);
 
 // param[j] = flat[seg.flat_offset + j] * scale (opmath), when `sgd` is false; otherwise that
-// average followed by torch.optim.SGD's update (see average_sgd_math in kernels.cu).
+// average followed by torch.optim.SGD's update (sgd_math in kernels.cu).
 // flat/param: the same dtype, or fp32 flat with fp16/bf16 params.
 // divergence (device, one double) != nullptr: also *divergence += sum over the table of
 // (old param - average)^2 (NOTE: [Divergence] in csrc/common.h); `block_sums` is device
