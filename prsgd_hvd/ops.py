@@ -60,9 +60,11 @@ def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
         raise ValueError("flatten: 'tensors' is empty and no 'out' was given to take a dtype from")
     # Optimizer ops: params are leaves that require grad, and this is not differentiable.
     with torch.no_grad():
-        if align == 1:  # the schema's default; same call as before the option existed
-            return torch.ops.prsgd_hvd.flatten(tensors, out)
-        return torch.ops.prsgd_hvd.flatten(tensors, out, int(align))
+        if out is None:
+            return torch.ops.prsgd_hvd.flatten(tensors, int(align))
+        # Two ops, so that each schema says exactly what it does (csrc/ops.cpp).
+        torch.ops.prsgd_hvd.flatten_into(tensors, out, int(align))
+        return out
 
 
 def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float,

@@ -458,9 +458,12 @@ def test_schemas_mark_mutation():
     assert str(torch.ops.prsgd_hvd.unflatten_average_.default._schema).endswith(
         "Tensor(b!)? divergence=None, int align=1) -> ()")
     assert schema.endswith("Tensor(c!)? divergence=None, int align=1) -> ()")
-    # align comes last with the packed default, so calls written before it keep working
+    # flatten is functional; writing into `out` is its own in-place op, which returns nothing
+    # (returning `out` would make it an alias of an output the schema does not declare).
     assert str(torch.ops.prsgd_hvd.flatten.default._schema).endswith(
-        "Tensor(a!)? out=None, int align=1) -> Tensor")
+        "flatten(Tensor[] tensors, int align=1) -> Tensor")
+    assert str(torch.ops.prsgd_hvd.flatten_into.default._schema).endswith(
+        "flatten_into(Tensor[] tensors, Tensor(a!) out, int align=1) -> ()")
 
 
 # ---- padded layout (NOTE: [Segment layout] in csrc/segment_table.h) --------------------------
