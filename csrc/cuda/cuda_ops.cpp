@@ -167,6 +167,20 @@ using cuda::SegmentGroup;
 using cuda::SegmentGroups;
 using cuda::kNumDTypes;
 
+// For each non-empty group: its table on the device (cached), then
+// launch(group dtype, table, segments, chunks), a launcher's cudaError_t, checked.
+template <typename Launch>
+void launch_groups(SegmentGroups& groups, c10::DeviceIndex device,
+                   const c10::cuda::CUDAStream& stream, const Launch& launch) {
+  for (size_t d = 0; d < kNumDTypes; ++d) {
+    SegmentGroup& g = groups[d];
+    if (g.segments.empty()) continue;
+    const int32_t n = static_cast<int32_t>(g.segments.size());
+    const Segment* table = table_cache().get(std::move(g.segments), device, stream);
+    C10_CUDA_CHECK(launch(static_cast<DType>(d), table, n, g.chunks));
+  }
+}
+
 // The CUDA kernels of every op (DeviceOps in common.h): the call's segments grouped by dtype
 // into segment tables (NOTE: [Segment table]), one launch per non-empty group.
 struct CudaKernels {
@@ -179,15 +193,11 @@ struct CudaKernels {
           const_cast<void*>(s.src), nullptr, nullptr, s.flat_offset, s.numel, s.pad, false);
     }
     const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
-    for (size_t d = 0; d < kNumDTypes; ++d) {
-      SegmentGroup& g = groups[d];
-      if (g.segments.empty()) continue;
-      const int32_t n = static_cast<int32_t>(g.segments.size());
-      const Segment* table =
-          table_cache().get(std::move(g.segments), out.device().index(), stream);
-      C10_CUDA_CHECK(cuda::launch_flatten(static_cast<DType>(d), to_dtype(out.scalar_type()),
-                                          table, n, g.chunks, out.data_ptr(), stream.stream()));
-    }
+    launch_groups(groups, out.device().index(), stream,
+                  [&](DType src, const Segment* table, int32_t n, int64_t chunks) {
+                    return cuda::launch_flatten(src, to_dtype(out.scalar_type()), table, n,
+                                                chunks, out.data_ptr(), stream.stream());
+                  });
   }
 
   static void unflatten(const at::Tensor& flat, UnflattenCall& call) {
@@ -210,17 +220,14 @@ struct CudaKernels {
       if (scratch == 0) return;  // no elements: nothing to add
       block_sums = at::empty({scratch}, flat.options().dtype(at::kDouble));
     }
-    for (size_t d = 0; d < kNumDTypes; ++d) {
-      SegmentGroup& g = groups[d];
-      if (g.segments.empty()) continue;
-      const int32_t n = static_cast<int32_t>(g.segments.size());
-      const Segment* table =
-          table_cache().get(std::move(g.segments), flat.device().index(), stream);
-      C10_CUDA_CHECK(cuda::launch_unflatten_average(
-          to_dtype(flat.scalar_type()), static_cast<DType>(d), table, n, g.chunks,
-          flat.const_data_ptr(), call.options, call.sgd, call.divergence,
-          call.divergence != nullptr ? block_sums.data_ptr<double>() : nullptr, stream.stream()));
-    }
+    double* sums = call.divergence != nullptr ? block_sums.data_ptr<double>() : nullptr;
+    launch_groups(groups, flat.device().index(), stream,
+                  [&](DType param, const Segment* table, int32_t n, int64_t chunks) {
+                    return cuda::launch_unflatten_average(
+                        to_dtype(flat.scalar_type()), param, table, n, chunks,
+                        flat.const_data_ptr(), call.options, call.sgd, call.divergence, sums,
+                        stream.stream());
+                  });
   }
 };
 
