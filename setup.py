@@ -22,7 +22,7 @@ if cpp_sources and os.environ.get("PRSGD_NO_EXTENSION") != "1":
 
     with_cuda = (torch.version.cuda is not None and torch.cuda.is_available()) \
         or os.environ.get("FORCE_CUDA") == "1"
-    # NOTE: [No FMA] in csrc/cpu_ops.cpp: contraction would change fp32 rounding.
+    # NOTE: [No FMA] in csrc/cpu_kernels_impl.h: contraction would change fp32 rounding.
     cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
     if with_cuda:
         ext = CUDAExtension(

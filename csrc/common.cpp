@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 
 namespace prsgd {
+namespace {
 
+// offsets[i] = start of tensor i in a flat buffer of `flat_dtype`; offsets[n] = its total numel.
+// `align`: the ops' argument (bytes; checked here, `op` names the op in the error).
 std::vector<int64_t> segment_offsets(const char* op, at::TensorList tensors,
                                      c10::ScalarType flat_dtype, int64_t align) {
   TORCH_CHECK_VALUE(valid_align(align), op, ": 'align' must be a power of two between 1 and ",
@@ -13,23 +16,19 @@ std::vector<int64_t> segment_offsets(const char* op, at::TensorList tensors,
       align_elements(align, static_cast<int64_t>(c10::elementSize(flat_dtype))));
 }
 
-c10::ScalarType flatten_dtype(at::TensorList tensors, const c10::optional<at::Tensor>& out) {
-  if (out.has_value()) return out->scalar_type();
-  TORCH_CHECK_VALUE(!tensors.empty(),
-                    "flatten: 'tensors' is empty and no 'out' was given to take a dtype from");
-  return tensors[0].scalar_type();
-}
-
-static bool is_float_type(c10::ScalarType t) {
+bool is_float_type(c10::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
+// (flat dtype, param dtype) pairs the unflatten kernels are compiled for: same dtype (fp32,
+// fp16, bf16, fp64), or an fp32 flat buffer with fp16/bf16 params.
 bool is_supported_pair(c10::ScalarType flat, c10::ScalarType param) {
   if (!is_float_type(flat) || !is_float_type(param)) return false;
   if (flat == param) return true;
   return flat == at::kFloat && (param == at::kHalf || param == at::kBFloat16);
 }
 
+// flatten: is (src -> dst) a cast the packing kernels handle? Other casts fall back to copy_.
 bool is_kernel_cast(c10::ScalarType src, c10::ScalarType dst) {
   if (!is_float_type(src) || !is_float_type(dst)) return false;
   if (src == dst) return true;
@@ -38,16 +37,10 @@ bool is_kernel_cast(c10::ScalarType src, c10::ScalarType dst) {
   return src != at::kDouble && dst != at::kDouble;
 }
 
-at::Tensor flatten_prepare_out(at::TensorList tensors, const c10::optional<at::Tensor>& out,
-                               int64_t total) {
-  at::Tensor result;
-  if (out.has_value()) {
-    result = *out;
-  } else {
-    TORCH_CHECK_VALUE(!tensors.empty(),
-                      "flatten: 'tensors' is empty and no 'out' was given to take a dtype from");
-    result = at::empty({total}, tensors[0].options());
-  }
+// Validates `out` (or allocates it) for flatten and returns it. `total`: the layout's numel.
+at::Tensor flatten_out(at::TensorList tensors, const c10::optional<at::Tensor>& out,
+                       int64_t total) {
+  const at::Tensor result = out.has_value() ? *out : at::empty({total}, tensors[0].options());
   TORCH_CHECK_VALUE(result.dim() == 1 && result.numel() == total,
                     "flatten: 'out' must be 1-D with ", total,
                     " elements (the tensors' total in this layout), got shape ", result.sizes());
@@ -65,6 +58,7 @@ at::Tensor flatten_prepare_out(at::TensorList tensors, const c10::optional<at::T
   return result;
 }
 
+// Checks shared by both unflatten ops; returns the segment offsets.
 std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat,
                                      at::TensorList params, int64_t align) {
   auto offsets = segment_offsets(op, params, flat.scalar_type(), align);
@@ -88,6 +82,7 @@ std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat,
   return offsets;
 }
 
+// Checks `divergence` (when given) and returns a pointer to its element, or nullptr.
 double* check_divergence(const char* op, const at::Tensor& flat,
                          const c10::optional<at::Tensor>& divergence) {
   if (!divergence.has_value() || !divergence->defined()) return nullptr;
@@ -102,6 +97,7 @@ double* check_divergence(const char* op, const at::Tensor& flat,
   return d.data_ptr<double>();
 }
 
+// The extra checks of unflatten_average_sgd_ (grads, buffers, first_step).
 void check_sgd(const at::Tensor& flat, at::TensorList params,
                const c10::List<c10::optional<at::Tensor>>& grads,
                const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
@@ -141,6 +137,68 @@ void check_sgd(const at::Tensor& flat, at::TensorList params,
     TORCH_CHECK_VALUE(b->is_contiguous(), op, ": momentum_buffers[", i,
                       "] must be contiguous (it is written in place)");
   }
+}
+
+}  // namespace
+
+FlattenCall prepare_flatten(at::TensorList tensors, const c10::optional<at::Tensor>& out,
+                            int64_t align) {
+  TORCH_CHECK_VALUE(out.has_value() || !tensors.empty(),
+                    "flatten: 'tensors' is empty and no 'out' was given to take a dtype from");
+  const c10::ScalarType dtype = out.has_value() ? out->scalar_type() : tensors[0].scalar_type();
+  const auto offsets = segment_offsets("flatten", tensors, dtype, align);
+  FlattenCall call{flatten_out(tensors, out, offsets.back()), {}};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    const int64_t pad = offsets[i + 1] - offsets[i] - t.numel();
+    if (t.numel() == 0) continue;  // and pad == 0 (NOTE: [Segment layout])
+    if (t.is_contiguous() && is_kernel_cast(t.scalar_type(), dtype)) {
+      call.segments.push_back({t.const_data_ptr(), t.scalar_type(), offsets[i], t.numel(), pad});
+    } else {  // strided sources and casts to/from fp64: torch's copy kernel, still one pass
+      call.out.narrow(0, offsets[i], t.numel()).view(t.sizes()).copy_(t);
+      if (pad > 0) call.out.narrow(0, offsets[i] + t.numel(), pad).zero_();
+    }
+  }
+  return call;
+}
+
+UnflattenCall prepare_unflatten_average(const at::Tensor& flat, at::TensorList params,
+                                        double scale, const c10::optional<at::Tensor>& divergence,
+                                        int64_t align) {
+  const char* op = "unflatten_average_";
+  const auto offsets = check_unflatten(op, flat, params, align);
+  UnflattenCall call{{}, SgdOptions::average_only(scale), false,
+                     check_divergence(op, flat, divergence)};
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;
+    call.segments.push_back(
+        {p.data_ptr(), nullptr, nullptr, offsets[i], p.numel(), p.scalar_type(), false});
+  }
+  return call;
+}
+
+UnflattenCall prepare_unflatten_average_sgd(
+    const at::Tensor& flat, at::TensorList params,
+    const c10::List<c10::optional<at::Tensor>>& grads,
+    const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
+    const c10::List<bool>& first_step, const SgdOptions& options,
+    const c10::optional<at::Tensor>& divergence, int64_t align) {
+  const char* op = "unflatten_average_sgd_";
+  const auto offsets = check_unflatten(op, flat, params, align);
+  check_sgd(flat, params, grads, momentum_buffers, first_step, options.momentum);
+  UnflattenCall call{{}, options, true, check_divergence(op, flat, divergence)};
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;
+    const c10::optional<at::Tensor> g = grads.get(i);
+    const bool has_grad = g.has_value() && g->defined();
+    void* buf = nullptr;
+    if (has_grad && options.momentum != 0.0) buf = momentum_buffers.get(i)->data_ptr();
+    call.segments.push_back({p.data_ptr(), has_grad ? g->const_data_ptr() : nullptr, buf,
+                             offsets[i], p.numel(), p.scalar_type(), first_step.get(i)});
+  }
+  return call;
 }
 
 }  // namespace prsgd

@@ -1,13 +1,17 @@
-// Argument checking and segment layout shared by the CPU and CUDA implementations.
+// The device-independent half of every op: argument checks and the segment lists the kernels
+// walk, built once here for the CPU (cpu_ops.cpp) and CUDA (cuda/cuda_ops.cpp) glue alike, and
+// the op entry points themselves (DeviceOps below), which each device instantiates with its
+// kernels.
 //
 // The layout itself (NOTE: [Segment layout], packed by default, each segment 16-byte aligned
-// with align=16) is defined once, torch-free, in segment_table.h; every op derives its offsets
-// from the tensor list with segment_offsets() below.
+// with align=16) is defined once, torch-free, in segment_table.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Optional.h>
+#include <torch/library.h>
 
 #include <vector>
 
@@ -16,29 +20,58 @@
 
 namespace prsgd {
 
+// ---- flatten, flatten_into --------------------------------------------------------------
 
-// offsets[i] = start of tensor i in a flat buffer of `flat_dtype`; offsets[n] = its total numel.
-// `align`: the ops' argument (bytes; checked here, `op` names the op in the error).
-std::vector<int64_t> segment_offsets(const char* op, at::TensorList tensors,
-                                     c10::ScalarType flat_dtype, int64_t align);
+// One tensor the packing kernels copy: contiguous, non-empty, a cast they handle.
+struct FlattenSegment {
+  const void* src;
+  c10::ScalarType src_type;
+  int64_t flat_offset;  // first element of its segment in `out`
+  int64_t numel;
+  int64_t pad;          // zeros after it (NOTE: [Segment layout]); the kernels write them
+};
 
-// The dtype of flatten()'s result: out's, or tensors[0]'s (an error when neither exists).
-c10::ScalarType flatten_dtype(at::TensorList tensors, const c10::optional<at::Tensor>& out);
+struct FlattenCall {
+  at::Tensor out;                        // checked, or allocated in tensors[0]'s dtype
+  std::vector<FlattenSegment> segments;  // for the device's kernels, in flat order
+};
 
-// (flat dtype, param dtype) pairs the unflatten kernels are compiled for: same dtype (fp32,
-// fp16, bf16, fp64), or an fp32 flat buffer with fp16/bf16 params.
-bool is_supported_pair(c10::ScalarType flat, c10::ScalarType param);
+// Checks the arguments and allocates `out` when not given. Tensors the kernels do not take
+// (strided ones, casts to or from fp64) are copied here with torch's copy_ (still one pass)
+// and their padding zeroed; the rest come back as segments.
+FlattenCall prepare_flatten(at::TensorList tensors, const c10::optional<at::Tensor>& out,
+                            int64_t align);
 
-// flatten(): is (src -> dst) a cast the packing kernels handle? Other casts fall back to copy_.
-bool is_kernel_cast(c10::ScalarType src, c10::ScalarType dst);
+// ---- unflatten_average_, unflatten_average_sgd_ -----------------------------------------
 
-// Validates `out` (or allocates it) for flatten and returns it. All devices.
-at::Tensor flatten_prepare_out(at::TensorList tensors, const c10::optional<at::Tensor>& out,
-                               int64_t total);
+// One non-empty param, as the kernels of either device see it.
+struct ParamSegment {
+  void* param;
+  const void* grad;    // nullptr: no local update, the average only
+  void* momentum_buf;  // nullptr unless momentum != 0 and there is a grad
+  int64_t flat_offset;
+  int64_t numel;
+  c10::ScalarType param_type;
+  bool first_step;
+};
 
-// Checks shared by both unflatten ops; returns the segment offsets.
-std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat, at::TensorList params,
-                                     int64_t align);
+struct UnflattenCall {
+  std::vector<ParamSegment> segments;  // in flat order
+  SgdOptions options;
+  bool sgd;            // false: unflatten_average_ (only options.scale counts)
+  double* divergence;  // NOTE: [Divergence] below; nullptr when not asked for
+};
+
+UnflattenCall prepare_unflatten_average(const at::Tensor& flat, at::TensorList params,
+                                        double scale, const c10::optional<at::Tensor>& divergence,
+                                        int64_t align);
+
+UnflattenCall prepare_unflatten_average_sgd(
+    const at::Tensor& flat, at::TensorList params,
+    const c10::List<c10::optional<at::Tensor>>& grads,
+    const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
+    const c10::List<bool>& first_step, const SgdOptions& options,
+    const c10::optional<at::Tensor>& divergence, int64_t align);
 
 // NOTE: [Divergence] Both unflatten ops take an optional `divergence`, a 1-element float64
 // tensor on flat's device, and add to it sum over all elements of all params of
@@ -51,14 +84,53 @@ std::vector<int64_t> check_unflatten(const char* op, const at::Tensor& flat, at:
 // then per block, then one single-block kernel adds the block sums in order (independent of
 // timing on a given GPU). Without `divergence` the kernels are instantiated without that read
 // (a compile-time flag), so they cost what they cost before the option existed.
-// Checks `divergence` (when given) and returns a pointer to its element, or nullptr.
-double* check_divergence(const char* op, const at::Tensor& flat,
-                         const c10::optional<at::Tensor>& divergence);
 
-// The extra checks of unflatten_average_sgd_ (grads, buffers, first_step).
-void check_sgd(const at::Tensor& flat, at::TensorList params,
-               const c10::List<c10::optional<at::Tensor>>& grads,
-               const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
-               const c10::List<bool>& first_step, double momentum);
+// ---- the ops' entry points ---------------------------------------------------------------
+
+// The ops as registered (schemas in ops.cpp) for a device whose `Kernels` has
+//   static void flatten(FlattenCall& call);
+//   static void unflatten(const at::Tensor& flat, UnflattenCall& call);
+// (both may consume the call's segments).
+template <typename Kernels>
+struct DeviceOps {
+  static at::Tensor flatten(at::TensorList tensors, int64_t align) {
+    FlattenCall call = prepare_flatten(tensors, c10::nullopt, align);
+    Kernels::flatten(call);
+    return call.out;
+  }
+
+  static void flatten_into(at::TensorList tensors, const at::Tensor& out, int64_t align) {
+    FlattenCall call = prepare_flatten(tensors, out, align);
+    Kernels::flatten(call);
+  }
+
+  static void unflatten_average(const at::Tensor& flat, at::TensorList params, double scale,
+                                const c10::optional<at::Tensor>& divergence, int64_t align) {
+    UnflattenCall call = prepare_unflatten_average(flat, params, scale, divergence, align);
+    Kernels::unflatten(flat, call);
+  }
+
+  static void unflatten_average_sgd(const at::Tensor& flat, at::TensorList params,
+                                    const c10::List<c10::optional<at::Tensor>>& grads,
+                                    const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
+                                    const c10::List<bool>& first_step, double scale, double lr,
+                                    double momentum, double dampening, double weight_decay,
+                                    bool nesterov, bool maximize,
+                                    const c10::optional<at::Tensor>& divergence, int64_t align) {
+    UnflattenCall call = prepare_unflatten_average_sgd(
+        flat, params, grads, momentum_buffers, first_step,
+        SgdOptions{scale, lr, momentum, dampening, weight_decay, nesterov, maximize}, divergence,
+        align);
+    Kernels::unflatten(flat, call);
+  }
+
+  // For TORCH_LIBRARY_IMPL(prsgd_hvd, <dispatch key>, m).
+  static void register_impls(torch::Library& m) {
+    m.impl("flatten", &flatten);
+    m.impl("flatten_into", &flatten_into);
+    m.impl("unflatten_average_", &unflatten_average);
+    m.impl("unflatten_average_sgd_", &unflatten_average_sgd);
+  }
+};
 
 }  // namespace prsgd

@@ -48,7 +48,7 @@ struct SgdSegment {
   namespace NS {                                                                           \
   void flatten(const std::vector<CastSegment>& segs, c10::ScalarType dst_type);            \
   /* unflatten_average_ passes null grads (only o.scale is used). divergence != nullptr: */ \
-  /* *divergence += sum of (old param - average)^2 (NOTE: [Divergence]).                  */ \
+  /* *divergence += sum of (old param - average)^2 (NOTE: [Divergence] in common.h).   */ \
   void average_sgd(const std::vector<SgdSegment>& segs, c10::ScalarType flat_type,         \
                    const SgdOptions& o, double* divergence);                               \
   }

@@ -1,4 +1,4 @@
-// CPU implementations of the prsgd_hvd ops: argument checks (common.cpp), segment lists, and
+// CPU implementations of the prsgd_hvd ops: the checked segment lists of common.cpp handed to
 // the kernels of cpu_kernels_impl.h for the best instruction set this CPU has
 // (NOTE: [CPU capability] in cpu_kernels.h).
 #include "common.h"
@@ -41,82 +41,36 @@ void run_average_sgd(const std::vector<cpu::SgdSegment>& segs, c10::ScalarType f
   cpu::default_cpu::average_sgd(segs, flat_type, o, divergence);
 }
 
-at::Tensor flatten_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& out,
-                       int64_t align) {
-  const auto offsets = segment_offsets("flatten", tensors, flatten_dtype(tensors, out), align);
-  at::Tensor result = flatten_prepare_out(tensors, out, offsets.back());
-  char* dst_base = static_cast<char*>(result.data_ptr());
-  const int64_t dst_size = result.element_size();
-  std::vector<cpu::CastSegment> segs;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i];
-    // Padding after the segment (NOTE: [Segment layout]): zeros, a few bytes at most.
-    const int64_t end = offsets[i] + t.numel();
-    std::memset(dst_base + end * dst_size, 0, (offsets[i + 1] - end) * dst_size);
-    if (t.numel() == 0) continue;
-    if (t.is_contiguous() && is_kernel_cast(t.scalar_type(), result.scalar_type())) {
-      segs.push_back({t.const_data_ptr(), dst_base + offsets[i] * dst_size, t.numel(),
-                      t.scalar_type()});
-    } else {  // strided sources and casts to/from fp64: torch's copy kernel, still one pass
-      result.narrow(0, offsets[i], t.numel()).view(t.sizes()).copy_(t);
+// The CPU kernels of every op (DeviceOps in common.h): the call's segments as pointers.
+struct CpuKernels {
+  static void flatten(FlattenCall& call) {
+    char* out_base = static_cast<char*>(call.out.data_ptr());
+    const int64_t out_size = call.out.element_size();
+    std::vector<cpu::CastSegment> segs;
+    segs.reserve(call.segments.size());
+    for (const FlattenSegment& s : call.segments) {
+      // Padding after the segment (NOTE: [Segment layout]): zeros, a few bytes at most.
+      std::memset(out_base + (s.flat_offset + s.numel) * out_size, 0, s.pad * out_size);
+      segs.push_back({s.src, out_base + s.flat_offset * out_size, s.numel, s.src_type});
     }
+    run_flatten(segs, call.out.scalar_type());
   }
-  run_flatten(segs, result.scalar_type());
-  return result;
-}
 
-void unflatten_average_cpu(const at::Tensor& flat, at::TensorList params, double scale,
-                           const c10::optional<at::Tensor>& divergence, int64_t align) {
-  const auto offsets = check_unflatten("unflatten_average_", flat, params, align);
-  double* div = check_divergence("unflatten_average_", flat, divergence);
-  const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
-  const int64_t flat_size = flat.element_size();
-  std::vector<cpu::SgdSegment> segs;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto& p = params[i];
-    if (p.numel() == 0) continue;
-    segs.push_back({flat_base + offsets[i] * flat_size, p.data_ptr(), nullptr, nullptr,
-                    p.numel(), p.scalar_type(), false});
+  static void unflatten(const at::Tensor& flat, UnflattenCall& call) {
+    const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
+    const int64_t flat_size = flat.element_size();
+    std::vector<cpu::SgdSegment> segs;
+    segs.reserve(call.segments.size());
+    for (const ParamSegment& s : call.segments) {
+      segs.push_back({flat_base + s.flat_offset * flat_size, s.param, s.grad, s.momentum_buf,
+                      s.numel, s.param_type, s.first_step});
+    }
+    run_average_sgd(segs, flat.scalar_type(), call.options, call.divergence);
   }
-  run_average_sgd(segs, flat.scalar_type(),
-                  SgdOptions{scale, 0.0, 0.0, 0.0, 0.0, false, false}, div);
-}
-
-void unflatten_average_sgd_cpu(const at::Tensor& flat, at::TensorList params,
-                               const c10::List<c10::optional<at::Tensor>>& grads,
-                               const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
-                               const c10::List<bool>& first_step, double scale, double lr,
-                               double momentum, double dampening, double weight_decay,
-                               bool nesterov, bool maximize,
-                               const c10::optional<at::Tensor>& divergence, int64_t align) {
-  const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params, align);
-  check_sgd(flat, params, grads, momentum_buffers, first_step, momentum);
-  double* div = check_divergence("unflatten_average_sgd_", flat, divergence);
-  const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
-  const int64_t flat_size = flat.element_size();
-  std::vector<cpu::SgdSegment> segs;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto& p = params[i];
-    if (p.numel() == 0) continue;
-    const c10::optional<at::Tensor> g = grads.get(i);
-    const bool has_grad = g.has_value() && g->defined();
-    void* buf = nullptr;
-    if (has_grad && momentum != 0.0) buf = momentum_buffers.get(i)->data_ptr();
-    segs.push_back({flat_base + offsets[i] * flat_size, p.data_ptr(),
-                    has_grad ? g->const_data_ptr() : nullptr, buf, p.numel(), p.scalar_type(),
-                    first_step.get(i)});
-  }
-  run_average_sgd(segs, flat.scalar_type(),
-                  SgdOptions{scale, lr, momentum, dampening, weight_decay, nesterov, maximize},
-                  div);
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(prsgd_hvd, CPU, m) {
-  m.impl("flatten", &flatten_cpu);
-  m.impl("unflatten_average_", &unflatten_average_cpu);
-  m.impl("unflatten_average_sgd_", &unflatten_average_sgd_cpu);
-}
+TORCH_LIBRARY_IMPL(prsgd_hvd, CPU, m) { DeviceOps<CpuKernels>::register_impls(m); }
 
 }  // namespace prsgd

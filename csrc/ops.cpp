@@ -24,11 +24,16 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(prsgd_hvd, m) {
-  // Packs `tensors` (any shapes/strides) into `out` (cast to out's dtype), or into a new tensor
-  // of tensors[0]'s dtype. Returns the packed buffer. `align` (bytes, every op's last argument,
-  // defaulting to the packed layout so older calls keep working): each segment starts at a
-  // multiple of it and the gaps are zeros (NOTE: [Segment layout] in segment_table.h).
-  m.def("flatten(Tensor[] tensors, Tensor(a!)? out=None, int align=1) -> Tensor");
+  // Packs `tensors` (any shapes/strides) into a new 1-D tensor of tensors[0]'s dtype.
+  // `align` (bytes, every op's last argument, defaulting to the packed layout so older calls
+  // keep working): each segment starts at a multiple of it and the gaps are zeros (NOTE:
+  // [Segment layout] in segment_table.h).
+  m.def("flatten(Tensor[] tensors, int align=1) -> Tensor");
+  // The same into `out` (cast to out's dtype), which it writes and does not return: an op that
+  // returned its mutated argument would have to declare the output an alias of it
+  // ("-> Tensor(a!)"), which is the out= convention, not a functional one; a separate
+  // in-place op keeps both schemas exact (torch.library.opcheck's test_schema checks them).
+  m.def("flatten_into(Tensor[] tensors, Tensor(a!) out, int align=1) -> ()");
   // params[i] = flat[segment_i] * scale. With `divergence` (1-element float64), also
   // divergence += sum (old params[i] - flat[segment_i] * scale)^2 (NOTE: [Divergence] in
   // common.h). It is last and defaults to None, so calls written before it still work.

@@ -33,6 +33,43 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+# Fake (meta) implementations: what torch.compile, FakeTensor and torch.library.opcheck see of
+# the compiled ops (shapes and dtypes, no data), as pytorch/extension-cpp registers them beside
+# its dispatch. The argument checks stay in C++, except one: a fake is also the Meta kernel, so
+# a call mixing meta and real tensors dispatches here, and must fail as the C++ op would
+# instead of doing nothing.
+def _check_devices(op: str, anchor: str, device: torch.device, **lists) -> None:
+    for name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            torch._check(t is None or t.device == device, lambda: (
+                f"{op}: {name}[{i}] is on {t.device} but '{anchor}' is on {device}"))
+
+
+if _C is not None:
+    @torch.library.register_fake("prsgd_hvd::flatten")
+    def _flatten_fake(tensors, align=1):
+        torch._check(len(tensors) > 0, lambda: "flatten: 'tensors' is empty")
+        _check_devices("flatten", "tensors[0]", tensors[0].device, tensors=tensors)
+        total = segment_layout(tensors, tensors[0].dtype, align=align)[-1]
+        return tensors[0].new_empty((total,))
+
+    @torch.library.register_fake("prsgd_hvd::flatten_into")
+    def _flatten_into_fake(tensors, out, align=1):
+        _check_devices("flatten", "out", out.device, tensors=tensors)
+
+    @torch.library.register_fake("prsgd_hvd::unflatten_average_")
+    def _unflatten_average_fake(flat, params, scale, divergence=None, align=1):
+        _check_devices("unflatten_average_", "flat", flat.device, params=params,
+                       divergence=[divergence])
+
+    @torch.library.register_fake("prsgd_hvd::unflatten_average_sgd_")
+    def _unflatten_average_sgd_fake(flat, params, grads, momentum_buffers, first_step, scale, lr,
+                                    momentum, dampening, weight_decay, nesterov, maximize,
+                                    divergence=None, align=1):
+        _check_devices("unflatten_average_sgd_", "flat", flat.device, params=params, grads=grads,
+                       momentum_buffers=momentum_buffers, divergence=[divergence])
+
+
 def _dense(tensors) -> bool:
     """The kernels write params (and read grads and buffers) as dense arrays; tensors with
     other strides (channels_last, views) take the reference path, which honours any layout."""
@@ -60,9 +97,11 @@ def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
         raise ValueError("flatten: 'tensors' is empty and no 'out' was given to take a dtype from")
     # Optimizer ops: params are leaves that require grad, and this is not differentiable.
     with torch.no_grad():
-        if align == 1:  # the schema's default; same call as before the option existed
-            return torch.ops.prsgd_hvd.flatten(tensors, out)
-        return torch.ops.prsgd_hvd.flatten(tensors, out, int(align))
+        if out is None:
+            return torch.ops.prsgd_hvd.flatten(tensors, int(align))
+        # Two ops, so that each schema says exactly what it does (csrc/ops.cpp).
+        torch.ops.prsgd_hvd.flatten_into(tensors, out, int(align))
+        return out
 
 
 def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float,

@@ -36,8 +36,11 @@ for dev in devices:
     grads = [torch.randn(s, generator=g).to(dev) for s in shapes]
     grads[1] = None
     bufs = [torch.randn(s, generator=g).to(dev) for s in shapes]
-    flat = torch.ops.prsgd_hvd.flatten(params, None)
+    flat = torch.ops.prsgd_hvd.flatten(params)
     assert torch.equal(flat, ref.flatten(params)), "flatten"
+    into = torch.full_like(flat, float("nan"))
+    torch.ops.prsgd_hvd.flatten_into(params, into)
+    assert torch.equal(into, flat), "flatten_into"
     ours = [torch.full_like(p, float("nan")) for p in params]
     theirs = [torch.empty_like(p) for p in params]
     torch.ops.prsgd_hvd.unflatten_average_(flat, ours, 0.5)
@@ -61,7 +64,7 @@ for dev in devices:
     torch.ops.prsgd_hvd.unflatten_average_(flat, ours, 0.5, d_ours)
     ref.unflatten_average_(flat, theirs, scale=0.5, divergence=d_ref)
     torch.testing.assert_close(d_ours, d_ref, rtol=1e-12, atol=0.0)
-    print(f"check_cmake_build: {dev}: flatten, unflatten_average_, unflatten_average_sgd_ "
-          "(with and without divergence) match the reference")
+    print(f"check_cmake_build: {dev}: flatten, flatten_into, unflatten_average_, "
+          "unflatten_average_sgd_ (with and without divergence) match the reference")
 PYEOF
 echo "check_cmake_build: OK"

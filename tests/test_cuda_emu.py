@@ -29,8 +29,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
 SOURCES = [ROOT / "csrc" / "cuda" / "kernels.cu", ROOT / "csrc" / "cuda" / "multi_segment.h",
-           ROOT / "csrc" / "segment_table.h", EMU / "emu_cuda.h", EMU / "emu_api.h",
-           EMU / "emu_runtime.cpp", EMU / "emu_api.cpp"]
+           ROOT / "csrc" / "segment_table.h", ROOT / "csrc" / "sgd_options.h", EMU / "emu_cuda.h",
+           EMU / "emu_api.h", EMU / "emu_runtime.cpp", EMU / "emu_api.cpp"]
 COMMON_FLAGS = ["-std=c++17", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
                 "-Wno-unknown-pragmas", "-g"]
 VARIANTS = {

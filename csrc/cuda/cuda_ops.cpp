@@ -1,6 +1,7 @@
-// CUDA implementations of the prsgd_hvd ops: argument checks (shared with CPU, common.cpp),
-// segment tables with a device-side cache, and calls into the torch-free launchers of
-// kernels.cu on the current stream. Compiled only in CUDA builds (setup.py / CMakeLists.txt).
+// CUDA implementations of the prsgd_hvd ops: the checked segment lists of common.cpp (shared
+// with CPU) grouped into segment tables with a device-side cache, and calls into the torch-free
+// launchers of kernels.cu on the current stream. Compiled only in CUDA builds (setup.py /
+// CMakeLists.txt).
 #include "common.h"
 #include "cuda/multi_segment.h"
 
@@ -166,112 +167,72 @@ using cuda::SegmentGroup;
 using cuda::SegmentGroups;
 using cuda::kNumDTypes;
 
-at::Tensor flatten_cuda(at::TensorList tensors, const c10::optional<at::Tensor>& out,
-                        int64_t align) {
-  const auto offsets = segment_offsets("flatten", tensors, flatten_dtype(tensors, out), align);
-  at::Tensor result = flatten_prepare_out(tensors, out, offsets.back());
-  const c10::cuda::CUDAGuard guard(result.device());
-  SegmentGroups groups;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    const int64_t pad = offsets[i + 1] - offsets[i] - t.numel();
-    if (t.numel() == 0) continue;  // and pad == 0 (NOTE: [Segment layout])
-    if (t.is_contiguous() && is_kernel_cast(t.scalar_type(), result.scalar_type())) {
-      groups[static_cast<size_t>(to_dtype(t.scalar_type()))].add(
-          const_cast<void*>(t.const_data_ptr()), nullptr, nullptr, offsets[i], t.numel(), pad,
-          false);
-    } else {  // strided sources and casts to/from fp64: torch's copy kernel, still one pass
-      result.narrow(0, offsets[i], t.numel()).view(t.sizes()).copy_(t);
-      if (pad > 0) result.narrow(0, offsets[i] + t.numel(), pad).zero_();
+// For each non-empty group: its table on the device (cached), then
+// launch(group dtype, table, segments, chunks), a launcher's cudaError_t, checked.
+template <typename Launch>
+void launch_groups(SegmentGroups& groups, c10::DeviceIndex device,
+                   const c10::cuda::CUDAStream& stream, const Launch& launch) {
+  for (size_t d = 0; d < kNumDTypes; ++d) {
+    SegmentGroup& g = groups[d];
+    if (g.segments.empty()) continue;
+    const int32_t n = static_cast<int32_t>(g.segments.size());
+    const Segment* table = table_cache().get(std::move(g.segments), device, stream);
+    C10_CUDA_CHECK(launch(static_cast<DType>(d), table, n, g.chunks));
+  }
+}
+
+// The CUDA kernels of every op (DeviceOps in common.h): the call's segments grouped by dtype
+// into segment tables (NOTE: [Segment table]), one launch per non-empty group.
+struct CudaKernels {
+  static void flatten(FlattenCall& call) {
+    const at::Tensor& out = call.out;
+    const c10::cuda::CUDAGuard guard(out.device());
+    SegmentGroups groups;
+    for (const FlattenSegment& s : call.segments) {
+      groups[static_cast<size_t>(to_dtype(s.src_type))].add(
+          const_cast<void*>(s.src), nullptr, nullptr, s.flat_offset, s.numel, s.pad, false);
     }
+    const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
+    launch_groups(groups, out.device().index(), stream,
+                  [&](DType src, const Segment* table, int32_t n, int64_t chunks) {
+                    return cuda::launch_flatten(src, to_dtype(out.scalar_type()), table, n,
+                                                chunks, out.data_ptr(), stream.stream());
+                  });
   }
-  const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
-  for (size_t d = 0; d < kNumDTypes; ++d) {
-    SegmentGroup& g = groups[d];
-    if (g.segments.empty()) continue;
-    const int32_t n = static_cast<int32_t>(g.segments.size());
-    const Segment* table = table_cache().get(std::move(g.segments), result.device().index(), stream);
-    C10_CUDA_CHECK(cuda::launch_flatten(static_cast<DType>(d), to_dtype(result.scalar_type()),
-                                        table, n, g.chunks, result.data_ptr(), stream.stream()));
-  }
-  return result;
-}
 
-void run_unflatten(const at::Tensor& flat, SegmentGroups& groups,
-                   const cuda::SgdHyper& hyper, bool sgd, double* divergence) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
-  // NOTE: [Divergence] (common.h): one block-sum scratch buffer, from the caching allocator,
-  // shared by the dtype groups' launches, which run in order on this stream.
-  at::Tensor block_sums;
-  if (divergence != nullptr) {
-    int64_t scratch = 0;
-    for (const SegmentGroup& g : groups) scratch = std::max(scratch, cuda::divergence_scratch_size(g.chunks));
-    if (scratch == 0) return;  // no elements: nothing to add
-    block_sums = at::empty({scratch}, flat.options().dtype(at::kDouble));
+  static void unflatten(const at::Tensor& flat, UnflattenCall& call) {
+    const c10::cuda::CUDAGuard guard(flat.device());
+    SegmentGroups groups;
+    for (const ParamSegment& s : call.segments) {
+      // The unflatten kernels never touch the padding: pad 0 keeps one table per param list.
+      groups[static_cast<size_t>(to_dtype(s.param_type))].add(
+          s.param, s.grad, s.momentum_buf, s.flat_offset, s.numel, 0, s.first_step);
+    }
+    const auto stream = c10::cuda::getCurrentCUDAStream();  // what at::cuda:: aliases
+    // NOTE: [Divergence] (common.h): one block-sum scratch buffer, from the caching allocator,
+    // shared by the dtype groups' launches, which run in order on this stream.
+    at::Tensor block_sums;
+    if (call.divergence != nullptr) {
+      int64_t scratch = 0;
+      for (const SegmentGroup& g : groups) {
+        scratch = std::max(scratch, cuda::divergence_scratch_size(g.chunks));
+      }
+      if (scratch == 0) return;  // no elements: nothing to add
+      block_sums = at::empty({scratch}, flat.options().dtype(at::kDouble));
+    }
+    double* sums = call.divergence != nullptr ? block_sums.data_ptr<double>() : nullptr;
+    launch_groups(groups, flat.device().index(), stream,
+                  [&](DType param, const Segment* table, int32_t n, int64_t chunks) {
+                    return cuda::launch_unflatten_average(
+                        to_dtype(flat.scalar_type()), param, table, n, chunks,
+                        flat.const_data_ptr(), call.options, call.sgd, call.divergence, sums,
+                        stream.stream());
+                  });
   }
-  for (size_t d = 0; d < kNumDTypes; ++d) {
-    SegmentGroup& g = groups[d];
-    if (g.segments.empty()) continue;
-    const int32_t n = static_cast<int32_t>(g.segments.size());
-    const Segment* table = table_cache().get(std::move(g.segments), flat.device().index(), stream);
-    C10_CUDA_CHECK(cuda::launch_unflatten_average(
-        to_dtype(flat.scalar_type()), static_cast<DType>(d), table, n, g.chunks,
-        flat.const_data_ptr(), hyper, sgd, divergence,
-        divergence != nullptr ? block_sums.data_ptr<double>() : nullptr, stream.stream()));
-  }
-}
-
-void unflatten_average_cuda(const at::Tensor& flat, at::TensorList params, double scale,
-                            const c10::optional<at::Tensor>& divergence, int64_t align) {
-  const auto offsets = check_unflatten("unflatten_average_", flat, params, align);
-  double* div = check_divergence("unflatten_average_", flat, divergence);
-  const c10::cuda::CUDAGuard guard(flat.device());
-  SegmentGroups groups;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    if (p.numel() == 0) continue;
-    // The unflatten kernels never touch the padding: pad 0 keeps one table per param list.
-    groups[static_cast<size_t>(to_dtype(p.scalar_type()))].add(p.data_ptr(), nullptr, nullptr,
-                                                                offsets[i], p.numel(), 0, false);
-  }
-  run_unflatten(flat, groups, cuda::SgdHyper{scale, 0.0, 0.0, 0.0, 0.0, 0, 0}, false, div);
-}
-
-void unflatten_average_sgd_cuda(const at::Tensor& flat, at::TensorList params,
-                                const c10::List<c10::optional<at::Tensor>>& grads,
-                                const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
-                                const c10::List<bool>& first_step, double scale, double lr,
-                                double momentum, double dampening, double weight_decay,
-                                bool nesterov, bool maximize,
-                                const c10::optional<at::Tensor>& divergence, int64_t align) {
-  const auto offsets = check_unflatten("unflatten_average_sgd_", flat, params, align);
-  check_sgd(flat, params, grads, momentum_buffers, first_step, momentum);
-  double* div = check_divergence("unflatten_average_sgd_", flat, divergence);
-  const c10::cuda::CUDAGuard guard(flat.device());
-  SegmentGroups groups;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    if (p.numel() == 0) continue;
-    const c10::optional<at::Tensor> g = grads.get(i);
-    const bool has_grad = g.has_value() && g->defined();
-    void* buf = nullptr;
-    if (has_grad && momentum != 0.0) buf = momentum_buffers.get(i)->data_ptr();
-    groups[static_cast<size_t>(to_dtype(p.scalar_type()))].add(
-        p.data_ptr(), has_grad ? g->const_data_ptr() : nullptr, buf, offsets[i], p.numel(), 0,
-        first_step.get(i));
-  }
-  run_unflatten(flat, groups,
-                cuda::SgdHyper{scale, lr, momentum, dampening, weight_decay, nesterov ? 1 : 0,
-                               maximize ? 1 : 0},
-                true, div);
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(prsgd_hvd, CUDA, m) {
-  m.impl("flatten", &flatten_cuda);
-  m.impl("unflatten_average_", &unflatten_average_cuda);
-  m.impl("unflatten_average_sgd_", &unflatten_average_sgd_cuda);
-}
+TORCH_LIBRARY_IMPL(prsgd_hvd, CUDA, m) { DeviceOps<CudaKernels>::register_impls(m); }
 
 }  // namespace prsgd

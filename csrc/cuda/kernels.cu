@@ -4,7 +4,7 @@
 // multi_tensor_sgd_kernel.cu: a small *_math device helper holds the arithmetic, one functor per
 // op maps it over a chunk of one tensor, and one generic kernel hands chunks to blocks. Unlike
 // MultiTensorApply the tensor list is not packed into kernel arguments: the kernel reads the
-// segment table from device memory (NOTE: [Segment table] in multi_segment.h), so one launch
+// segment table from device memory (NOTE: [Segment table] in segment_table.h), so one launch
 // covers any number of tensors, and a persistent grid, as large as can be resident at once
 // (NOTE: [Grid size]), loops over chunks.
 //
@@ -18,8 +18,8 @@
 //                             (NOTE: [Divergence] in csrc/common.h)
 //
 // Arithmetic is done in opmath (fp32; fp64 for double) and rounded once when stored.
-// NOTE: [No FMA] (see csrc/cpu_ops.cpp): products and sums use __fmul_rn/__fadd_rn so nvcc
-// cannot contract them into FMAs, and results match the reference (and the CPU kernel) exactly.
+// Products and sums use __fmul_rn/__fadd_rn so nvcc cannot contract them into FMAs, and results
+// match the reference (and the CPU kernel) exactly (NOTE: [No FMA] in csrc/cpu_kernels_impl.h).
 #include "multi_segment.h"
 
 #include <cuda_bf16.h>
@@ -183,12 +183,12 @@ struct SgdConsts {
 };
 
 template <typename op_t>
-SgdConsts<op_t> make_consts(const SgdHyper& h) {
+SgdConsts<op_t> make_consts(const SgdOptions& h) {
   // Rounded to opmath as torch rounds a Python scalar multiplying an opmath tensor;
   // (1 - dampening) is formed in double first, as in the reference.
   return {op_t(h.scale), op_t(h.lr), op_t(h.momentum), op_t(1.0 - h.dampening),
-          op_t(h.weight_decay), h.weight_decay != 0.0, h.momentum != 0.0, h.nesterov != 0,
-          h.maximize != 0};
+          op_t(h.weight_decay), h.weight_decay != 0.0, h.momentum != 0.0, h.nesterov,
+          h.maximize};
 }
 
 // torch.optim.SGD's update applied to the average x (= sum * scale), in the reference's order:
@@ -488,7 +488,7 @@ int64_t divergence_scratch_size(int64_t num_chunks) {
 
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
                                      int32_t num_segments, int64_t num_chunks, const void* flat,
-                                     const SgdHyper& hyper, bool sgd, double* divergence,
+                                     const SgdOptions& options, bool sgd, double* divergence,
                                      double* block_sums, cudaStream_t stream) {
   if (divergence != nullptr && block_sums == nullptr) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
@@ -500,7 +500,7 @@ cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const 
       if constexpr (std::is_same<flat_t, param_t>::value ||
                     (std::is_same<flat_t, float>::value && is_reduced<param_t>)) {
         const auto* f = static_cast<const flat_t*>(flat);
-        const SgdConsts<op_t> c = make_consts<op_t>(hyper);
+        const SgdConsts<op_t> c = make_consts<op_t>(options);
         int64_t grid = 0;
         auto run = [&](auto sgd_tag, auto divergence_tag) {
           using Op = AverageFunctor<flat_t, param_t, decltype(sgd_tag)::value,

@@ -8,20 +8,10 @@
 #include <cstdint>
 
 #include "segment_table.h"  // Segment, DType, kChunkSize: shared with the glue and the emulation
+#include "sgd_options.h"    // SgdOptions: shared with the glue and the CPU kernels
 
 namespace prsgd {
 namespace cuda {
-
-// Hyperparameters as the op receives them; the kernels round them to their opmath type.
-struct SgdHyper {
-  double scale;
-  double lr;
-  double momentum;
-  double dampening;
-  double weight_decay;
-  int32_t nesterov;
-  int32_t maximize;
-};
 
 // Launchers: enqueue one kernel on `stream` over the `num_segments` segments of a device table
 // holding `num_chunks` chunks in all, and return cudaGetLastError(). They use the current
@@ -36,7 +26,7 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
                            int64_t num_chunks, void* flat, cudaStream_t stream);
 
 // param[j] = flat[seg.flat_offset + j] * scale (opmath), when `sgd` is false; otherwise that
-// average followed by torch.optim.SGD's update (see average_sgd_math in kernels.cu).
+// average followed by torch.optim.SGD's update (sgd_math in kernels.cu).
 // flat/param: the same dtype, or fp32 flat with fp16/bf16 params.
 // divergence (device, one double) != nullptr: also *divergence += sum over the table of
 // (old param - average)^2 (NOTE: [Divergence] in csrc/common.h); `block_sums` is device
@@ -44,7 +34,7 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
 // kernel adds the per-block sums in order. Both null: the plain kernel, no extra read.
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
                                      int32_t num_segments, int64_t num_chunks, const void* flat,
-                                     const SgdHyper& hyper, bool sgd, double* divergence,
+                                     const SgdOptions& options, bool sgd, double* divergence,
                                      double* block_sums, cudaStream_t stream);
 
 // Doubles of scratch launch_unflatten_average needs for `divergence` on the current device: an

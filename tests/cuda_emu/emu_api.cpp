@@ -84,10 +84,10 @@ int prsgd_emu_unflatten(int n, void* const* params, const void* const* grads,
     groups[dtypes[i]].add(params[i], sgd ? grads[i] : nullptr, momentum ? bufs[i] : nullptr,
                           offsets[i], numels[i], 0, sgd && first_step[i]);
   }
-  const prsgd::cuda::SgdHyper h =
-      sgd ? prsgd::cuda::SgdHyper{hyper[0], hyper[1], hyper[2], hyper[3], hyper[4],
-                                  hyper[5] != 0.0 ? 1 : 0, hyper[6] != 0.0 ? 1 : 0}
-          : prsgd::cuda::SgdHyper{hyper[0], 0.0, 0.0, 0.0, 0.0, 0, 0};
+  const prsgd::SgdOptions h =
+      sgd ? prsgd::SgdOptions{hyper[0], hyper[1], hyper[2], hyper[3], hyper[4],
+                              hyper[5] != 0.0, hyper[6] != 0.0}
+          : prsgd::SgdOptions::average_only(hyper[0]);
   // One scratch for all groups, as the glue has; NaN so that a block sum the reduction reads
   // but no block wrote shows up in the result.
   int64_t scratch = 0;
