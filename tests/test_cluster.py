@@ -31,7 +31,8 @@ HIERARCHICAL_COUNTED = {"name": "hierarchical_hosts_counted", "opt": "sgd",
                         "schedule": {"kind": "hierarchical", "levels": [[2, 2], [8, 4]]}}
 # The same, saying "the ranks of a host" and "everyone" instead of counting ranks by hand.
 HIERARCHICAL_BY_HOST = dict(copy.deepcopy(HIERARCHICAL_COUNTED), name="hierarchical_by_host",
-                            schedule={"kind": "hierarchical", "levels": [[2, "host"], [8, "all"]]})
+                            schedule={"kind": "hierarchical", "levels": [[2, "host"], [8, "all"]]},
+                            may_fail=True)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,12 @@ def three_hosts(cluster):
                        timeout=LAUNCH_TIMEOUT, cluster=cluster)
 
 
-def _hierarchical(cluster, spec):
-    return run_workers("cluster_worker.py", 4, ["--scenarios", json.dumps([spec])],
+@pytest.fixture(scope="module")
+def two_by_two(cluster):
+    """Both spellings in one launch: the counted one first (the other may raise at
+    construction, on every rank alike, until the trunk knows "host")."""
+    return run_workers("cluster_worker.py", 4,
+                       ["--scenarios", json.dumps([HIERARCHICAL_COUNTED, HIERARCHICAL_BY_HOST])],
                        timeout=LAUNCH_TIMEOUT, cluster=cluster, slots=2,
                        env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"})
 
@@ -78,6 +83,7 @@ def test_trajectory_across_3_hosts_matches_float64_simulation(three_hosts, spec)
 
 
 def _check_hierarchical(results, spec):
+    assert "error" not in results[0][spec["name"]], results[0][spec["name"]]
     topo = [r["_topology"] for r in results]
     assert [t["hostname"] for t in topo] == ["host1", "host1", "host2", "host2"]
     assert [t["local_rank"] for t in topo] == [0, 1, 0, 1]
@@ -88,10 +94,10 @@ def _check_hierarchical(results, spec):
     check_against_reference(4, counted, results)
 
 
-def test_hierarchical_groups_are_hosts_2x2(cluster):
-    _check_hierarchical(_hierarchical(cluster, HIERARCHICAL_COUNTED), HIERARCHICAL_COUNTED)
+def test_hierarchical_groups_are_hosts_2x2(two_by_two):
+    _check_hierarchical(two_by_two, HIERARCHICAL_COUNTED)
 
 
 @pytest.mark.xfail(strict=False, reason="needs Hierarchical 'host' groups from the trunk")
-def test_hierarchical_host_spelling_2x2(cluster):
-    _check_hierarchical(_hierarchical(cluster, HIERARCHICAL_BY_HOST), HIERARCHICAL_BY_HOST)
+def test_hierarchical_host_spelling_2x2(two_by_two):
+    _check_hierarchical(two_by_two, HIERARCHICAL_BY_HOST)
