@@ -48,6 +48,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -85,6 +86,10 @@ def missing_requirements() -> Optional[str]:
         return f"cannot create network namespaces: {made.stderr.strip()}"
     _run(["ip", "netns", "del", probe], check=False)
     return None
+
+
+def _raise_system_exit(signum, frame):
+    raise SystemExit(f"terminated by signal {signum}")
 
 
 def rate_bits(rate: str) -> float:
@@ -137,11 +142,28 @@ class Cluster:
 
     # ---- life cycle --------------------------------------------------------------------------
     def __enter__(self) -> "Cluster":
-        self.up()
+        # A SIGTERM (a cancelled CI job, `timeout`, `kill`) must still reach __exit__: hosts left
+        # behind keep their sshd and workers running. (Background jobs of a shell ignore SIGINT.)
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
+        try:
+            self.up()            # cleans up after itself when it fails
+        except BaseException:
+            self._restore_sigterm()
+            raise
         return self
 
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
     def __exit__(self, *exc) -> None:
-        self.down()
+        try:
+            self.down()
+        finally:
+            self._restore_sigterm()
 
     def up(self) -> "Cluster":
         why = missing_requirements()

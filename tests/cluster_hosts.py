@@ -24,20 +24,8 @@ def cluster_or_skip(n: int, rate=None, name: str = "prsgdtest"):
     why = missing_requirements()
     if why:
         pytest.skip(f"hosts on one machine: {why}")
-    c = Cluster(n, rate, name)
-    # A SIGTERM (a CI job cancelled, `timeout`) must still reach the finally below: hosts left
-    # behind keep their sshd and workers running.
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        c.up()
+    with Cluster(n, rate, name) as c:   # down() in a finally, also on SIGTERM
         yield c
-    finally:
-        c.down()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _terminate(signum, frame):
-    raise SystemExit(f"terminated by signal {signum}")
 
 
 def launcher_env(cluster: Cluster) -> dict:
