@@ -8,9 +8,9 @@ scenarios.
 """
 import copy
 import json
+import subprocess
 
 import pytest
-import torch
 
 from cluster_hosts import cluster_or_skip
 from hvdrun import run_workers
@@ -58,8 +58,6 @@ def two_by_two(cluster):
 
 
 def test_hosts_are_separate_and_links_shaped(cluster):
-    import subprocess
-
     for i in range(1, 4):
         routes = subprocess.run(cluster.exec_argv(i, ["ip", "route"]), capture_output=True,
                                 text=True, check=True).stdout
