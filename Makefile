@@ -44,7 +44,7 @@ setup-cluster:
 	bash scripts/setup_cluster.sh
 
 # 3 hosts at 100 Mbit/s, 1 Gbit/s and unshaped: ours vs hvd.DistributedOptimizer, torch's
-# PostLocalSGDOptimizer and DDP, against the no-communication ceiling. About 40 minutes on 2 cores.
+# PostLocalSGDOptimizer and DDP, against the no-communication ceiling. About 35 minutes on 2 cores.
 bench-cluster: setup setup-cluster
 	$(PY) -c "import matplotlib" 2>/dev/null || $(VENV)/bin/pip install matplotlib
 	$(PY) benchmarks/bench_cluster.py --yardstick --plot docs/cluster_bench.png $(BENCH_ARGS)
