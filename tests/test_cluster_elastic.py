@@ -82,9 +82,17 @@ def test_worker_killed_on_one_host_survivors_continue_and_host_rejoins():
             kill(victims)
             killed_after = len(_rows(record))
             _wait_for("2 commits at size 2",
-                      lambda: sum(r[0] == 2 for r in _rows(record)[killed_after:]) >= 2, proc, 90)
+                      lambda: sum(r[0] == 2 for r in _rows(record)[killed_after:]) >= 2, proc, 150)
             listed.write_text("host1:1\nhost2:1\nhost3:1\n")
             output, _ = proc.communicate(timeout=240)
+        except AssertionError as exc:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            sizes = [r[0] for r in _rows(record)]
+            raise AssertionError(f"{exc}\ncommits per size, in order: "
+                                 f"{[(s, sizes.count(s)) for s in dict.fromkeys(sizes)]}\n"
+                                 f"job output:\n{output[-6000:]}") from None
         except BaseException:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
