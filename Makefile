@@ -6,11 +6,12 @@ HVDRUN  := PATH=$(CURDIR)/$(VENV)/bin:$$PATH horovodrun -np $(NP) -H localhost:$
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo check-cuda check-cmake bench bench-e2e reproduce clean gpu-check gpu-check-prepare
+.PHONY: setup-cluster bench-cluster demo-cluster
 
 setup:
 	bash scripts/setup_env.sh
 
-test: setup
+test: setup setup-cluster
 	$(PY) -m pytest tests -q -ra --timeout=600 $(PYTEST_ARGS)
 
 demo: setup
@@ -46,6 +47,22 @@ bench-e2e: setup
 reproduce: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(VENV)/bin/pip install matplotlib
 	$(PY) scripts/reproduce.py
+
+# Hosts on one machine (scripts/cluster.sh): needs root; installs openssh-server if missing.
+setup-cluster:
+	bash scripts/setup_cluster.sh
+
+# 3 hosts at 100 Mbit/s, 1 Gbit/s and unshaped: ours vs hvd.DistributedOptimizer, torch's
+# PostLocalSGDOptimizer and DDP, against the no-communication ceiling. About 35 minutes on 2 cores.
+bench-cluster: setup setup-cluster
+	$(PY) -c "import matplotlib" 2>/dev/null || $(VENV)/bin/pip install matplotlib
+	$(PY) benchmarks/bench_cluster.py --yardstick --plot docs/cluster_bench.png $(BENCH_ARGS)
+
+# `make demo` where local SGD is meant to run: 3 hosts joined by 100 Mbit/s links.
+DEMO_HOSTS ?= 3
+DEMO_RATE  ?= 100mbit
+demo-cluster: setup setup-cluster
+	bash scripts/demo_cluster.sh $(DEMO_HOSTS) $(DEMO_RATE)
 
 clean:
 	rm -rf build dist *.egg-info prsgd_hvd/_C*.so $(VENV)

@@ -11,6 +11,7 @@ every worker -- new ones too -- to rank 0's model and schedule.
 """
 import argparse
 import os
+import socket
 import time
 
 import torch
@@ -29,6 +30,9 @@ def main():
     ap.add_argument("--state", choices=["localsgd", "torch"], default="localsgd",
                     help="hvd.elastic.LocalSGDState, or Horovod's own hvd.elastic.TorchState "
                          "(which handles a wrapped optimizer once prsgd_hvd is imported)")
+    ap.add_argument("--out", default=None,
+                    help="each worker writes OUT/<hostname>.rank (its rank, at every (re)start) "
+                         "and saves its host, counters and final model to OUT/rank{r}.pt")
     args = ap.parse_args()
 
     hvd.init()
@@ -43,6 +47,9 @@ def main():
     @hvd.elastic.run
     def train(state):
         last_rounds = opt.rounds
+        if args.out:  # which rank each host's worker has now (elastic ranks need not follow hosts)
+            with open(os.path.join(args.out, f"{socket.gethostname()}.rank"), "w") as f:
+                f.write(str(hvd.rank()))
         while state.step < args.steps:
             g = torch.Generator().manual_seed(1000 * hvd.rank() + state.step)
             x = torch.randn(32, 16, generator=g)
@@ -54,16 +61,23 @@ def main():
             state.step += 1
             if opt.rounds > last_rounds:  # commit right after a round: models are close
                 last_rounds = opt.rounds
-                state.commit()
+                # Recorded before commit(): commit() saves, then raises HostsUpdatedInterrupt
+                # when the hosts changed, and the job resumes from that commit.
                 if hvd.rank() == 0 and args.record:
                     with open(args.record, "a") as f:
                         f.write(f"{hvd.size()} {state.step} {opt.rounds}\n")
+                state.commit()
 
     train(state)
+    counters = {"step": state.step, "local_step": opt.local_step, "rounds": opt.rounds}
     opt.finalize()
     # Every worker, the one that joined too, must end on the same schedule and world size.
     seen = hvd.allgather_object((opt.local_step, opt.rounds, opt.stats()["world_size"]),
                                 name="elastic.counters")
+    if args.out:
+        torch.save({"host": socket.gethostname(), "rank": hvd.rank(), "size": hvd.size(),
+                    **counters, "params": [p.detach().clone() for p in model.parameters()]},
+                   os.path.join(args.out, f"rank{hvd.rank()}.pt"))
     if hvd.rank() == 0:
         print(f"done: {state.step} steps, {opt.rounds} rounds, final size {hvd.size()}", flush=True)
         print(f"counters agree: {len(set(seen)) == 1} {seen}", flush=True)

@@ -549,7 +549,9 @@ class Hierarchical(Schedule):
             elif group == "host":
                 if local_size is None:
                     raise ValueError("Hierarchical: group 'host' needs the optimizer's process "
-                                     "set to be all ranks (Horovod's local_size)")
+                                     "set to be all ranks, with each host's ranks numbered "
+                                     "consecutively (as horovodrun -H host1:2,host2:2 does); "
+                                     "give the group size as a number otherwise")
                 group = local_size
             if size % group:
                 raise ValueError(f"Hierarchical: group size {group} (period {period}) does not "

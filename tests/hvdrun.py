@@ -55,24 +55,37 @@ def run_command(cmd: Sequence[str], timeout: float, env: Optional[dict] = None,
 
 
 def horovodrun_command(np: int, script: Path, args: Sequence[str] = (),
-                       extra_horovodrun_args: Sequence[str] = ()):
-    return [horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}", "--gloo",
+                       extra_horovodrun_args: Sequence[str] = (), hosts: Optional[str] = None):
+    return [horovodrun_path(), "-np", str(np), "-H", hosts or f"localhost:{np}", "--gloo",
             *extra_horovodrun_args, sys.executable, str(script), *args]
 
 
 def launch(script: str, np: int, args: Sequence[str] = (), timeout: float = 240,
-           env: Optional[dict] = None, extra_horovodrun_args: Sequence[str] = ()):
-    """Run tests/workers/``script`` on ``np`` ranks; returns (returncode, output, out_dir)."""
+           env: Optional[dict] = None, extra_horovodrun_args: Sequence[str] = (),
+           cluster=None, slots: int = 1):
+    """Run tests/workers/``script`` on ``np`` ranks; returns (returncode, output, out_dir).
+
+    With ``cluster`` (tests/cluster_hosts.py), the ranks run on its hosts, ``slots`` per host,
+    launched over ssh from host1."""
     out_dir = tempfile.mkdtemp(prefix="prsgd_hvd_test_")
-    cmd = horovodrun_command(np, WORKERS / script, ["--out", out_dir, *args], extra_horovodrun_args)
+    hosts = None
+    if cluster is not None:
+        from cluster_hosts import launcher_env
+        hosts = cluster.hosts_arg(slots, range(1, np // slots + 1))
+        extra_horovodrun_args = ["--network-interface", "eth0", *extra_horovodrun_args]
+        env = {**launcher_env(cluster), **(env or {})}
+    cmd = horovodrun_command(np, WORKERS / script, ["--out", out_dir, *args], extra_horovodrun_args,
+                             hosts)
+    if cluster is not None:
+        cmd = cluster.exec_argv(1, cmd)
     rc, output = run_command(cmd, timeout, env, what=f"{script} on {np} ranks")
     return rc, output, out_dir
 
 
 def run_workers(script: str, np: int, args: Sequence[str] = (), timeout: float = 240,
-                env: Optional[dict] = None) -> List[dict]:
+                env: Optional[dict] = None, cluster=None, slots: int = 1) -> List[dict]:
     """Run ``script`` on ``np`` ranks and return each rank's saved results, rank order."""
-    rc, output, out_dir = launch(script, np, args, timeout, env)
+    rc, output, out_dir = launch(script, np, args, timeout, env, cluster=cluster, slots=slots)
     if rc != 0:
         raise HorovodRunError(f"{script} on {np} ranks exited with {rc}:\n{output[-6000:]}",
                               output, rc)
