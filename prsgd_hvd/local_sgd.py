@@ -113,7 +113,8 @@ class LocalSGD:
         # Hierarchical's "host" groups: the ranks of a host, numbered consecutively (as
         # horovodrun -H a:2,b:2 numbers them); otherwise there is no such group to offer.
         consecutive = hvd.rank() == hvd.cross_rank() * hvd.local_size() + hvd.local_rank()
-        local_size = hvd.local_size() if process_set.ranks is None and consecutive else None
+        everyone = process_set.size() == hvd.size()
+        local_size = hvd.local_size() if everyone and consecutive else None
         self.planner.bind(self.rank, self.size,
                           lambda obj: self.collectives.allgather(obj, "schedule"), local_size)
         members = self.collectives.members
