@@ -134,6 +134,7 @@ class BucketLayout:
             extra = n_ranks * len(_FIELDS) if b == 0 else 0
             flat = torch.empty(offsets[-1] + extra, dtype=flat_dtype_for(dtype), device=device)
             self.buckets.append(Bucket(b, device, dtype, ts, positions, flat, offsets))
+        self._rows = None  # numpy view of bucket 0's control records (CPU)
         self.checksum = small_checksum(repr([(tuple(t.shape), str(t.dtype), t.device.type)
                                              for t in tensors]).encode())
 
@@ -141,9 +142,10 @@ class BucketLayout:
         """This rank's control record in its slot, zeros in the others (NOTE above)."""
         control = self.buckets[0].control
         if control.device.type == "cpu":  # through a numpy view: no tensor allocations
-            rows = control.numpy().reshape(-1, len(_FIELDS))
-            rows.fill(0.0)
-            rows[rank] = record
+            if self._rows is None:
+                self._rows = control.numpy().reshape(-1, len(_FIELDS))
+            self._rows.fill(0.0)
+            self._rows[rank] = record
         else:
             rows = control.view(-1, len(_FIELDS))
             rows.zero_()
@@ -326,13 +328,13 @@ class Round:
 
     def __post_init__(self):
         self.buckets: List[Bucket] = self.layout.buckets
+        self._columns = dict(zip(_FIELDS, zip(*self.records)))
         self.weight_sum = sum(self._field("weight"))       # the divisor of the mean
         self.active_ranks = int(round(sum(self._field("active"))))  # ranks still training
         self.agree = any(self._field("agree"))             # a schedule agrees after this round
 
-    def _field(self, name: str) -> List[float]:
-        i = _FIELDS.index(name)
-        return [r[i] for r in self.records]
+    def _field(self, name: str) -> Tuple[float, ...]:
+        return self._columns[name]
 
     @property
     def scale(self) -> float:
