@@ -37,19 +37,23 @@ def check_ranks_agree(mine: Dict[str, Any], process_set) -> None:
     ``mine`` (a dict of picklable descriptions)."""
     if process_set.size() == 1:
         return
-    everyone = allgather_object(mine, process_set, AGREE_COLLECTIVE)
-    members = process_set.ranks if process_set.ranks is not None else list(range(len(everyone)))
-    keys = sorted({k for e in everyone for k in e})
-    problems = []
-    for key in keys:
-        values = [e.get(key, "<missing>") for e in everyone]
-        if any(v != values[0] for v in values):
-            problems.append(describe_mismatch(key, values, members))
+    problems = _differences(allgather_object(mine, process_set, AGREE_COLLECTIVE), process_set)
     if problems:
         raise ValueError("DistributedLocalSGD: the ranks disagree, so averaging would hang or "
                          "mix different models:\n  " + "\n  ".join(problems) +
                          "\nBuild the model and the optimizer the same way, in the same order, "
                          "with the same arguments on every rank.")
+
+
+def _differences(everyone: List[Dict[str, Any]], process_set) -> List[str]:
+    """One line per key on which the ranks' descriptions differ."""
+    members = process_set.ranks if process_set.ranks is not None else list(range(len(everyone)))
+    problems = []
+    for key in sorted({k for e in everyone for k in e}):
+        values = [e.get(key, "<missing>") for e in everyone]
+        if any(v != values[0] for v in values):
+            problems.append(describe_mismatch(key, values, members))
+    return problems
 
 
 def describe_mismatch(key: str, values: List[Any], members: List[int]) -> str:
@@ -72,13 +76,8 @@ def describe_mismatch(key: str, values: List[Any], members: List[int]) -> str:
 def explain_layout_mismatch(mine: Dict[str, Any], process_set, horovod_error: str) -> ValueError:
     """After Horovod refused to sum a round (shapes differ): find out what differs. Collective;
     Horovod reports the failure to every rank of the set, so all of them get here."""
-    everyone = allgather_object(mine, process_set, f"{AGREE_COLLECTIVE}.layout")
-    members = process_set.ranks if process_set.ranks is not None else list(range(len(everyone)))
-    problems = []
-    for key in sorted({k for e in everyone for k in e}):
-        values = [e.get(key, "<missing>") for e in everyone]
-        if any(v != values[0] for v in values):
-            problems.append(describe_mismatch(key, values, members))
+    problems = _differences(allgather_object(mine, process_set, f"{AGREE_COLLECTIVE}.layout"),
+                            process_set)
     return ValueError("DistributedLocalSGD: the ranks tried to average different tensors: "
                       + ("; ".join(problems) or horovod_error) +
                       ". Every rank must have the same parameters (add_param_group on every "

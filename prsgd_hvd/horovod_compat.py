@@ -256,6 +256,10 @@ def check_named_parameters(optimizer, named_parameters) -> Optional[List[Tuple[s
     if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
         raise ValueError(f"{_PREFIX}: named_parameters should be a sequence of (name, parameter) "
                          f"tuples, usually produced by model.named_parameters()")
+    names = [n for n, _ in named]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError(f"{_PREFIX}: named_parameters has duplicate names: {dups}")
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     foreign = [n for n, p in named if id(p) not in in_optimizer]
     if foreign:

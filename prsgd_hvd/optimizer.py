@@ -182,25 +182,6 @@ def _check_parameters(optimizer: torch.optim.Optimizer, names: Dict[int, str]) -
                                  "e.g. model.to_empty(device=...), before wrapping)")
 
 
-def _check_named_parameters(optimizer, named_parameters) -> Dict[int, str]:
-    if named_parameters is None:
-        return {}
-    named = list(named_parameters)
-    if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
-        raise ValueError("DistributedLocalSGD: 'named_parameters' must be (name, tensor) pairs, "
-                         "e.g. model.named_parameters()")
-    names = [n for n, _ in named]
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise ValueError(f"DistributedLocalSGD: 'named_parameters' has duplicate names: {dups}")
-    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    missing = [n for n, p in named if id(p) not in in_opt]
-    if missing:
-        raise ValueError(f"DistributedLocalSGD: 'named_parameters' names parameters that are not in "
-                         f"the optimizer: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return {id(p): n for n, p in named}
-
-
 def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                         named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                         warmup_steps: int = 0, process_set=None, fused: Optional[bool] = None,
@@ -286,7 +267,7 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"DistributedLocalSGD: 'model' must be a torch.nn.Module, got {type(model).__name__}")
     schedule = as_schedule(interval)
-    names = _check_named_parameters(optimizer, named_parameters)
+    names = {id(p): n for n, p in named_parameters or []}  # validated by horovod_compat
     _check_parameters(optimizer, names)
     horovod_compat.check_schedule_outside_process_set(schedule, compat)
 
