@@ -6,18 +6,24 @@
 #                                    pure-Python deps for the GPU machine's Python); carry that
 #                                    directory along with the tree.
 #   scripts/gpu_check.sh             on the GPU machine (a CUDA torch, nvcc, cmake, ninja,
-#                                    pytest; no network), in about 5-10 minutes:
-#     1. Horovod 0.28.1 from the carried sdist with the C++17 patch of scripts/setup_env.sh,
-#        NCCL GPU operations where NCCL's headers and library are found and the machine has
-#        two GPUs (NCCL refuses two ranks on one GPU), else Gloo; installed --user unless
-#        a venv is active (skipped when `import horovod.torch` already works);
-#     2. the extension for the local GPU (TORCH_CUDA_ARCH_LIST = its compute capability),
+#                                    pytest; no network), within $GPU_CHECK_BUDGET seconds
+#                                    (default 480; a step that would start too late is
+#                                    skipped, one that runs past the budget is killed), the
+#                                    steps that need no Horovod first:
+#     1. the extension for the local GPU (TORCH_CUDA_ARCH_LIST = its compute capability),
 #        built in place with setup.py;
-#     3. the CUDA variants of tests/test_ops.py, the stream-race and graph-capture tests;
-#     4. compute-sanitizer memcheck and racecheck on a subset of them;
-#     5. benchmarks/bench_kernels.py --device cuda (table in $OUT_DIR/bench_kernels_cuda.txt);
+#     2. the CUDA variants of tests/test_ops.py, the stream-race and graph-capture tests;
+#     3. benchmarks/bench_kernels.py --device cuda (table in $OUT_DIR/bench_kernels_cuda.txt);
+#     4. Horovod 0.28.1 from the carried sdist with the C++17 patch of scripts/setup_env.sh,
+#        NCCL GPU operations where NCCL's headers and library are found and the machine has
+#        two GPUs (NCCL refuses two ranks on one GPU), else Gloo (CUDA tensors staged through
+#        host memory); installed --user unless a venv is active (skipped when
+#        `import horovod.torch` already works);
+#     5. the trajectory scenarios of tests/test_trajectories.py with the model on the GPU,
+#        2 ranks under horovodrun, against the float64 reference;
 #     6. horovodrun -np 2 of examples/quickstart.py (which trains on the CPU: it checks this
-#        Horovod build and the package end to end).
+#        Horovod build and the package end to end);
+#     7. compute-sanitizer memcheck and racecheck on a subset of the op tests (last: slow).
 #   and prints one summary (PASS / FAIL / SKIP with the reason per step); exit 1 if any failed.
 #   scripts/gpu_check.sh --dry-run   the same script where there is no GPU: runs what does not
 #                                    need one (carried files present, the Horovod patch
@@ -59,12 +65,36 @@ declare -a SUMMARY=()
 FAILED=0
 T0=$SECONDS
 
-# step NAME COMMAND...: runs it with output to the log (and the tail on failure), records a line.
+BUDGET="${GPU_CHECK_BUDGET:-480}"
+
+# run_limited SECONDS COMMAND...: the command (a function too) in a process group of its own,
+# the whole group killed at the limit, so a hung build or test cannot eat the lease.
+run_limited() {
+  local limit=$1; shift
+  set -m
+  "$@" &
+  local pid=$! waited=0
+  set +m
+  while kill -0 "$pid" 2>/dev/null; do
+    if (( waited >= limit )); then
+      kill -TERM -- "-$pid" 2>/dev/null; sleep 3; kill -KILL -- "-$pid" 2>/dev/null
+      wait "$pid" 2>/dev/null
+      echo "killed: over its limit of $limit s"
+      return 124
+    fi
+    sleep 1; waited=$((waited + 1))
+  done
+  wait "$pid"
+}
+
+# step NAME COMMAND...: runs it with output to the log (and the tail on failure), records a line;
+# skipped when less than 30 s of the budget is left, limited to what is left.
 step() {
   local name=$1; shift
-  local t=$SECONDS
+  local t=$SECONDS left=$((BUDGET - (SECONDS - T0) - 10))
+  if (( left < 30 )); then skip "$name" "out of time (budget $BUDGET s)"; return; fi
   echo "== $name: $*" | tee -a "$LOG"
-  if "$@" >>"$LOG" 2>&1; then
+  if run_limited "$left" "$@" >>"$LOG" 2>&1; then
     SUMMARY+=("PASS  $name ($((SECONDS - t)) s)")
   else
     local rc=$?
@@ -103,7 +133,44 @@ fi
 CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")")}"
 export CUDA_HOME
 
-# ---- 1. Horovod ------------------------------------------------------------------------------
+
+# ---- 1. the extension for this GPU ----------------------------------------------------------
+build_ext() {
+  rm -f prsgd_hvd/_C*.so
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$GPU_CC" MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace &&
+    "$PY" -c "import prsgd_hvd.ops as o, torch; assert o.has_extension(), o.extension_error(); \
+x = torch.ones(3, device='cuda'); assert torch.equal(o.flatten([x]), x); print('CUDA kernels load and run')"
+}
+if [[ "$MODE" == dry ]]; then
+  skip "build the extension for the local GPU" "no GPU (dry run)"
+else
+  step "build the extension (TORCH_CUDA_ARCH_LIST=$GPU_CC)" build_ext
+fi
+
+# ---- 2-3. CUDA op tests, benchmark ---------------------------------------------------------
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PRSGD_REQUIRE_EXTENSION=1
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+CUDA_TESTS="cuda or stream or graph"
+SANITIZER=""
+for c in "$CUDA_HOME/bin/compute-sanitizer" "$CUDA_HOME/compute-sanitizer/compute-sanitizer" "$(command -v compute-sanitizer || true)"; do
+  [[ -n "$c" && -x "$c" ]] && { SANITIZER="$c"; break; }
+done
+collect_cuda_tests() {  # the selection below must find the CUDA tests (they skip here)
+  local n
+  n=$("${PYTEST[@]}" --collect-only tests/test_ops.py -k "$CUDA_TESTS" | grep -c "::")
+  echo "$n CUDA tests selected"
+  [[ "$n" -gt 100 ]]
+}
+if [[ "$MODE" == dry ]]; then
+  step "CUDA op tests are selected (collect only)" collect_cuda_tests
+  skip "CUDA op tests" "no GPU (dry run)"
+  skip "bench_kernels --device cuda" "no GPU (dry run)"
+else
+  step "CUDA op tests, stream race, graph capture" "${PYTEST[@]}" tests/test_ops.py -k "$CUDA_TESTS" -ra
+  step "bench_kernels --device cuda" bash -c "'$PY' benchmarks/bench_kernels.py --device cuda --repeats 50 | tee '$OUT_DIR/bench_kernels_cuda.txt'"
+fi
+
+# ---- 4. Horovod ------------------------------------------------------------------------------
 have_horovod() { "$PY" -c "import horovod.torch" >/dev/null 2>&1; }
 NCCL_HOME=""
 find_nccl() {  # NCCL from the nvidia-nccl wheel torch depends on, or the system
@@ -137,6 +204,10 @@ build_horovod() {
   [[ "$MODE" == dry ]] && { echo "dry run: patch applies; not building"; rm -rf "$work"; return 0; }
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
     HOROVOD_WITHOUT_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS=-j$(nproc)
+  # A CUDA torch makes Horovod build its CUDA kernels, by default for every arch nvcc knows
+  # (a dozen passes): this GPU's is enough. Gloo's CMakeLists asks for CMake 2.8, which
+  # CMake 4 refuses without a policy floor.
+  export HOROVOD_BUILD_CUDA_CC_LIST="${GPU_CC/./}" CMAKE_POLICY_VERSION_MINIMUM=3.5
   if [[ "${GPU_COUNT:-0}" -ge 2 ]] && find_nccl; then
     # Horovod's CMake looks for libnccl.so: give it a directory with that name.
     mkdir -p "$work/nccl/lib" && ln -sf "$NCCL_HOME/include" "$work/nccl/include"
@@ -159,50 +230,15 @@ else
   step "horovod $HOROVOD_VERSION from the carried sdist" build_horovod
 fi
 
-# ---- 2. the extension for this GPU ----------------------------------------------------------
-build_ext() {
-  rm -f prsgd_hvd/_C*.so
-  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$GPU_CC" MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace &&
-    "$PY" -c "import prsgd_hvd.ops as o, torch; assert o.has_extension(), o.extension_error(); \
-x = torch.ones(3, device='cuda'); assert torch.equal(o.flatten([x]), x); print('CUDA kernels load and run')"
-}
-if [[ "$MODE" == dry ]]; then
-  skip "build the extension for the local GPU" "no GPU (dry run)"
-else
-  step "build the extension (TORCH_CUDA_ARCH_LIST=$GPU_CC)" build_ext
-fi
 
-# ---- 3-5. tests, sanitizers, benchmark -------------------------------------------------------
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PRSGD_REQUIRE_EXTENSION=1
-PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
-CUDA_TESTS="cuda or stream or graph"
-SANITIZER=""
-for c in "$CUDA_HOME/bin/compute-sanitizer" "$CUDA_HOME/compute-sanitizer/compute-sanitizer" "$(command -v compute-sanitizer || true)"; do
-  [[ -n "$c" && -x "$c" ]] && { SANITIZER="$c"; break; }
-done
-collect_cuda_tests() {  # the selection below must find the CUDA tests (they skip here)
-  local n
-  n=$("${PYTEST[@]}" --collect-only tests/test_ops.py -k "$CUDA_TESTS" | grep -c "::")
-  echo "$n CUDA tests selected"
-  [[ "$n" -gt 100 ]]
-}
+# ---- 5. the trajectories with the model on the GPU -------------------------------------------
 if [[ "$MODE" == dry ]]; then
-  step "CUDA op tests are selected (collect only)" collect_cuda_tests
-  skip "CUDA op tests" "no GPU (dry run)"
-  skip "compute-sanitizer" "no GPU (dry run); found: ${SANITIZER:-none}"
-  skip "bench_kernels --device cuda" "no GPU (dry run)"
+  skip "CUDA trajectories under horovodrun" "no GPU (dry run)"
+elif have_horovod; then
+  step "CUDA trajectories, 2 ranks under horovodrun" env PATH="$(dirname "$PY"):$HOME/.local/bin:$PATH" \
+    "${PYTEST[@]}" tests/test_trajectories.py -k cuda -ra
 else
-  step "CUDA op tests, stream race, graph capture" "${PYTEST[@]}" tests/test_ops.py -k "$CUDA_TESTS" -ra -x
-  if [[ -z "$SANITIZER" ]]; then
-    skip "compute-sanitizer" "not found under $CUDA_HOME"
-  else
-    # Subsets: the sanitizers slow kernels down 10-100x.
-    step "compute-sanitizer memcheck" "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no \
-      "${PYTEST[@]}" tests/test_ops.py -k "cuda and (test_flatten_padded or test_unflatten_average or test_unflatten_padded or big_and_many or mixed_dtypes) and not sgd-"
-    step "compute-sanitizer racecheck" "$SANITIZER" --tool racecheck --error-exitcode 1 \
-      "${PYTEST[@]}" tests/test_ops.py -k "cuda and (test_divergence or test_unflatten_padded)"
-  fi
-  step "bench_kernels --device cuda" bash -c "'$PY' benchmarks/bench_kernels.py --device cuda --repeats 50 | tee '$OUT_DIR/bench_kernels_cuda.txt'"
+  skip "CUDA trajectories under horovodrun" "horovod.torch does not import"
 fi
 
 # ---- 6. a two-process Horovod job ------------------------------------------------------------
@@ -217,5 +253,17 @@ if [[ "$MODE" == dry ]]; then
   skip "horovodrun -np 2 quickstart" "no GPU (dry run)"
 else
   step "horovodrun -np 2 examples/quickstart.py" run_quickstart
+fi
+
+# ---- 7. compute-sanitizer (last: it slows kernels 10-100x) ----------------------------------
+if [[ "$MODE" == dry ]]; then
+  skip "compute-sanitizer" "no GPU (dry run); found: ${SANITIZER:-none}"
+elif [[ -z "$SANITIZER" ]]; then
+  skip "compute-sanitizer" "not found under $CUDA_HOME"
+else
+  step "compute-sanitizer memcheck" "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no \
+    "${PYTEST[@]}" tests/test_ops.py -k "cuda and (test_flatten_padded or test_unflatten_average or test_unflatten_padded or big_and_many or mixed_dtypes) and not sgd-"
+  step "compute-sanitizer racecheck" "$SANITIZER" --tool racecheck --error-exitcode 1 \
+    "${PYTEST[@]}" tests/test_ops.py -k "cuda and (test_divergence or test_unflatten_padded)"
 fi
 summary

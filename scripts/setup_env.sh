@@ -75,6 +75,9 @@ if ! have_horovod; then
     export HOROVOD_WITH_GLOO=${HOROVOD_WITH_GLOO:-1}
     if [ -z "${HOROVOD_WITH_MPI:-}" ]; then export HOROVOD_WITHOUT_MPI=1; fi
     export HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-gloo}
+    # Gloo's CMakeLists asks for CMake 2.8.12; CMake 4 (what pip installs above when no cmake
+    # is found) refuses that without a policy floor.
+    export CMAKE_POLICY_VERSION_MINIMUM=${CMAKE_POLICY_VERSION_MINIMUM:-3.5}
     export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
     mkdir -p "$wheel_dir"
     $PIP wheel --no-build-isolation --no-deps -w "$work/dist" "$src" > "$work/build.log" 2>&1 \

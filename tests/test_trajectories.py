@@ -6,6 +6,7 @@ otherwise, so the Algorithm 1 scenarios hold the overlapped path to the referenc
 One horovodrun launch per world size runs every scenario (launches cost seconds each).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -166,6 +167,24 @@ def check_against_reference(np, spec, results=None):
 @pytest.mark.parametrize("spec", SCENARIOS, ids=[s["name"] for s in SCENARIOS])
 def test_trajectory_matches_float64_simulation(np, spec):
     check_against_reference(np, spec)
+
+
+@pytest.fixture(scope="module")
+def cuda_results():
+    """Every scenario on 2 ranks with the model on the GPU (both ranks share cuda:0)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (make gpu-check runs it on one)")
+    return run_workers("trajectory_worker.py", 2, ["--scenarios", json.dumps(SCENARIOS)],
+                       env={"PRSGD_TEST_DEVICE": "cuda"})
+
+
+@pytest.mark.parametrize("spec", SCENARIOS, ids=[s["name"] for s in SCENARIOS])
+def test_trajectory_on_cuda_matches_float64_simulation(cuda_results, spec):
+    for res in cuda_results:
+        assert res[spec["name"]]["device"] == "cuda:0"
+        if os.environ.get("PRSGD_REQUIRE_EXTENSION") == "1":  # else it may be the reference path
+            assert res[spec["name"]]["extension"], "the CUDA kernels did not load"
+    check_against_reference(2, spec, cuda_results)
 
 
 @pytest.mark.parametrize("np", [3, 4])

@@ -44,8 +44,10 @@ def batch(seed: int, rank: int, t: int, dtype=torch.float32):
     return x.to(dtype), y.to(dtype)
 
 
-def loss_fn(model: Net, seed: int, rank: int, t: int, dtype=torch.float32):
-    x, y = batch(seed, rank, t, dtype)
+def loss_fn(model: Net, seed: int, rank: int, t: int, dtype=torch.float32, device=None):
+    x, y = batch(seed, rank, t, dtype)  # drawn on the CPU: the same numbers on every device
+    if device is not None:
+        x, y = x.to(device), y.to(device)
     return ((model(x, rank) - y) ** 2).mean()
 
 
@@ -62,7 +64,7 @@ def make_optimizer(spec: dict, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    return torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
 
 
 # Named callables for schedules (JSON scenarios cannot carry functions).

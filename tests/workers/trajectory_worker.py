@@ -15,15 +15,20 @@ extra_steps_per_rank (rank r runs r * that many more steps: uneven data) and fin
 import argparse
 import io
 import json
+import os
 
 import torch
 
 import prsgd_hvd as hvd
 from common import flat_params, loss_fn, make_model, make_optimizer, schedule_from_spec, steps_for_rank
 
+# PRSGD_TEST_DEVICE=cuda: the same scenarios with the model on the GPU (every rank on cuda:0,
+# Horovod staging the averages through host memory when it was built without GPU operations).
+DEVICE = torch.device(os.environ.get("PRSGD_TEST_DEVICE", "cpu"))
+
 
 def build(spec, rank):
-    model = make_model(spec["seed"])
+    model = make_model(spec["seed"]).to(DEVICE)
     opt = make_optimizer(spec, model)
     interval = schedule_from_spec(spec["schedule"], hvd) if "schedule" in spec else spec["interval"]
     process_set = None
@@ -73,7 +78,8 @@ def run(spec, rank):
             opt.finalize()
     return {"traj": torch.stack(traj), "divergence": divergence, "final": flat_params(model), "local_step": opt.local_step,
             "rounds": opt.rounds, "stats": opt.stats(),
-            "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0))))}
+            "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0)))),
+            "device": str(next(model.parameters()).device), "extension": hvd.ops.has_extension()}
 
 
 def _train(spec, rank, model, opt, sched, traj, divergence):
@@ -81,7 +87,7 @@ def _train(spec, rank, model, opt, sched, traj, divergence):
         opt.zero_grad()
         k = spec.get("backward_passes", 1)
         for j in range(k):  # the micro-batches of one step (pytorch_imagenet_resnet50.py)
-            (loss_fn(model, spec["seed"], rank, t if k == 1 else k * t + j) / k).backward()
+            (loss_fn(model, spec["seed"], rank, t if k == 1 else k * t + j, device=DEVICE) / k).backward()
         opt.step()
         if sched is not None:
             sched.step()
