@@ -8,17 +8,16 @@
 #   scripts/gpu_check.sh             on the GPU machine (a CUDA torch, nvcc, cmake, ninja,
 #                                    pytest; no network), within $GPU_CHECK_BUDGET seconds
 #                                    (default 480; a step that would start too late is
-#                                    skipped, one that runs past the budget is killed), the
-#                                    steps that need no Horovod first:
-#     1. the extension for the local GPU (TORCH_CUDA_ARCH_LIST = its compute capability),
-#        built in place with setup.py;
-#     2. the CUDA variants of tests/test_ops.py, the stream-race and graph-capture tests;
-#     3. benchmarks/bench_kernels.py --device cuda (table in $OUT_DIR/bench_kernels_cuda.txt);
-#     4. Horovod 0.28.1 from the carried sdist with the C++17 patch of scripts/setup_env.sh,
+#                                    skipped, one that runs past the budget is killed):
+#     1. Horovod 0.28.1 from the carried sdist with the C++17 patch of scripts/setup_env.sh,
 #        NCCL GPU operations where NCCL's headers and library are found and the machine has
 #        two GPUs (NCCL refuses two ranks on one GPU), else Gloo (CUDA tensors staged through
 #        host memory); installed --user unless a venv is active (skipped when
-#        `import horovod.torch` already works);
+#        `import horovod.torch` already works; prsgd_hvd imports it, so it comes first);
+#     2. the extension for the local GPU (TORCH_CUDA_ARCH_LIST = its compute capability),
+#        built in place with setup.py;
+#     3. the CUDA variants of tests/test_ops.py, the stream-race and graph-capture tests;
+#     4. benchmarks/bench_kernels.py --device cuda (table in $OUT_DIR/bench_kernels_cuda.txt);
 #     5. the trajectory scenarios of tests/test_trajectories.py with the model on the GPU,
 #        2 ranks under horovodrun, against the float64 reference;
 #     6. horovodrun -np 2 of examples/quickstart.py (which trains on the CPU: it checks this
@@ -51,7 +50,8 @@ if [[ "$MODE" == prepare ]]; then
   "$PY" -m pip download -q --no-deps --no-binary=:all: "horovod==$HOROVOD_VERSION" -d "$CARRY"
   "$PY" -m pip download -q --only-binary=:all: --python-version "$pyver" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --implementation cp \
-    -d "$CARRY/wheels" cloudpickle==3.1.1 psutil==7.0.0 pyyaml==6.0.2 packaging==25.0
+    -d "$CARRY/wheels" cloudpickle==3.1.1 psutil==7.0.0 pyyaml==6.0.2 packaging==25.0 \
+    cffi==1.17.1 pycparser==2.22  # cffi: Horovod's setup_requires
   ls -l "$CARRY" "$CARRY/wheels"
   echo "gpu_check --prepare: carry .gpu_carry/ to the GPU machine"
   exit 0
@@ -134,43 +134,7 @@ CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc |
 export CUDA_HOME
 
 
-# ---- 1. the extension for this GPU ----------------------------------------------------------
-build_ext() {
-  rm -f prsgd_hvd/_C*.so
-  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$GPU_CC" MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace &&
-    "$PY" -c "import prsgd_hvd.ops as o, torch; assert o.has_extension(), o.extension_error(); \
-x = torch.ones(3, device='cuda'); assert torch.equal(o.flatten([x]), x); print('CUDA kernels load and run')"
-}
-if [[ "$MODE" == dry ]]; then
-  skip "build the extension for the local GPU" "no GPU (dry run)"
-else
-  step "build the extension (TORCH_CUDA_ARCH_LIST=$GPU_CC)" build_ext
-fi
-
-# ---- 2-3. CUDA op tests, benchmark ---------------------------------------------------------
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PRSGD_REQUIRE_EXTENSION=1
-PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
-CUDA_TESTS="cuda or stream or graph"
-SANITIZER=""
-for c in "$CUDA_HOME/bin/compute-sanitizer" "$CUDA_HOME/compute-sanitizer/compute-sanitizer" "$(command -v compute-sanitizer || true)"; do
-  [[ -n "$c" && -x "$c" ]] && { SANITIZER="$c"; break; }
-done
-collect_cuda_tests() {  # the selection below must find the CUDA tests (they skip here)
-  local n
-  n=$("${PYTEST[@]}" --collect-only tests/test_ops.py -k "$CUDA_TESTS" | grep -c "::")
-  echo "$n CUDA tests selected"
-  [[ "$n" -gt 100 ]]
-}
-if [[ "$MODE" == dry ]]; then
-  step "CUDA op tests are selected (collect only)" collect_cuda_tests
-  skip "CUDA op tests" "no GPU (dry run)"
-  skip "bench_kernels --device cuda" "no GPU (dry run)"
-else
-  step "CUDA op tests, stream race, graph capture" "${PYTEST[@]}" tests/test_ops.py -k "$CUDA_TESTS" -ra
-  step "bench_kernels --device cuda" bash -c "'$PY' benchmarks/bench_kernels.py --device cuda --repeats 50 | tee '$OUT_DIR/bench_kernels_cuda.txt'"
-fi
-
-# ---- 4. Horovod ------------------------------------------------------------------------------
+# ---- 1. Horovod (the package imports it) ---------------------------------------------------
 have_horovod() { "$PY" -c "import horovod.torch" >/dev/null 2>&1; }
 NCCL_HOME=""
 find_nccl() {  # NCCL from the nvidia-nccl wheel torch depends on, or the system
@@ -189,11 +153,11 @@ build_horovod() {
   work=$(mktemp -d)
   if [[ "$MODE" == dry ]]; then  # the carried wheels resolve offline for the GPU machine's Python
     "$PY" -m pip download -q --no-index --find-links "$CARRY/wheels" --only-binary=:all: \
-      --python-version "${GPU_PY_VERSION:-3.12}" -d "$work/dl" cloudpickle psutil pyyaml packaging \
+      --python-version "${GPU_PY_VERSION:-3.12}" -d "$work/dl" cloudpickle psutil pyyaml packaging cffi pycparser \
       || return 1
   elif ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --find-links "$CARRY/wheels" $PIP_USER \
-      cloudpickle psutil pyyaml packaging || return 1
+      cloudpickle psutil pyyaml packaging cffi pycparser || return 1
   fi
   tar -xzf "$sdist" -C "$work" || return 1
   local src="$work/horovod-$HOROVOD_VERSION"
@@ -230,6 +194,41 @@ else
   step "horovod $HOROVOD_VERSION from the carried sdist" build_horovod
 fi
 
+# ---- 2. the extension for this GPU ----------------------------------------------------------
+build_ext() {
+  rm -f prsgd_hvd/_C*.so
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$GPU_CC" MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace &&
+    "$PY" -c "import prsgd_hvd.ops as o, torch; assert o.has_extension(), o.extension_error(); \
+x = torch.ones(3, device='cuda'); assert torch.equal(o.flatten([x]), x); print('CUDA kernels load and run')"
+}
+if [[ "$MODE" == dry ]]; then
+  skip "build the extension for the local GPU" "no GPU (dry run)"
+else
+  step "build the extension (TORCH_CUDA_ARCH_LIST=$GPU_CC)" build_ext
+fi
+
+# ---- 3-4. CUDA op tests, benchmark ---------------------------------------------------------
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PRSGD_REQUIRE_EXTENSION=1
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+CUDA_TESTS="cuda or stream or graph"
+SANITIZER=""
+for c in "$CUDA_HOME/bin/compute-sanitizer" "$CUDA_HOME/compute-sanitizer/compute-sanitizer" "$(command -v compute-sanitizer || true)"; do
+  [[ -n "$c" && -x "$c" ]] && { SANITIZER="$c"; break; }
+done
+collect_cuda_tests() {  # the selection below must find the CUDA tests (they skip here)
+  local n
+  n=$("${PYTEST[@]}" --collect-only tests/test_ops.py -k "$CUDA_TESTS" | grep -c "::")
+  echo "$n CUDA tests selected"
+  [[ "$n" -gt 100 ]]
+}
+if [[ "$MODE" == dry ]]; then
+  step "CUDA op tests are selected (collect only)" collect_cuda_tests
+  skip "CUDA op tests" "no GPU (dry run)"
+  skip "bench_kernels --device cuda" "no GPU (dry run)"
+else
+  step "CUDA op tests, stream race, graph capture" "${PYTEST[@]}" tests/test_ops.py -k "$CUDA_TESTS" -ra
+  step "bench_kernels --device cuda" bash -o pipefail -c "'$PY' benchmarks/bench_kernels.py --device cuda --repeats 50 | tee '$OUT_DIR/bench_kernels_cuda.txt'"
+fi
 
 # ---- 5. the trajectories with the model on the GPU -------------------------------------------
 if [[ "$MODE" == dry ]]; then
