@@ -40,6 +40,7 @@ case "${1:-}" in
 esac
 CARRY="$ROOT/.gpu_carry"
 HOROVOD_VERSION=0.28.1
+HOROVOD_GCC13_INCLUDES="-include cstdint -include stdexcept -include string -include unordered_map -include vector -include functional -include memory"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 
 if [[ "$MODE" == prepare ]]; then
@@ -172,6 +173,8 @@ build_horovod() {
   # (a dozen passes): this GPU's is enough. Gloo's CMakeLists asks for CMake 2.8, which
   # CMake 4 refuses without a policy floor.
   export HOROVOD_BUILD_CUDA_CC_LIST="${GPU_CC/./}" CMAKE_POLICY_VERSION_MINIMUM=3.5
+  # g++ 13 no longer pulls these in transitively; Horovod 0.28.1 relies on it.
+  export CXXFLAGS="${CXXFLAGS:-} $HOROVOD_GCC13_INCLUDES"
   if [[ "${GPU_COUNT:-0}" -ge 2 ]] && find_nccl; then
     # Horovod's CMake looks for libnccl.so: give it a directory with that name.
     mkdir -p "$work/nccl/lib" && ln -sf "$NCCL_HOME/include" "$work/nccl/include"

@@ -78,6 +78,9 @@ if ! have_horovod; then
     # Gloo's CMakeLists asks for CMake 2.8.12; CMake 4 (what pip installs above when no cmake
     # is found) refuses that without a policy floor.
     export CMAKE_POLICY_VERSION_MINIMUM=${CMAKE_POLICY_VERSION_MINIMUM:-3.5}
+    # Horovod 0.28.1 relies on headers that g++ 13 no longer includes transitively
+    # (<string>, <stdexcept>, ...: "'string' is not a member of 'std'", seen on Ubuntu 24.04).
+    export CXXFLAGS="${CXXFLAGS:-} -include cstdint -include stdexcept -include string -include unordered_map -include vector -include functional -include memory"
     export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
     mkdir -p "$wheel_dir"
     $PIP wheel --no-build-isolation --no-deps -w "$work/dist" "$src" > "$work/build.log" 2>&1 \
