@@ -46,6 +46,7 @@ import torch
 from . import ops
 from .collectives import SetCollectives
 from .compression import DeltaCodec
+from .waiting import synchronize_quietly
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 KINDS = ("scheduled", "average_now", "join")  # a join round matches any kind (finalize())
@@ -269,10 +270,10 @@ class PendingRound:
         try:
             for i, handle in enumerate(self.handles):
                 if handle is not None:
-                    self.received[i] = av.hvd.synchronize(handle)
+                    self.received[i] = synchronize_quietly(av.hvd, handle)
                     self.handles[i] = None
             if self.control_handle is not None:
-                av.hvd.synchronize(self.control_handle)
+                synchronize_quietly(av.hvd, self.control_handle)
                 self.control_handle = None
         except Exception as exc:  # Horovod reports a shape mismatch as a failed collective
             if "ismatched" in str(exc):
