@@ -157,6 +157,7 @@ def yardstick(sizes_mb, repeats):
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
     import prsgd_hvd as hvd
+    from prsgd_hvd.waiting import synchronize_quietly
 
     out = {}
     for mb in sizes_mb:
@@ -165,14 +166,20 @@ def yardstick(sizes_mb, repeats):
         model = nn.Linear(n, 1, bias=False)     # one parameter tensor of n elements
         opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.0), interval=10**9,
                                       named_parameters=model.named_parameters(), overlap=False)
-        times = {"hvd.allreduce": [], "torch all_reduce": [], "ours average_now": [],
-                 "torch average_parameters": []}
+        times = {"hvd.allreduce": [], "hvd.allreduce polled": [], "hvd reducescatter+allgather": [],
+                 "torch all_reduce": [], "ours average_now": [], "torch average_parameters": []}
         for _ in range(repeats):
             for name in times:
                 dist.barrier()
                 s = time.perf_counter()
-                if name == "hvd.allreduce":
+                if name == "hvd.allreduce":          # Horovod's synchronize: spins while waiting
                     hvd.allreduce(t, op=hvd.Sum, name=f"yard.{mb}")
+                elif name == "hvd.allreduce polled":  # the same, waited for as our rounds are
+                    synchronize_quietly(hvd, hvd.allreduce_async(t, op=hvd.Sum, name=f"yard.p{mb}"))
+                elif name == "hvd reducescatter+allgather":
+                    part = synchronize_quietly(hvd, hvd.reducescatter_async(
+                        t, op=hvd.Sum, name=f"yard.rs{mb}"))
+                    synchronize_quietly(hvd, hvd.allgather_async(part, name=f"yard.ag{mb}"))
                 elif name == "torch all_reduce":
                     dist.all_reduce(t)
                 elif name == "ours average_now":
