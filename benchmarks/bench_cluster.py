@@ -360,16 +360,22 @@ def orchestrate(args):
             for kv in args.hvd_env:
                 k, _, v = kv.partition("=")
                 env[k] = v
-            t0 = time.time()
-            print(f"[bench_cluster] {args.hosts} hosts at {rate}: {' '.join(args.models)}",
-                  flush=True)
-            proc = subprocess.run(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, timeout=args.timeout)
-            if proc.returncode != 0 or not out.exists():
-                print(proc.stdout[-6000:])
-                sys.exit(f"bench_cluster: the job at {rate} failed ({proc.returncode})")
-            results[rate] = json.loads(out.read_text())
-            print(f"[bench_cluster]   done in {time.time() - t0:.0f} s", flush=True)
+            for attempt in (1, 2):  # a job that fails is run once more, then left out
+                t0 = time.time()
+                print(f"[bench_cluster] {args.hosts} hosts at {rate}: {' '.join(args.models)}"
+                      + (" (second attempt)" if attempt == 2 else ""), flush=True)
+                proc = subprocess.run(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, timeout=args.timeout)
+                if proc.returncode == 0 and out.exists():
+                    results[rate] = json.loads(out.read_text())
+                    print(f"[bench_cluster]   done in {time.time() - t0:.0f} s", flush=True)
+                    break
+                print(proc.stdout[-3000:])
+                print(f"[bench_cluster]   the job at {rate} failed ({proc.returncode})", flush=True)
+            if args.json:  # after every rate, so a later failure loses nothing
+                Path(args.json).write_text(json.dumps(results))
+        if not results:
+            sys.exit("bench_cluster: every job failed")
     text, rows = summarize(results, args.hosts)
     settings = " ".join(args.hvd_env + args.sysctl)
     if settings:
