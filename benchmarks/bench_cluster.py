@@ -28,10 +28,11 @@ Gaussian inputs / class patterns; each rank its own shard), so the mean training
 at equal steps and the **time to a target loss** mean something: the target is
 DistributedOptimizer's loss at the end of its full-length run on the fastest link, steps to it
 come from that run (the trajectory does not depend on the link), and time to it is those steps
-divided by the steps/s on each link. A yardstick per link: one allreduce of the MLP's 25 MB and
-of ResNet-20's 1 MB with ``hvd.allreduce`` and ``torch.distributed.all_reduce``, and one
-averaging round of ours (``average_now()``) and torch's (``average_parameters``), against the
-ring's link limit 2(N-1)/N x bytes / rate.
+divided by the steps/s on each link. A yardstick per link: one collective of the MLP's 25 MB and
+of ResNet-20's 1 MB with ``hvd.allreduce`` (Horovod's spinning wait), the same polled with
+sleeps (``prsgd_hvd.waiting``), Horovod's reduce-scatter + allgather, and
+``torch.distributed.all_reduce``; one averaging round of ours (``average_now()``) and torch's
+(``average_parameters``); against the ring's link limit 2(N-1)/N x bytes / rate.
 
 Needs root and openssh-server (``make setup-cluster``). Takes about 10-15 minutes per link rate
 with the defaults on 2 loaded cores (35 minutes for the three).
