@@ -56,7 +56,8 @@ setup-cluster:
 # PostLocalSGDOptimizer and DDP, against the no-communication ceiling. About 35 minutes on 2 cores.
 bench-cluster: setup setup-cluster
 	$(PY) -c "import matplotlib" 2>/dev/null || $(VENV)/bin/pip install matplotlib
-	$(PY) benchmarks/bench_cluster.py --yardstick --plot docs/cluster_bench.png $(BENCH_ARGS)
+	$(PY) benchmarks/bench_cluster.py --yardstick --plot docs/cluster_bench.png \
+		--hvd-env HOROVOD_GLOO_TIMEOUT_SECONDS=120 $(BENCH_ARGS)
 
 # `make demo` where local SGD is meant to run: 3 hosts joined by 100 Mbit/s links.
 DEMO_HOSTS ?= 3

@@ -371,8 +371,11 @@ def orchestrate(args):
                     results[rate] = json.loads(out.read_text())
                     print(f"[bench_cluster]   done in {time.time() - t0:.0f} s", flush=True)
                     break
+                log = out.parent / f"job-{rate}-{attempt}.log"
+                log.write_text(proc.stdout)
                 print(proc.stdout[-3000:])
-                print(f"[bench_cluster]   the job at {rate} failed ({proc.returncode})", flush=True)
+                print(f"[bench_cluster]   the job at {rate} failed ({proc.returncode}); its whole "
+                      f"output: {log}", flush=True)
             if args.json:  # after every rate, so a later failure loses nothing
                 Path(args.json).write_text(json.dumps(results))
         if not results:
