@@ -31,6 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+source "$ROOT/scripts/horovod_source.sh"  # prepare_horovod_source, horovod_build_env
 MODE=run
 case "${1:-}" in
   --prepare) MODE=prepare ;;
@@ -40,7 +41,6 @@ case "${1:-}" in
 esac
 CARRY="$ROOT/.gpu_carry"
 HOROVOD_VERSION=0.28.1
-HOROVOD_GCC13_INCLUDES="-include cstdint -include stdexcept -include string -include unordered_map -include vector -include functional -include memory"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 
 if [[ "$MODE" == prepare ]]; then
@@ -162,19 +162,12 @@ build_horovod() {
   fi
   tar -xzf "$sdist" -C "$work" || return 1
   local src="$work/horovod-$HOROVOD_VERSION"
-  # The C++17 fix of scripts/setup_env.sh (upstream PR #3998, never released).
-  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-    "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-  grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || { echo "C++17 patch did not apply"; return 1; }
+  prepare_horovod_source "$src" || return 1
   [[ "$MODE" == dry ]] && { echo "dry run: patch applies; not building"; rm -rf "$work"; return 0; }
-  export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-    HOROVOD_WITHOUT_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS=-j$(nproc)
+  horovod_build_env
   # A CUDA torch makes Horovod build its CUDA kernels, by default for every arch nvcc knows
-  # (a dozen passes): this GPU's is enough. Gloo's CMakeLists asks for CMake 2.8, which
-  # CMake 4 refuses without a policy floor.
-  export HOROVOD_BUILD_CUDA_CC_LIST="${GPU_CC/./}" CMAKE_POLICY_VERSION_MINIMUM=3.5
-  # g++ 13 no longer pulls these in transitively; Horovod 0.28.1 relies on it.
-  export CXXFLAGS="${CXXFLAGS:-} $HOROVOD_GCC13_INCLUDES"
+  # (a dozen passes): this GPU's is enough.
+  export HOROVOD_BUILD_CUDA_CC_LIST="${GPU_CC/./}"
   if [[ "${GPU_COUNT:-0}" -ge 2 ]] && find_nccl; then
     # Horovod's CMake looks for libnccl.so: give it a directory with that name.
     mkdir -p "$work/nccl/lib" && ln -sf "$NCCL_HOME/include" "$work/nccl/include"

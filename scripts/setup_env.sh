@@ -15,6 +15,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+source "$ROOT/scripts/horovod_source.sh"  # prepare_horovod_source, horovod_build_env
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
@@ -64,24 +65,8 @@ if ! have_horovod; then
     $PIP download -q --no-deps --no-binary=:all: "horovod==$HOROVOD_VERSION" -d "$work"
     tar -xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
     src="$work/horovod-$HOROVOD_VERSION"
-    # The C++17 fix (upstream PR #3998, never released).
-    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-      "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-    grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" \
-      || { echo "[setup] could not apply the C++17 patch to horovod" >&2; exit 1; }
-    export HOROVOD_WITH_PYTORCH=${HOROVOD_WITH_PYTORCH:-1}
-    export HOROVOD_WITHOUT_TENSORFLOW=${HOROVOD_WITHOUT_TENSORFLOW:-1}
-    export HOROVOD_WITHOUT_MXNET=${HOROVOD_WITHOUT_MXNET:-1}
-    export HOROVOD_WITH_GLOO=${HOROVOD_WITH_GLOO:-1}
-    if [ -z "${HOROVOD_WITH_MPI:-}" ]; then export HOROVOD_WITHOUT_MPI=1; fi
-    export HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-gloo}
-    # Gloo's CMakeLists asks for CMake 2.8.12; CMake 4 (what pip installs above when no cmake
-    # is found) refuses that without a policy floor.
-    export CMAKE_POLICY_VERSION_MINIMUM=${CMAKE_POLICY_VERSION_MINIMUM:-3.5}
-    # Horovod 0.28.1 relies on headers that g++ 13 no longer includes transitively
-    # (<string>, <stdexcept>, ...: "'string' is not a member of 'std'", seen on Ubuntu 24.04).
-    export CXXFLAGS="${CXXFLAGS:-} -include cstdint -include stdexcept -include string -include unordered_map -include vector -include functional -include memory"
-    export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
+    prepare_horovod_source "$src" || { echo "[setup] horovod source not prepared" >&2; exit 1; }
+    horovod_build_env
     mkdir -p "$wheel_dir"
     $PIP wheel --no-build-isolation --no-deps -w "$work/dist" "$src" > "$work/build.log" 2>&1 \
       || { tail -n 60 "$work/build.log" >&2; echo "[setup] horovod build failed" >&2; exit 1; }
