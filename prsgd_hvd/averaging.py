@@ -46,7 +46,7 @@ import torch
 from . import ops
 from .collectives import SetCollectives
 from .compression import DeltaCodec
-from .waiting import synchronize_quietly
+from .waiting import wait_quietly
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 KINDS = ("scheduled", "average_now", "join")  # a join round matches any kind (finalize())
@@ -254,7 +254,11 @@ class Averager:
 class PendingRound:
     """A round whose collectives are in flight. ``wait()`` may be called again after it was
     interrupted (an exception, e.g. KeyboardInterrupt, while waiting): it resumes with the
-    handles that have not completed, so the averager is never left 'in flight' for good."""
+    handles that have not completed, so the averager is never left 'in flight' for good.
+
+    A round whose collective *failed* (a mismatch, a dead peer) is over: ``wait()`` collects
+    the rest of its handles, marks it ``failed`` and raises; there is nothing left to wait for
+    (Horovod consumes a handle when it reports its result or its error)."""
 
     def __init__(self, averager: Averager, layout: BucketLayout, identity: RoundId,
                  compressed: bool, started_at: float):
@@ -263,21 +267,23 @@ class PendingRound:
         self.handles: List[Optional[int]] = [None] * len(layout.buckets)
         self.control_handle: Optional[int] = None
         self.received: List[Optional[torch.Tensor]] = [None] * len(layout.buckets)
+        self.failed = False
 
     def wait(self) -> "Round":
+        if self.failed:
+            raise RuntimeError(f"{self.identity} failed; it cannot be waited for again")
         av = self.averager
         t0 = time.perf_counter()
         try:
             for i, handle in enumerate(self.handles):
                 if handle is not None:
-                    self.received[i] = synchronize_quietly(av.hvd, handle)
+                    self.received[i] = self._collect(handle)
                     self.handles[i] = None
             if self.control_handle is not None:
-                synchronize_quietly(av.hvd, self.control_handle)
+                self._collect(self.control_handle)
                 self.control_handle = None
         except Exception as exc:  # Horovod reports a shape mismatch as a failed collective
-            if "ismatched" in str(exc):
-                self._drain()
+            if self.failed and "ismatched" in str(exc):
                 raise RoundLayoutError(str(exc)) from exc
             raise
         finally:
@@ -290,14 +296,40 @@ class PendingRound:
             self._advance_codec(rnd)
         return rnd
 
-    def _drain(self) -> None:
-        """After a failed collective: collect what is left, so the averager can start again."""
+    def _collect(self, handle: int):
+        hvd = self.averager.hvd
+        wait_quietly(hvd, handle)  # an interrupt here leaves the round resumable
+        try:
+            return hvd.synchronize(handle)
+        except Exception:  # the collective's error (an interrupt leaves the handle alive)
+            self._fail(handle)
+            raise
+
+    def _fail(self, consumed: int) -> None:
+        """A collective failed: collect the rest, so that nothing refers to consumed handles and
+        the averager can start again."""
+        self.failed = True
         for h in [*self.handles, self.control_handle]:
-            if h is not None:
+            if h is not None and h != consumed:
                 try:
                     self.averager.hvd.synchronize(h)
                 except Exception:  # noqa: BLE001 - the first error is the one reported
                     pass
+        self.handles = [None] * len(self.handles)
+        self.control_handle = None
+        self.averager.pending = None
+
+    def abandon(self) -> None:
+        """Drop the round without waiting (its world is gone, e.g. before an elastic reset):
+        handles that have completed are collected, their errors ignored."""
+        hvd = self.averager.hvd
+        for h in [*self.handles, self.control_handle]:
+            try:
+                if h is not None and hvd.poll(h):
+                    hvd.synchronize(h)
+            except Exception:  # noqa: BLE001 - the round is dropped whatever happened
+                pass
+        self.failed = True
         self.handles = [None] * len(self.handles)
         self.control_handle = None
         self.averager.pending = None

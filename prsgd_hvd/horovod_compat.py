@@ -546,6 +546,10 @@ def _optimizer_state_handler_class():
                 self._saved = copy.deepcopy(self.value.state_dict())
 
         def restore(self):
+            # Horovod restores after a collective failed (HorovodInternalError): a round in
+            # flight belongs to the broken world, and waiting for it would raise again here,
+            # outside the elastic retry.
+            self.value._local_sgd.abandon_in_flight()
             self.value.load_state_dict(self._saved)
 
         def sync(self):

@@ -265,6 +265,10 @@ class LocalSGD:
             self.inflight.release()
             raise agreement.explain_layout_mismatch(self.description(), averager.process_set,
                                                     str(exc)) from exc
+        except BaseException:
+            if pending.failed:  # over; only an interrupted wait stays held, to be resumed
+                self.inflight.release()
+            raise
         self.inflight.release()
         rnd.check_identity()
         if identity.number == 1:
@@ -330,6 +334,11 @@ class LocalSGD:
 
     def discard_in_flight(self) -> None:
         self.inflight.cancel()
+
+    def abandon_in_flight(self) -> None:
+        """Before an elastic restore: a collective failed, so the world the held round was
+        started in is gone; drop the round without waiting for it."""
+        self.inflight.forget()
 
     def finalize(self) -> None:
         """Join protocol: keep contributing this rank's model to the rounds of ranks that are

@@ -12,7 +12,9 @@ its own plan asks for the same round (same step, group, weight); anything else -
 changed its mind, ``average_now()``, ``load_state_dict()`` -- first *cancels* it: waits for it
 (every rank started it, so it completes) and drops the result without counting it, on every
 rank alike, so the next round reuses its number. A round whose wait was interrupted (an
-exception while waiting) stays held, and the retried step takes it up where it stopped.
+exception while waiting) stays held, and the retried step takes it up where it stopped; a round
+whose collective failed is over and is not held. When the world itself is gone (an elastic
+restore or reset), the held round is *forgotten*: dropped without waiting.
 """
 from __future__ import annotations
 
@@ -45,11 +47,12 @@ class InFlight:
 
     def cancel(self) -> None:
         pending = self.release()
-        if pending is not None:
+        if pending is not None and not pending.failed:
             pending.wait()
 
     def forget(self) -> None:
-        """After an elastic reset the round died with the old Horovod: nothing to wait for."""
-        if self.pending is not None:
-            self.pending.averager.pending = None
-        self.pending, self.key = None, None
+        """The world the round was started in is gone (a failed collective before an elastic
+        restore, or the reset itself): waiting could only raise Horovod's error again."""
+        pending = self.release()
+        if pending is not None:
+            pending.abandon()

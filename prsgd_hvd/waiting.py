@@ -23,12 +23,20 @@ MAX_SLEEP = 2e-3
 SHARE = 1 / 64      # sleep at most this share of the time waited so far
 
 
-def synchronize_quietly(hvd, handle):
-    """``hvd.synchronize(handle)`` (its result and its errors), polling with growing sleeps
-    instead of Horovod's spin. Interruptible: an exception in the sleep leaves the handle
-    alive, so a later call can wait for it again."""
+def wait_quietly(hvd, handle) -> None:
+    """Return once ``handle`` has completed (successfully or not), polling with growing sleeps
+    instead of Horovod's spin. Nothing is collected: an exception while waiting (an interrupt)
+    leaves the handle alive for a later wait, and ``hvd.synchronize(handle)`` afterwards
+    returns at once with the result or raises the collective's error."""
     start = time.perf_counter()
     while not hvd.poll(handle):
         waited = time.perf_counter() - start
         time.sleep(min(MAX_SLEEP, max(MIN_SLEEP, waited * SHARE)))
-    return hvd.synchronize(handle)  # done: returns at once, raising the collective's error
+
+
+def synchronize_quietly(hvd, handle):
+    """``hvd.synchronize(handle)`` (its result and its errors) without the spin. Callers that
+    keep handles must know that from the ``synchronize`` on the handle is consumed, even when
+    it raises: they wait with ``wait_quietly`` and forget the handle before collecting it."""
+    wait_quietly(hvd, handle)
+    return hvd.synchronize(handle)

@@ -1,5 +1,7 @@
 """The round's objects on their own, in one process: BucketLayout, Averager -> PendingRound ->
 Round (control records, identity checks, write-back) and the 16-bit DeltaCodec."""
+import time
+
 import pytest
 import torch
 
@@ -138,3 +140,81 @@ def test_delta_codec_error_feedback_keeps_rounding_from_accumulating():
     assert with_ef < without / 3, (with_ef, without)
     codec = DeltaCodec("bf16")
     assert codec.uses_allgather and not codec.ready(1)
+
+
+class HandlesOf:
+    """Stands in for Horovod's handle table under a PendingRound: ``done`` handles complete at
+    once, ``errors`` fail; a handle is consumed by synchronize, as in Horovod (poll on a
+    consumed handle raises ValueError, like horovod_torch_poll)."""
+
+    def __init__(self, live, done=(), errors=None):
+        self.live, self.done, self.errors = set(live), set(done), dict(errors or {})
+        self.synchronized = []
+
+    def poll(self, h):
+        if h not in self.live:
+            raise ValueError(f"Handle {h} was not created or has been cleared.")
+        return h in self.done
+
+    def synchronize(self, h):
+        self.live.discard(h)
+        self.synchronized.append(h)
+        if h in self.errors:
+            raise self.errors[h]
+
+
+def in_flight_round(handles, fake):
+    from prsgd_hvd.overlap import InFlight
+    averager = Averager(hvd.global_process_set, "unit.inflight")
+    pending = averager.start(tensors(), RoundId("scheduled", 1))  # two buckets
+    pending.handles = list(handles)
+    averager.hvd = fake
+    held = InFlight()
+    held.hold(pending, "key")
+    return averager, pending, held
+
+
+def test_a_failed_collective_ends_the_round_and_a_cancel_does_not_touch_its_handles():
+    # A dead peer fails the first bucket; Horovod's elastic restore then discards the round
+    # that is still held (the CI failure: poll on the consumed handle raised ValueError).
+    fake = HandlesOf(live=[11, 12], done=[11, 12], errors={11: RuntimeError("peer gone")})
+    averager, pending, held = in_flight_round([11, 12], fake)
+    with pytest.raises(RuntimeError, match="peer gone"):
+        pending.wait()
+    assert pending.failed and averager.pending is None
+    assert fake.synchronized == [11, 12] and not fake.live  # the rest collected, nothing leaked
+    held.cancel()  # no poll of a consumed handle
+    with pytest.raises(RuntimeError, match="failed; it cannot be waited for again"):
+        pending.wait()
+    averager.start(tensors(), RoundId("scheduled", 1))  # the averager can start again
+
+
+def test_an_interrupted_wait_is_resumed_with_the_handles_left():
+    fake = HandlesOf(live=[21, 22], done=[21])
+    averager, pending, held = in_flight_round([21, 22], fake)
+    real_sleep, calls = time.sleep, []
+
+    def interrupt(s):
+        calls.append(s)
+        raise KeyboardInterrupt
+    time.sleep = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pending.wait()
+    finally:
+        time.sleep = real_sleep
+    assert not pending.failed and pending.handles == [None, 22] and fake.synchronized == [21]
+    fake.done.add(22)
+    pending.wait()
+    assert fake.synchronized == [21, 22] and averager.pending is None
+
+
+def test_forgetting_a_round_collects_what_completed_and_never_waits():
+    fake = HandlesOf(live=[31, 32], done=[31], errors={31: RuntimeError("shut down")})
+    averager, pending, held = in_flight_round([31, 32], fake)
+    t0 = time.perf_counter()
+    held.forget()
+    assert time.perf_counter() - t0 < 0.5
+    assert fake.synchronized == [31] and held.pending is None and averager.pending is None
+    assert pending.failed
+    held.cancel()  # nothing held any more
