@@ -255,22 +255,22 @@ def summarize(results, hosts):
                      f"target loss {target:.3f} ({LABELS[base]}'s after {at} of {ref['steps']} "
                      f"steps, smoothed over 8; losses and steps to target from the full-length "
                      f"runs on the fastest link)")
-        lines.append(f"{'link':<8} {'variant':<30} {'steps/s (range)':>20} {'vs DistOpt':>10} "
-                     f"{'of ceiling':>10} {'loss@' + str(ref['steps']):>9} {'time to target':>15}")
+        lines.append(f"{'link':<8} {'variant':<36} {'steps/s (range)':>20} {'vs DistOpt':>10} "
+                     f"{'vs torch':>8} {'of ceiling':>10} {'loss@' + str(ref['steps']):>9} "
+                     f"{'time to target':>15}")
         for rate in rates:
             runs = results[rate]["models"][model]["runs"]
             rate_of = {v: [r["steps"] / r["seconds"] for r in rs] for v, rs in runs.items()}
             med = {v: statistics.median(x) for v, x in rate_of.items()}
-            base_rate = med.get("distopt", float("nan"))
-            ceiling = med.get("nocomm", float("nan"))
             for v in runs:
                 st = steps_to.get(v)
                 ttt = f"{st / med[v]:.1f} s ({st} st)" if st else "not reached"
                 loss = curves[v][-1] if v in curves and len(curves[v]) == ref["steps"] else float("nan")
                 lines.append(
-                    f"{rate:<8} {LABELS[v]:<30} {med[v]:>7.2f} ({min(rate_of[v]):.2f}-"
-                    f"{max(rate_of[v]):.2f}) {med[v] / base_rate:>9.2f}x "
-                    f"{med[v] / ceiling:>9.0%} {loss:>9.3f} {ttt:>15}")
+                    f"{rate:<8} {LABELS[v]:<36} {med[v]:>7.2f} ({min(rate_of[v]):.2f}-"
+                    f"{max(rate_of[v]):.2f}) {_ratio(med, v, 'distopt', '.2f', 'x'):>10} "
+                    f"{_ratio(med, v, _torch_twin(v), '.2f', 'x'):>8} "
+                    f"{_ratio(med, v, 'nocomm', '.0%'):>10} {loss:>9.3f} {ttt:>15}")
                 plot.append({"model": model, "rate": rate, "variant": v, "steps_per_s": med[v],
                              "time_to_target": st / med[v] if st else None})
     for rate in rates:
@@ -286,6 +286,20 @@ def summarize(results, hosts):
             lines.append(f"  {mb:>4} MB: " + ", ".join(parts)
                          + (f"; limit {limit * 1e3:.0f} ms" if limit else ""))
     return "\n".join(lines), plot
+
+
+def _torch_twin(variant):
+    """PyTorch's local SGD at the same interval, the comparison that matters for ours."""
+    if variant.startswith("ours") and not variant.endswith("fp16"):
+        return f"plsgd{_interval(variant)}"
+    return None
+
+
+def _ratio(med, v, base, fmt, suffix=""):
+    """med[v] / med[base], or '-' where the base variant did not run."""
+    if base is None or base not in med or base == v:
+        return "-"
+    return f"{med[v] / med[base]:{fmt}}{suffix}"
 
 
 def statistics_median_curve(runs):
