@@ -35,8 +35,8 @@ def wait_quietly(hvd, handle) -> None:
 
 
 def synchronize_quietly(hvd, handle):
-    """``hvd.synchronize(handle)`` (its result and its errors) without the spin. Callers that
-    keep handles must know that from the ``synchronize`` on the handle is consumed, even when
-    it raises: they wait with ``wait_quietly`` and forget the handle before collecting it."""
+    """``hvd.synchronize(handle)`` (its result and its errors) without the spin. Horovod
+    consumes the handle in ``synchronize``, even when it raises: callers that keep handles
+    wait with ``wait_quietly`` and forget the handle before collecting it (PendingRound)."""
     wait_quietly(hvd, handle)
     return hvd.synchronize(handle)

@@ -1,4 +1,5 @@
-"""synchronize_quietly: Horovod's result and errors, without spinning, and interruptible."""
+"""synchronize_quietly / wait_quietly: Horovod's result and errors, without spinning, and
+interruptible."""
 import time
 
 import pytest
