@@ -302,32 +302,26 @@ class PendingRound:
         try:
             return hvd.synchronize(handle)
         except Exception:  # the collective's error (an interrupt leaves the handle alive)
-            self._fail(handle)
+            # Wait for the rest: a later round reuses their names.
+            self._end(wait=True, consumed=handle)
             raise
 
-    def _fail(self, consumed: int) -> None:
-        """A collective failed: collect the rest, so that nothing refers to consumed handles and
-        the averager can start again."""
-        self.failed = True
-        for h in [*self.handles, self.control_handle]:
-            if h is not None and h != consumed:
-                try:
-                    self.averager.hvd.synchronize(h)
-                except Exception:  # noqa: BLE001 - the first error is the one reported
-                    pass
-        self.handles = [None] * len(self.handles)
-        self.control_handle = None
-        self.averager.pending = None
-
     def abandon(self) -> None:
-        """Drop the round without waiting (its world is gone, e.g. before an elastic reset):
-        handles that have completed are collected, their errors ignored."""
+        """Drop the round without waiting (its world is gone, e.g. before an elastic reset)."""
+        self._end(wait=False)
+
+    def _end(self, wait: bool, consumed: Optional[int] = None) -> None:
+        """The round is over: collect its other handles (all, or only those that completed),
+        ignoring their errors, so that nothing refers to consumed handles and the averager
+        can start again."""
         hvd = self.averager.hvd
         for h in [*self.handles, self.control_handle]:
+            if h is None or h == consumed:
+                continue
             try:
-                if h is not None and hvd.poll(h):
+                if wait or hvd.poll(h):
                     hvd.synchronize(h)
-            except Exception:  # noqa: BLE001 - the round is dropped whatever happened
+            except Exception:  # noqa: BLE001 - the first error is the one reported
                 pass
         self.failed = True
         self.handles = [None] * len(self.handles)

@@ -261,13 +261,12 @@ class LocalSGD:
         self.inflight.hold(pending, key)  # an interrupted wait resumes from here
         try:
             rnd = pending.wait()
-        except RoundLayoutError as exc:
-            self.inflight.release()
-            raise agreement.explain_layout_mismatch(self.description(), averager.process_set,
-                                                    str(exc)) from exc
-        except BaseException:
+        except BaseException as exc:
             if pending.failed:  # over; only an interrupted wait stays held, to be resumed
                 self.inflight.release()
+            if isinstance(exc, RoundLayoutError):
+                raise agreement.explain_layout_mismatch(self.description(), averager.process_set,
+                                                        str(exc)) from exc
             raise
         self.inflight.release()
         rnd.check_identity()
