@@ -2,14 +2,14 @@
 
 Read in this order; a round goes through the objects in it:
 
-    Averager.start(tensors, identity, ...)  pack each bucket (kernel 1: flatten) and start its
-        -> PendingRound                     hvd.allreduce_async_(Sum); owns the handles
-    PendingRound.wait()                     the sums have arrived (decoded, when compressed)
+    Averager.start(tensors, identity, ...)  pack each bucket (kernel 1: flatten), encode it in
+        -> PendingRound                     the wire format (prsgd_hvd.wire_formats) and start
+                                            its collectives; owns the handles
+    PendingRound.wait()                     everything arrived; the format rebuilds the flat sum
         -> Round                            the summed buckets and every rank's control record
     Round.check_identity()                  every rank was in the same round, or all raise
-    Round.write_back(...)                   tensor = sum / weight_sum (kernel 2), or the fused
-                                            average+SGD step of prsgd_hvd.fused_sgd on the
-                                            same buckets
+    (an update rule, prsgd_hvd.update_rules, then writes the round back: Round.write_back is
+    the plain average, tensor = sum / weight_sum, kernel 2)
 
 A bucket holds every tensor of one (device, dtype); fp16/bf16 tensors are summed in an fp32
 buffer so that the mean of low-precision models is computed accurately and rounded once. The
@@ -30,8 +30,8 @@ extra collective. A record holds small integers and a weight, exact in fp32:
 
 Ranks that disagree on the identity (an ``average_now()`` on one rank only, counters not
 restored on resume) or on the layout raise the same error on every rank, before anything is
-written back. (With compression the records travel in a small fp32 allreduce of their own:
-16 bits cannot carry them exactly.)
+written back. (A wire format that does not send bucket 0's fp32 buffer as it is sends the
+records as a small fp32 allreduce of their own: NOTE: [wire formats].)
 """
 from __future__ import annotations
 
@@ -44,9 +44,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import ops
+from .anchor import Anchor
 from .collectives import SetCollectives
-from .compression import DeltaCodec
 from .waiting import wait_quietly
+from .wire_formats import ALLGATHER, FULL_PRECISION, Message, WireFormat
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 KINDS = ("scheduled", "average_now", "join")  # a join round matches any kind (finalize())
@@ -161,12 +162,13 @@ class BucketLayout:
 
 
 class Averager:
-    """Averages lists of tensors over one Horovod process set: one round at a time, one
-    allreduce per bucket. ``name`` prefixes the round's collectives in Horovod (and its
-    timeline); it must say what is averaged, so that ranks meet in the same collective."""
+    """Averages lists of tensors over one Horovod process set: one round at a time, the
+    messages of its wire format per bucket. ``name`` prefixes the round's collectives in
+    Horovod (and its timeline); it must say what is averaged, so that ranks meet in the same
+    collective."""
 
-    def __init__(self, process_set, name: str, kernels=ops, compression: Optional[str] = None,
-                 error_feedback: bool = True):
+    def __init__(self, process_set, name: str, kernels=ops, wire: Optional[WireFormat] = None,
+                 keep_anchor: bool = False):
         import horovod.torch as hvd  # imported here so that importing this module stays cheap
 
         self.hvd = hvd
@@ -176,8 +178,10 @@ class Averager:
         self.collectives = SetCollectives(process_set, name)
         self.size, self.rank = self.collectives.size, self.collectives.rank
         self.members = self.collectives.members  # global ranks, to name ranks in errors
-        # 16-bit deltas from the last common average (prsgd_hvd.compression); None: full precision.
-        self.codec = DeltaCodec(compression, error_feedback) if compression else None
+        self.wire = wire or FULL_PRECISION
+        # The common point of the last round (NOTE: [the anchor]), for the wire format and the
+        # update rules; a world of one sends nothing, so only a rule can need it there.
+        self.anchor = Anchor(kept=keep_anchor or (self.wire.needs_anchor and self.size > 1))
         self.layout: Optional[BucketLayout] = None
         self.pending: Optional[PendingRound] = None
         # Telemetry, read by DistributedLocalSGD.stats().
@@ -193,8 +197,8 @@ class Averager:
             if self.pending is not None:
                 raise RuntimeError("the tensors changed while an averaging round was in flight")
             self.layout = BucketLayout(tensors, self.size)
-            if self.codec is not None:
-                self.codec.reset()
+            self.anchor.reset()
+            self.wire.reset()
         return self.layout
 
     @torch.no_grad()
@@ -209,45 +213,33 @@ class Averager:
             raise RuntimeError(f"{self.pending.identity} is still in flight; wait() for it first")
         layout = self.layout_for(tensors)
         started = time.perf_counter()
-        compressed = self.codec is not None and self.size > 1 and self.codec.ready(len(layout.buckets))
+        wire = self.wire.for_round(layout, self.anchor) if self.size > 1 else FULL_PRECISION
         if not contribute:
             weight = 0.0
         record = (weight, 1.0 if active else 0.0, float(KINDS.index(identity.kind) + 1),
                   float(identity.number % _EXACT), 1.0 if agree else 0.0, float(fingerprint),
                   float(layout.checksum))
-        pending = PendingRound(self, layout, identity, compressed, started)
+        messages: List[Message] = []
         for b in layout.buckets:
             if not contribute:
                 b.payload.zero_()
             else:
                 self.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)
-                if weight != 1.0 and not compressed:
-                    b.payload.mul_(weight)
             if b.index == 0:
                 layout.write_record(self.rank, record)
-            if self.size > 1:
-                pending.handles[b.index] = self._send(b, compressed, weight, contribute)
-        if compressed:
-            control = layout.buckets[0].control
-            pending.control_handle = self.hvd.allreduce_async_(
-                control, name=f"{self.name}.control", op=self.hvd.Sum,
-                process_set=self.process_set)
-            self.bytes_sent += control.numel() * control.element_size()
+            messages += wire.messages(b, weight, contribute, self.anchor)
+        pending = PendingRound(self, layout, identity, wire, messages, started)
+        if self.size > 1:
+            pending.handles = [self._send(m) for m in messages]
         self.pending = pending
         return pending
 
-    def _send(self, b: Bucket, compressed: bool, weight: float, contribute: bool):
-        name = f"{self.name}.bucket{b.index}"
-        if not compressed:
-            self.bytes_sent += b.flat.numel() * b.flat.element_size()
-            return self.hvd.allreduce_async_(b.flat, name=name, op=self.hvd.Sum,
-                                             process_set=self.process_set)
-        wire = self.codec.encode(b.index, b.payload, weight, contribute)
-        self.bytes_sent += wire.numel() * wire.element_size()
-        if self.codec.uses_allgather:
-            return self.hvd.allgather_async(wire.view(torch.int16), name=name,
-                                            process_set=self.process_set)
-        return self.hvd.allreduce_async_(wire, name=name, op=self.hvd.Sum,
+    def _send(self, m: Message) -> int:
+        name = f"{self.name}.{m.name}"
+        self.bytes_sent += m.tensor.numel() * m.tensor.element_size()
+        if m.collective == ALLGATHER:
+            return self.hvd.allgather_async(m.tensor, name=name, process_set=self.process_set)
+        return self.hvd.allreduce_async_(m.tensor, name=name, op=self.hvd.Sum,
                                          process_set=self.process_set)
 
 
@@ -261,12 +253,11 @@ class PendingRound:
     (Horovod consumes a handle when it reports its result or its error)."""
 
     def __init__(self, averager: Averager, layout: BucketLayout, identity: RoundId,
-                 compressed: bool, started_at: float):
+                 wire: WireFormat, messages: List[Message], started_at: float):
         self.averager, self.layout, self.identity = averager, layout, identity
-        self.compressed, self.started_at = compressed, started_at
-        self.handles: List[Optional[int]] = [None] * len(layout.buckets)
-        self.control_handle: Optional[int] = None
-        self.received: List[Optional[torch.Tensor]] = [None] * len(layout.buckets)
+        self.wire, self.messages, self.started_at = wire, messages, started_at
+        self.handles: List[Optional[int]] = [None] * len(messages)  # one per message
+        self.received: List[Optional[torch.Tensor]] = [None] * len(messages)
         self.failed = False
 
     def wait(self) -> "Round":
@@ -279,9 +270,6 @@ class PendingRound:
                 if handle is not None:
                     self.received[i] = self._collect(handle)
                     self.handles[i] = None
-            if self.control_handle is not None:
-                self._collect(self.control_handle)
-                self.control_handle = None
         except Exception as exc:  # Horovod reports a shape mismatch as a failed collective
             if self.failed and "ismatched" in str(exc):
                 raise RoundLayoutError(str(exc)) from exc
@@ -290,11 +278,20 @@ class PendingRound:
             av.wait_seconds += time.perf_counter() - t0
         av.comm_seconds += time.perf_counter() - self.started_at
         av.pending = None
-        rnd = Round(self.layout, self.identity, self.layout.read_records(),
-                    prescaled=self.compressed, members=av.members)
-        if av.codec is not None and av.size > 1:
-            self._advance_codec(rnd)
+        rnd = Round(self.layout, self.identity, self.layout.read_records(), members=av.members,
+                    anchor=av.anchor, wire=self.wire)
+        if av.size > 1:
+            self._decode(rnd)
         return rnd
+
+    def _decode(self, rnd: "Round") -> None:
+        """The wire format rebuilds each bucket's flat sum from what arrived."""
+        per_bucket: List[List[torch.Tensor]] = [[] for _ in self.layout.buckets]
+        for m, got in zip(self.messages, self.received):
+            if not m.control:
+                per_bucket[m.bucket].append(got)
+        for b, received in zip(self.layout.buckets, per_bucket):
+            self.wire.decode(b, received, self.averager.size, rnd.weight_sum, self.averager.anchor)
 
     def _collect(self, handle: int):
         hvd = self.averager.hvd
@@ -315,7 +312,7 @@ class PendingRound:
         ignoring their errors, so that nothing refers to consumed handles and the averager
         can start again."""
         hvd = self.averager.hvd
-        for h in [*self.handles, self.control_handle]:
+        for h in self.handles:
             if h is None or h == consumed:
                 continue
             try:
@@ -325,21 +322,7 @@ class PendingRound:
                 pass
         self.failed = True
         self.handles = [None] * len(self.handles)
-        self.control_handle = None
         self.averager.pending = None
-
-    @torch.no_grad()
-    def _advance_codec(self, rnd: "Round") -> None:
-        """Compressed rounds: rebuild the average from the deltas. Every accepted round (a
-        non-finite one is retried or raised by the caller) sets the common anchor."""
-        codec = self.averager.codec
-        if rnd.prescaled:
-            for b, got in zip(rnd.buckets, self.received):
-                codec.decode(b.index, b.payload, got, self.averager.size, rnd.weight_sum)
-        if not rnd.is_finite():
-            return
-        for b in rnd.buckets:
-            codec.commit(b.index, b.payload if rnd.prescaled else b.payload * rnd.scale)
 
 
 @dataclass
@@ -349,8 +332,9 @@ class Round:
     layout: BucketLayout
     identity: RoundId
     records: List[Tuple[float, ...]]   # one per rank of the set (NOTE: [control records])
-    prescaled: bool = False            # the payloads already hold the average (compressed)
     members: List[int] = field(default_factory=list)
+    anchor: Optional[Anchor] = None    # the averager's (NOTE: [the anchor])
+    wire: WireFormat = FULL_PRECISION  # the format the round travelled in
     _finite: Optional[bool] = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -365,7 +349,12 @@ class Round:
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.prescaled else 1.0 / self.weight_sum
+        """The payloads hold the weighted sum; times this is the average."""
+        return 1.0 / self.weight_sum
+
+    def accept(self) -> None:
+        """The round was written back: the wire format's per-round state moves on."""
+        self.wire.accepted(self)
 
     def fingerprints(self) -> List[int]:
         return [int(f) for f in self._field("fingerprint")]

@@ -5,7 +5,9 @@ momentum buffer and writes the parameter and the buffer once (``ops.unflatten_av
 instead of writing the average back and letting ``SGD.step()`` read it again. The arithmetic is
 exactly ``torch.optim.SGD``'s (the kernels are held to it), applied per param group with that
 group's hyper-parameters; tensors of the round that are not parameters (model buffers,
-optimizer state) are only averaged.
+optimizer state) are only averaged. An update rule of the round's write stage
+(NOTE: [update rules] in prsgd_hvd.update_rules); its reference is ``ops_reference``'s
+``unflatten_average_sgd_`` and, end to end, the float64 trajectories of the tests.
 """
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ import torch
 
 from . import ops
 from .averaging import ALIGN, BucketLayout, Round
+from .update_rules import UpdateRule
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 Run = Tuple[Optional[int], int, int]  # (param group index or None, first, last) in a bucket
 
 
-class FusedSgdStep:
+class FusedAverageSgd(UpdateRule):
     """The fused average+SGD write-back for one ``torch.optim.SGD``."""
+
+    fuses_update = True
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.opt = optimizer
@@ -63,9 +68,9 @@ class FusedSgdStep:
         return self._runs
 
     @torch.no_grad()
-    def __call__(self, rnd: Round) -> float:
+    def apply(self, rnd: Round, measured: int = 0) -> float:
         """Average every tensor of ``rnd`` and step the parameters; returns this rank's squared
-        distance from the average (measured in the same pass)."""
+        distance from the average over the parameters (measured in the same pass)."""
         divergence = 0.0
         for b, runs in zip(rnd.buckets, self.runs(rnd.layout)):
             acc = torch.zeros(1, dtype=torch.float64, device=b.device)

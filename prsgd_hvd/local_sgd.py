@@ -28,11 +28,13 @@ import torch
 from . import agreement, ops, ops_reference
 from .averaging import Averager, PendingRound, Round, RoundId, RoundLayoutError
 from .collectives import group_process_set
-from .fused_sgd import FusedSgdStep
+from .fused_sgd import FusedAverageSgd
 from .nonfinite import NonFinitePolicy
 from .overlap import InFlight
 from .round_contents import RoundContents
 from .schedules import RoundReport, Schedule, StepPlan, WarmUp
+from .update_rules import PlainAverage, WriteStage
+from .wire_formats import for_option as wire_format_for
 
 # Names of this process's averagers, to tell apart optimizers of the same structure.
 _names_in_use: Dict[str, int] = {}
@@ -76,7 +78,8 @@ class LocalSGD:
         self.contents = RoundContents(opt, model, average_state)
         self.names = names
         self.kernels = ops if use_kernels else ops_reference  # fused=False: no compiled code
-        self.fused_step = FusedSgdStep(opt) if fuse_step else None
+        self.write_stage = WriteStage(PlainAverage(self.kernels),
+                                      FusedAverageSgd(opt) if fuse_step else None)
         self.policy = NonFinitePolicy(nonfinite)
         self.compression, self.error_feedback = compression, error_feedback
         self.wants_overlap = overlap
@@ -103,9 +106,12 @@ class LocalSGD:
         self.rank, self.size = process_set.rank(), process_set.size()
         self.overlap = self.wants_overlap and self.size > 1
         name = self._name or "prsgd_hvd.unnamed"  # named at the first round: _claim_name()
-        args = dict(kernels=self.kernels, compression=self.compression,
-                    error_feedback=self.error_feedback)
-        self.averager = Averager(process_set, name, **args)
+        def averager(ps, averager_name):
+            return Averager(ps, averager_name, kernels=self.kernels,
+                            wire=wire_format_for(self.compression, self.error_feedback),
+                            keep_anchor=self.write_stage.needs_anchor)
+
+        self.averager = averager(process_set, name)
         self.collectives = self.averager.collectives
         # Averagers over groups of ranks, for schedules that average within groups too
         # (Hierarchical); the whole process set uses self.averager.
@@ -120,7 +126,7 @@ class LocalSGD:
         members = self.collectives.members
         for g in self.planner.group_sizes():
             group = group_process_set(members, g, members[self.rank])
-            self.group_averagers[g] = Averager(group, f"{name}.g{g}", **args)
+            self.group_averagers[g] = averager(group, f"{name}.g{g}")
 
     def _claim_name(self) -> None:
         """Name this optimizer's collectives, at its first round.
@@ -237,13 +243,9 @@ class LocalSGD:
         rnd, excluded = self._round(RoundId("scheduled", self.rounds + 1), averager, t=t,
                                     weight=plan.weight, agree=plan.agree)
         skip_update = skip_update or excluded  # an excluded rank's gradient is not finite
-        if update is not None and not skip_update and fusable and self.fused_step is not None \
-                and self.fused_step.applies(rnd):
-            self.divergence = self.fused_step(rnd)
-        else:
-            self._write_back(rnd)
-            if update is not None and not skip_update:
-                update()
+        updates = update is not None and not skip_update
+        if not self._write_back(rnd, update_follows=updates and fusable) and updates:
+            update()
         self.rounds += 1
         self._report(t, rnd, averager.wait_seconds - waited)
 
@@ -279,7 +281,7 @@ class LocalSGD:
             return averager.start(rnd.layout.tensors, identity, weight=weight, active=active,
                                   contribute=contribute, agree=agree).wait()
 
-        return self.policy.settle(rnd, averager.collectives, where, self.compression, rerun,
+        return self.policy.settle(rnd, averager.collectives, where, averager.wire.name, rerun,
                                   self.opt)
 
     def _start(self, averager: Averager, identity: RoundId, **kwargs) -> PendingRound:
@@ -288,10 +290,12 @@ class LocalSGD:
         fingerprint = self._fingerprint if identity.number == 1 else 0
         return averager.start(tensors, identity, fingerprint=fingerprint, **kwargs)
 
-    def _write_back(self, rnd: Round) -> None:
-        """Average into every tensor; records this rank's divergence from the average."""
-        n_params = len(self.contents.params())
-        self.divergence = rnd.write_back(self.kernels, measured=n_params)
+    def _write_back(self, rnd: Round, update_follows: bool = False) -> bool:
+        """Stage 'write': the round's update rule writes every tensor (prsgd_hvd.update_rules)
+        and records this rank's divergence; True when it applied this step's update too."""
+        self.divergence, updated = self.write_stage.write(
+            rnd, measured=len(self.contents.params()), update_follows=update_follows)
+        return updated
 
     def _report(self, t: int, rnd: Round, waited: float, kind: str = "scheduled") -> None:
         """Tell the schedule about its round, and restart its clock."""
@@ -398,7 +402,7 @@ class LocalSGD:
             # ||x_i - x_avg||^2 over the parameters at the last round, measured inside the
             # write-back pass: the quantity the paper's lemma bounds by 4 gamma^2 I^2 G^2.
             "divergence": self.divergence,
-            "fused": self.fused_step is not None,
+            "fused": self.write_stage.fused is not None,
             "overlap": self.overlap,
             "compression": self.compression,
             "excluded": [dict(e) for e in self.policy.excluded],

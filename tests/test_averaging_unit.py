@@ -1,5 +1,6 @@
 """The round's objects on their own, in one process: BucketLayout, Averager -> PendingRound ->
-Round (control records, identity checks, write-back) and the 16-bit DeltaCodec."""
+Round (control records, identity checks, write-back), the anchor and the 16-bit delta wire
+format."""
 import time
 
 import pytest
@@ -9,7 +10,8 @@ import prsgd_hvd as hvd
 from prsgd_hvd import ops_reference
 from prsgd_hvd.averaging import (CONTROL_FIELDS, Averager, BucketLayout, Round, RoundId,
                                  RoundMismatchError)
-from prsgd_hvd.compression import DeltaCodec
+from prsgd_hvd.anchor import Anchor
+from prsgd_hvd.wire_formats import ALLGATHER, FULL_PRECISION, Delta16
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,28 +120,68 @@ def _compressed_rounds(error_feedback, rounds=40):
     change, and takes the decoded average (as the write-back does). Returns how far the final
     average is from x0 + sum(d_k), the model that exact averaging would give."""
     g = torch.Generator().manual_seed(1)
-    codec = DeltaCodec("fp16", error_feedback=error_feedback)
+    fmt = Delta16("fp16", error_feedback=error_feedback)
     x = torch.randn(2000, generator=g)
+    layout = BucketLayout([x], n_ranks=1)
+    bucket = layout.buckets[0]
+    anchor = Anchor(kept=True)
+    assert fmt.for_round(layout, anchor) is FULL_PRECISION  # no common point yet
     exact = x.clone()
-    codec.commit(0, x)                      # the first (full-precision) common average
-    for _ in range(rounds):
+    bucket.payload.copy_(x)
+    first = Round(layout, RoundId("scheduled", 1), [(1.0,) + (0.0,) * (CONTROL_FIELDS - 1)],
+                  anchor=anchor)
+    anchor.follow(first)                    # the first (full-precision) common average
+    assert fmt.for_round(layout, anchor) is fmt
+    for k in range(rounds):
         d = 1e-2 * torch.randn(2000, generator=g)
         exact += d
-        payload = x + d
-        wire = codec.encode(0, payload, weight=1.0, contribute=True)
-        retry = codec.encode(0, x + d, weight=1.0, contribute=True)  # a rerun sends the same
-        assert torch.equal(wire, retry) and wire.dtype == torch.float16
-        codec.decode(0, x, wire.clone(), size=1, weight_sum=1.0)
-        codec.commit(0, x)
+        bucket.payload.copy_(x + d)
+        wire = fmt.messages(bucket, 1.0, True, anchor)
+        bucket.payload.copy_(x + d)
+        retry = fmt.messages(bucket, 1.0, True, anchor)  # a rerun sends the same
+        assert [m.name for m in wire] == ["bucket0", "control"] and wire[1].control
+        assert torch.equal(wire[0].tensor, retry[0].tensor)
+        assert wire[0].tensor.dtype == torch.float16
+        fmt.decode(bucket, [wire[0].tensor.clone()], size=1, weight_sum=1.0, anchor=anchor)
+        rnd = Round(layout, RoundId("scheduled", k + 2), [(1.0,) + (0.0,) * (CONTROL_FIELDS - 1)],
+                    anchor=anchor, wire=fmt)
+        x = bucket.payload * rnd.scale      # the plain average's write-back
+        anchor.follow(rnd)
+        rnd.accept()
     return (x - exact).abs().mean().item()
 
 
-def test_delta_codec_error_feedback_keeps_rounding_from_accumulating():
+def test_delta_format_error_feedback_keeps_rounding_from_accumulating():
     with_ef, without = _compressed_rounds(True), _compressed_rounds(False)
     assert with_ef < 1e-5, "within one round's 16-bit error of exact averaging"
     assert with_ef < without / 3, (with_ef, without)
-    codec = DeltaCodec("bf16")
-    assert codec.uses_allgather and not codec.ready(1)
+    fmt = Delta16("bf16")
+    assert fmt.collective == ALLGATHER and fmt.needs_anchor
+
+
+def test_delta_format_decodes_the_weighted_sum_of_the_ranks():
+    """Three ranks' bf16 messages, gathered: decode rebuilds sum_r w_r x_r on top of the
+    anchor, as a full-precision round would deliver it."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(64, generator=g)
+    xs = [base + 1e-2 * torch.randn(64, generator=g) for _ in range(3)]
+    weights = [1.0, 2.0, 0.5]
+    anchor = Anchor(kept=True)
+    layout = BucketLayout([torch.zeros(64)], n_ranks=3)
+    bucket = layout.buckets[0]
+    bucket.payload.copy_(base)
+    anchor.follow(Round(layout, RoundId("scheduled", 1), [(1.0,) + (0.0,) * (CONTROL_FIELDS - 1)] * 1,
+                        anchor=anchor))
+    sent = []
+    for x, w in zip(xs, weights):
+        fmt = Delta16("bf16")
+        bucket.payload.copy_(x)
+        sent.append(fmt.messages(bucket, w, True, anchor)[0].tensor.clone())
+    fmt.decode(bucket, [torch.cat(sent)], size=3, weight_sum=sum(weights), anchor=anchor)
+    expected = sum(w * x.double() for w, x in zip(weights, xs))
+    torch.testing.assert_close(bucket.payload.double(), expected, rtol=0, atol=2e-3)
+    assert not torch.allclose(bucket.payload.double(), expected, rtol=0, atol=1e-7), \
+        "bf16 deltas are not exact (the test would not see a missing anchor term otherwise)"
 
 
 class HandlesOf:

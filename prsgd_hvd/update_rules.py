@@ -1,0 +1,88 @@
+"""The 'write' stage of a round: what a completed round makes of the tensors it averaged.
+
+NOTE: [update rules]
+Between "the sums have arrived and every check passed" and "the step goes on" a round is handed
+to one update rule. A rule gets the completed :class:`~prsgd_hvd.averaging.Round`:
+
+    rnd.buckets[i].payload   the flat sum over ranks of weight_r * x_r (one buffer per
+                             (device, dtype), tensors in order; rnd.layout has the segments)
+    rnd.scale                1 / (sum of the weights): payload * scale is the average
+    rnd.anchor               the common point of the last accepted round (NOTE: [the anchor]),
+                             kept when a stage asked for it (``needs_anchor``)
+
+and writes every tensor of the round, in one pass where a kernel exists. It returns this rank's
+squared distance from the average over the first ``measured`` tensors (the parameters) when it
+measures it in the same pass, and it moves the anchor (``advance_anchor``). A rule with
+``fuses_update`` also applies this step's optimizer update (Algorithm 1's update after the
+average), so the pipeline skips the optimizer's own ``step()``.
+
+Rules here: :class:`PlainAverage` (``tensor = sum * scale``, kernel ``unflatten_average_``,
+reference in ops_reference) and ``prsgd_hvd.fused_sgd.FusedAverageSgd`` (average and
+``torch.optim.SGD``'s update, kernel ``unflatten_average_sgd_``). :class:`WriteStage` picks one
+per round; it is the only place that knows which rules exist.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .averaging import Round
+
+
+class UpdateRule:
+    """One way to write a completed round back (NOTE: [update rules])."""
+
+    fuses_update = False   # write() applies this step's optimizer update too
+    needs_anchor = False   # the averagers must keep the anchor for this rule
+
+    def applies(self, rnd: Round) -> bool:
+        """Whether this rule can write ``rnd`` (devices, dtypes, optimizer options)."""
+        return True
+
+    def write(self, rnd: Round, measured: int) -> Optional[float]:
+        divergence = self.apply(rnd, measured)
+        self.advance_anchor(rnd)
+        return divergence
+
+    def apply(self, rnd: Round, measured: int) -> Optional[float]:
+        raise NotImplementedError
+
+    def advance_anchor(self, rnd: Round) -> None:
+        """The plain rules leave every rank at the average: that is the new common point.
+        A rule whose kernel computes another common point writes the anchor itself."""
+        if rnd.anchor is not None:
+            rnd.anchor.follow(rnd)
+
+
+class PlainAverage(UpdateRule):
+    """``tensor = sum * scale`` for every tensor of the round (kernel 2 of the plain round)."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels  # prsgd_hvd.ops, or ops_reference for fused=False
+
+    def apply(self, rnd: Round, measured: int) -> Optional[float]:
+        return rnd.write_back(self.kernels, measured=measured)
+
+
+class WriteStage:
+    """Picks the update rule of each round: the fused one when this step's update follows the
+    average and the fused rule can take the round, otherwise the plain average (after which the
+    pipeline runs the optimizer's own update)."""
+
+    def __init__(self, average: UpdateRule, fused: Optional[UpdateRule] = None):
+        self.average, self.fused = average, fused
+
+    @property
+    def needs_anchor(self) -> bool:
+        return any(r is not None and r.needs_anchor for r in (self.average, self.fused))
+
+    def choose(self, rnd: Round, update_follows: bool) -> UpdateRule:
+        if update_follows and self.fused is not None and self.fused.applies(rnd):
+            return self.fused
+        return self.average
+
+    def write(self, rnd: Round, measured: int, update_follows: bool = False):
+        """Write ``rnd`` back; returns (divergence, whether the update was applied too)."""
+        rule = self.choose(rnd, update_follows)
+        divergence = rule.write(rnd, measured)
+        rnd.accept()
+        return divergence, rule.fuses_update
