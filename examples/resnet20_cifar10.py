@@ -259,11 +259,12 @@ def main():
 
     def save_checkpoint():
         os.makedirs(args.checkpoint, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "lr_scheduler": sched.state_dict(), "epoch": epoch,
-                    "step_in_epoch": step_in_epoch, "total_steps": total_steps,
-                    "wall_s": wall_before + time.perf_counter() - start, "world_size": size,
-                    "args": vars(args)}, ckpt_path)
+        with opt.per_rank_checkpoint():  # this rank's own model, on purpose: no warning
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "lr_scheduler": sched.state_dict(), "epoch": epoch,
+                        "step_in_epoch": step_in_epoch, "total_steps": total_steps,
+                        "wall_s": wall_before + time.perf_counter() - start,
+                        "world_size": size, "args": vars(args)}, ckpt_path)
 
     log = None
     if rank == 0:

@@ -21,8 +21,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from .averaging import small_checksum
-from .collectives import allgather_object
+from .collectives import allgather_object, small_checksum
 
 AGREE_COLLECTIVE = "prsgd_hvd.agree"
 
@@ -30,6 +29,19 @@ AGREE_COLLECTIVE = "prsgd_hvd.agree"
 def describe_tensors(tensors: Sequence[torch.Tensor], names: Dict[int, str], prefix: str):
     return [(names.get(id(t), f"{prefix} #{i}"), tuple(t.shape), str(t.dtype), t.device.type)
             for i, t in enumerate(tensors)]
+
+
+def describe_optimizer(options: Dict[str, Any], schedule: Dict[str, Any], members: List[int],
+                       contents, names: Dict[int, str], optimizer) -> Dict[str, Any]:
+    """Everything about one optimizer the ranks must agree on: its options (the config's
+    ``agreement()``), its schedule's description, the process set and what its rounds carry."""
+    params = contents.params()
+    return {**options,
+            "schedule": schedule,
+            "process set": list(members),
+            "parameters": describe_tensors(params, names, "parameter"),
+            "model buffers": describe_tensors(contents.buffers(params), {}, "buffer"),
+            "param groups": [len(g["params"]) for g in optimizer.param_groups]}
 
 
 def check_ranks_agree(mine: Dict[str, Any], process_set) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -45,7 +44,8 @@ import torch
 
 from . import ops
 from .anchor import Anchor
-from .collectives import SetCollectives
+from .collectives import FP32_EXACT, SetCollectives, small_checksum
+from .horovod_api import is_layout_mismatch
 from .waiting import wait_quietly
 from .wire_formats import ALLGATHER, FULL_PRECISION, Message, WireFormat
 
@@ -58,12 +58,6 @@ CONTROL_FIELDS = len(_FIELDS)  # per rank, after bucket 0's payload
 # 16-byte vectors. The padding is zeros (they sum to zero), at most 12 bytes per fp32 tensor,
 # and is counted in bytes_sent like the rest of the buffer.
 ALIGN = ops.PADDED
-_EXACT = 1 << 23  # integers below this survive an fp32 sum of one non-zero term exactly
-
-
-def small_checksum(data: bytes) -> int:
-    """A checksum that an fp32 control record carries exactly (>= 1, so 0 means 'none')."""
-    return zlib.crc32(data) % (_EXACT - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -217,7 +211,7 @@ class Averager:
         if not contribute:
             weight = 0.0
         record = (weight, 1.0 if active else 0.0, float(KINDS.index(identity.kind) + 1),
-                  float(identity.number % _EXACT), 1.0 if agree else 0.0, float(fingerprint),
+                  float(identity.number % FP32_EXACT), 1.0 if agree else 0.0, float(fingerprint),
                   float(layout.checksum))
         messages: List[Message] = []
         for b in layout.buckets:
@@ -271,7 +265,7 @@ class PendingRound:
                     self.received[i] = self._collect(handle)
                     self.handles[i] = None
         except Exception as exc:  # Horovod reports a shape mismatch as a failed collective
-            if self.failed and "ismatched" in str(exc):
+            if self.failed and is_layout_mismatch(exc):
                 raise RoundLayoutError(str(exc)) from exc
             raise
         finally:

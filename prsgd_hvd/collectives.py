@@ -10,6 +10,16 @@ from typing import Any, List
 
 import torch
 
+# Kept importable from here (it used to live here); process sets have their own module now.
+from .process_sets import group_process_set  # noqa: F401
+
+FP32_EXACT = 1 << 23  # integers below this survive an fp32 sum of one non-zero term exactly
+
+
+def small_checksum(data: bytes) -> int:
+    """A checksum that an fp32 control record carries exactly (>= 1, so 0 means 'none')."""
+    return zlib.crc32(data) % (FP32_EXACT - 1) + 1
+
 
 def allgather_object(obj: Any, process_set, name: str) -> List[Any]:
     """Every rank of ``process_set`` gets ``[obj of its rank 0, obj of its rank 1, ...]``."""
@@ -53,34 +63,3 @@ class SetCollectives:
         sums = hvd.allreduce(torch.tensor([h, h * h], dtype=torch.float64), op=hvd.Sum,
                              name=f"{self.prefix}.{purpose}", process_set=self.process_set)
         return sums.tolist() == [self.size * h, self.size * h * h]
-
-
-def group_process_set(members: List[int], group_size: int, my_rank: int):
-    """The Horovod process set of ``my_rank``'s group when ``members`` (global ranks, in
-    order) are cut into consecutive groups of ``group_size``.
-
-    Collective over ``members``: every member registers every group, in the same order. A
-    set with the same ranks that already exists (``hvd.init(process_sets=[...])``) is reused;
-    otherwise it is added, which Horovod allows only with HOROVOD_DYNAMIC_PROCESS_SETS=1.
-    """
-    from horovod.common import process_sets as ps
-
-    existing = {tuple(ranks): set_id
-                for set_id, ranks in ps._basics._get_process_set_ids_and_ranks().items()}
-    mine = None
-    for start in range(0, len(members), group_size):
-        ranks = list(members[start:start + group_size])
-        if tuple(ranks) in existing:
-            group = ps.ProcessSet(ranks)
-            group.process_set_id = existing[tuple(ranks)]
-        else:
-            try:
-                group = ps.add_process_set(ranks)
-            except ValueError as exc:
-                raise ValueError(
-                    f"Hierarchical averaging needs a Horovod process set for ranks {ranks}: run "
-                    f"with HOROVOD_DYNAMIC_PROCESS_SETS=1 so it can be created, or create the "
-                    f"groups in hvd.init(process_sets=[...]) ({exc})") from exc
-        if my_rank in ranks:
-            mine = group
-    return mine

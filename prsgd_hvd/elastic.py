@@ -12,8 +12,8 @@
 
 ``LocalSGDState`` is Horovod's ``TorchState`` that insists on a wrapped optimizer. Both work:
 importing prsgd_hvd registers a state handler for wrapped optimizers with Horovod's
-``TorchState`` (prsgd_hvd.horovod_compat), so ``hvd.elastic.TorchState(model, opt)`` does the
-same. With a wrapped optimizer the state
+``TorchState`` (``install_state_handler`` below), so ``hvd.elastic.TorchState(model, opt)``
+does the same. With a wrapped optimizer the state
 
 * saves and restores the optimizer's ``state_dict()``, which carries the local-SGD counters and
   schedule position;
@@ -34,6 +34,10 @@ from __future__ import annotations
 from horovod.torch.elastic import *  # noqa: F401,F403
 from horovod.torch.elastic import TorchState, run  # noqa: F401
 
+from .broadcast import broadcast_optimizer_state
+from .unaveraged import no_unaveraged_warning
+from .wrapper_state import LocalSGDOptimizer
+
 __all__ = ["LocalSGDState", "TorchState", "run"]
 
 
@@ -45,3 +49,68 @@ class LocalSGDState(TorchState):
             raise TypeError("LocalSGDState: 'optimizer' must be wrapped by "
                             "DistributedLocalSGD (use hvd.elastic.TorchState otherwise)")
         super().__init__(model=model, optimizer=optimizer, **kwargs)
+
+
+# ---- hvd.elastic.TorchState with a wrapped optimizer -----------------------------------------
+
+def _optimizer_state_handler_class():
+    from horovod.torch.elastic.state import StateHandler
+
+    class LocalSGDOptimizerStateHandler(StateHandler):
+        """What ``hvd.elastic.TorchState`` does with a wrapped optimizer (Horovod's
+        ``OptimizerStateHandler`` plus the local-SGD counters, the agreement check and the
+        re-binding to a new world)."""
+
+        def __init__(self, optimizer):
+            super().__init__(optimizer)
+            self.save()
+
+        def save(self):
+            import copy
+            with no_unaveraged_warning():
+                self._saved = copy.deepcopy(self.value.state_dict())
+
+        def restore(self):
+            # Horovod restores after a collective failed (HorovodInternalError): a round in
+            # flight belongs to the broken world, and waiting for it would raise again here,
+            # outside the elastic retry.
+            self.value._local_sgd.abandon_in_flight()
+            self.value.load_state_dict(self._saved)
+
+        def sync(self):
+            # Every worker, old and new, is here together: broadcast rank 0's state, counters
+            # and schedule position, then the agreement check DistributedLocalSGD(...) skips
+            # under the elastic launcher (a joining worker constructs while others sync).
+            broadcast_optimizer_state(self.value, root_rank=0)
+            self.value._local_sgd.check_ranks_agree()
+
+        def on_reset(self):
+            """Horovod was re-initialised with another set of workers: new rank and size."""
+            self.value._local_sgd.rebind()
+
+    return LocalSGDOptimizerStateHandler
+
+
+def install_state_handler() -> None:
+    """Register the handler with Horovod's ``TorchState`` and make its ``reset()`` call
+    ``on_reset`` of every handler that has one (once, however often the package loads)."""
+    from horovod.torch.elastic import state as hvd_state
+
+    registry = hvd_state.get_handler_registry()
+    if not any(t is LocalSGDOptimizer for t, _ in registry):
+        # First match wins, and Horovod's optimizer handler matches every optimizer.
+        hvd_state.set_handler_registry([(LocalSGDOptimizer, _optimizer_state_handler_class())]
+                                       + list(registry))
+    torch_state = hvd_state.TorchState
+    if not getattr(torch_state.reset, "_prsgd_resets_handlers", False):
+        previous = torch_state.reset
+
+        def reset(self):
+            previous(self)
+            for handler in self._handlers.values():
+                on_reset = getattr(handler, "on_reset", None)
+                if on_reset is not None:
+                    on_reset()
+
+        reset._prsgd_resets_handlers = True
+        torch_state.reset = reset

@@ -1,203 +1,116 @@
 """The engine behind ``DistributedLocalSGD``: one optimizer's local SGD, step by step.
 
-``LocalSGD.step()`` is a pipeline; each stage is one method below, in the order it runs:
+``LocalSGD.step()`` is a pipeline; its stages, in the order they run:
 
-    plan      schedule.plan(t) -> StepPlan (side-effect free; the same question serves the
-              overlap lookahead at the end of step t-1)
+    plan      schedule.plan(t, elapsed) -> StepPlan (side-effect free; the same question
+              serves the overlap lookahead at the end of step t-1)
     round     take the round prestarted for this step, or start one; wait for it
-              (prsgd_hvd.averaging: Averager -> PendingRound -> Round)
+              (prsgd_hvd.round_stage; prsgd_hvd.averaging: Averager -> PendingRound -> Round,
+              in the averager's wire format, prsgd_hvd.wire_formats)
     check     the round's identity and layout (every rank in the same round), the initial
-              fingerprint, then the non-finite policy (prsgd_hvd.nonfinite)
-    write     average and step in one pass (prsgd_hvd.fused_sgd) or write the average back and
-              run the optimizer's own update; or just the update on a local step
-    report    counters, telemetry, and schedule.on_round(report)
+              fingerprint, then the non-finite policy (prsgd_hvd.round_stage, .nonfinite)
+    write     the round's update rule (prsgd_hvd.update_rules): the fused average+SGD pass,
+              or the plain average followed by the optimizer's own update
+    report    counters, and schedule.on_round(report) (the clock: prsgd_hvd.clock)
     prestart  if step t+1 averages before its update, start its round now (prsgd_hvd.overlap)
 
-``finalize()`` is the join protocol (ranks that finished keep answering the others' rounds) and
-``average_now()`` one round outside the schedule. Everything here is per optimizer; the wrapper's
-methods (prsgd_hvd.optimizer) only translate the user's calls.
+Its collaborators each hold one job: the frozen configuration (prsgd_hvd.config), the world --
+process set, averagers, names -- (prsgd_hvd.world), the round and check stages with the round in
+flight (prsgd_hvd.round_stage, .overlap), the write stage (prsgd_hvd.update_rules), the
+schedule's clock (prsgd_hvd.clock), the join protocol of ``finalize()`` (prsgd_hvd.join), the
+checkpoint entry (prsgd_hvd.checkpoint) and stats (prsgd_hvd.telemetry). The wrapper's methods
+(prsgd_hvd.optimizer) only translate the user's calls.
 """
 from __future__ import annotations
 
-import copy
-import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import agreement, ops, ops_reference
-from .averaging import Averager, PendingRound, Round, RoundId, RoundLayoutError
-from .collectives import group_process_set
+from . import agreement, checkpoint, telemetry
+from .averaging import Averager, PendingRound, Round, RoundId
+from .clock import ScheduleClock
+from .config import LocalSGDConfig
 from .fused_sgd import FusedAverageSgd
+from .join import JoinProtocol
 from .nonfinite import NonFinitePolicy
-from .overlap import InFlight
 from .round_contents import RoundContents
-from .schedules import RoundReport, Schedule, StepPlan, WarmUp
+from .round_stage import RoundStage
+from .schedules import StepPlan
 from .update_rules import PlainAverage, WriteStage
-from .wire_formats import for_option as wire_format_for
-
-# Names of this process's averagers, to tell apart optimizers of the same structure.
-_names_in_use: Dict[str, int] = {}
-
-
-def _hvd():
-    import horovod.torch as hvd
-    return hvd
-
-
-def _validated_counters(local: Any) -> Tuple[int, int]:
-    if not isinstance(local, dict):
-        raise ValueError(f"DistributedLocalSGD: the state's 'local_sgd' entry must be a dict "
-                         f"(from optimizer.state_dict()), got {type(local).__name__}")
-    counters = []
-    for key in ("local_step", "rounds"):
-        if key not in local:
-            raise ValueError(f"DistributedLocalSGD: the state's 'local_sgd' entry has no "
-                             f"'{key}'; it does not come from a DistributedLocalSGD optimizer")
-        v = local[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"DistributedLocalSGD: 'local_sgd.{key}' must be an int >= 0, got {v!r}")
-        counters.append(v)
-    if not isinstance(local.get("schedule") or {}, dict):
-        raise ValueError("DistributedLocalSGD: 'local_sgd.schedule' must be a dict")
-    return counters[0], counters[1]
+from .world import World
+from .wrapper_state import WrapperState
 
 
 class LocalSGD:
-    """Counters, schedule, averagers and the step pipeline of one wrapped optimizer."""
+    """Counters and the step pipeline of one wrapped optimizer."""
 
-    def __init__(self, opt: torch.optim.Optimizer, schedule: Schedule, *, warmup_steps: int,
-                 process_set, fuse_step: bool, use_kernels: bool,
-                 model: Optional[torch.nn.Module], average_state: bool, names: Dict[int, str],
-                 overlap: bool, nonfinite: str, compression: Optional[str],
-                 error_feedback: bool, options: Dict[str, Any]):
-        self.opt = opt
-        self.schedule = schedule            # the user's; warm-up wraps it
-        self.warmup_steps = warmup_steps
-        self.planner: Schedule = WarmUp(schedule, warmup_steps) if warmup_steps else schedule
-        self.contents = RoundContents(opt, model, average_state)
-        self.names = names
-        self.kernels = ops if use_kernels else ops_reference  # fused=False: no compiled code
-        self.write_stage = WriteStage(PlainAverage(self.kernels),
-                                      FusedAverageSgd(opt) if fuse_step else None)
-        self.policy = NonFinitePolicy(nonfinite)
-        self.compression, self.error_feedback = compression, error_feedback
-        self.wants_overlap = overlap
-        self.options = options              # what the ranks must agree on (agreement.py)
-        self.inflight = InFlight()
-        self._name: Optional[str] = None
+    def __init__(self, opt: torch.optim.Optimizer, config: LocalSGDConfig, process_set):
+        self.opt, self.config = opt, config
+        self.schedule = config.schedule    # the user's; the planner puts warm-up in front
+        self.planner = config.planner()
+        self.contents = RoundContents(opt, config.model, config.average_state)
+        self.write_stage = WriteStage(PlainAverage(config.kernels),
+                                      FusedAverageSgd(opt) if config.fuse_step else None)
+        self.policy = NonFinitePolicy(config.nonfinite)
+        self.clock = ScheduleClock()
+        self.world = World(process_set, self.planner, config, self._describe_params,
+                           keep_anchor=self.write_stage.needs_anchor)
+        self.round_stage = RoundStage(self.world, self.contents, self.policy, opt,
+                                       self.description, lambda: self.local_step)
+        self.inflight = self.round_stage.inflight
+        self.wrapper = WrapperState(global_rank=self.world.global_rank())
         # Counters (in state_dict) and what stats() reports.
         self.local_step = 0
         self.rounds = 0
         self.averaged_step = 0  # local_step when this rank last took a plain average
         self.finalized = False
         self.divergence: Optional[float] = None
-        self._fingerprint = 0               # of the initial parameters, sent in round 1
-        # The clock schedules read: since the last scheduled round (or the first step).
-        self._since: Optional[float] = None
-        self._waited_since = 0.0
-        self._last_round_t = 0
-        self._bind(process_set)
 
-    # ---- the world: process set, averagers, schedule ------------------------------------------
-    def _bind(self, process_set) -> None:
-        hvd = _hvd()
-        self.process_set = process_set
-        self.rank, self.size = process_set.rank(), process_set.size()
-        self.overlap = self.wants_overlap and self.size > 1
-        name = self._name or "prsgd_hvd.unnamed"  # named at the first round: _claim_name()
-        def averager(ps, averager_name):
-            return Averager(ps, averager_name, kernels=self.kernels,
-                            wire=wire_format_for(self.compression, self.error_feedback),
-                            keep_anchor=self.write_stage.needs_anchor)
+    # ---- the world ----------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.world.size
 
-        self.averager = averager(process_set, name)
-        self.collectives = self.averager.collectives
-        # Averagers over groups of ranks, for schedules that average within groups too
-        # (Hierarchical); the whole process set uses self.averager.
-        self.group_averagers: Dict[int, Averager] = {}
-        # Hierarchical's "host" groups: the ranks of a host, numbered consecutively (as
-        # horovodrun -H a:2,b:2 numbers them); otherwise there is no such group to offer.
-        consecutive = hvd.rank() == hvd.cross_rank() * hvd.local_size() + hvd.local_rank()
-        everyone = process_set.size() == hvd.size()
-        local_size = hvd.local_size() if everyone and consecutive else None
-        self.planner.bind(self.rank, self.size,
-                          lambda obj: self.collectives.allgather(obj, "schedule"), local_size)
-        members = self.collectives.members
-        for g in self.planner.group_sizes():
-            group = group_process_set(members, g, members[self.rank])
-            self.group_averagers[g] = averager(group, f"{name}.g{g}")
+    @property
+    def collectives(self):
+        return self.world.collectives
 
-    def _claim_name(self) -> None:
-        """Name this optimizer's collectives, at its first round.
+    @property
+    def overlap(self) -> bool:
+        return self.config.overlap and self.world.size > 1
 
-        NOTE: [collective names] A round's collectives are named by what they average (the
-        parameters' names and shapes), so ranks meet in the right one whatever else they
-        built before. Optimizers of the very same structure in one process (a GAN's twin
-        networks) need one more distinction, and it must not be the order of construction,
-        which may differ between ranks: it is the order of their first rounds, which follows
-        the training loop's order of ``step()`` calls -- the same code on every rank."""
-        if self._name is not None:
-            return
-        desc = agreement.describe_tensors(self.contents.params(), self.names, "param")
-        base = f"prsgd_hvd.{agreement.small_checksum(repr(desc).encode()):07x}"
-        k = _names_in_use.get(base, 0)
-        _names_in_use[base] = k + 1
-        self._name = base if k == 0 else f"{base}.{k}"
-        self.averager.rename(self._name)
-        for g, averager in self.group_averagers.items():
-            averager.rename(f"{self._name}.g{g}")
+    def _describe_params(self):
+        return agreement.describe_tensors(self.contents.params(), self.config.names, "param")
 
     def rebind(self) -> None:
-        """After an elastic reset (Horovod re-initialised with another set of workers): the
-        new rank and size, fresh averagers, and the schedule re-derives what depends on N or
-        says why it cannot (prsgd_hvd.elastic)."""
-        if self.group_averagers:
-            raise ValueError("DistributedLocalSGD: Hierarchical averaging cannot follow an "
-                             "elastic resize (its groups are fixed process sets)")
-        self.inflight.forget()  # died with the old Horovod
-        self._bind(_hvd().global_process_set)
-
-    def all_averagers(self) -> List[Averager]:
-        return [self.averager, *self.group_averagers.values()]
-
-    def averager_for(self, plan: StepPlan) -> Averager:
-        return self.averager if plan.group is None else self.group_averagers[plan.group]
-
-    # ---- cross-rank agreement -----------------------------------------------------------------
-    def description(self) -> Dict[str, Any]:
-        """Everything the ranks must agree on (NOTE in prsgd_hvd.agreement)."""
-        params = self.contents.params()
-        return {**self.options,
-                "schedule": self.planner.describe(),
-                "process set": list(self.collectives.members),
-                "parameters": agreement.describe_tensors(params, self.names, "parameter"),
-                "model buffers": agreement.describe_tensors(self.contents.buffers(params), {},
-                                                            "buffer"),
-                "param groups": [len(g["params"]) for g in self.opt.param_groups]}
+        """After an elastic reset (prsgd_hvd.elastic): the held round died with the old
+        Horovod; the world binds to the new one."""
+        self.inflight.forget()
+        self.world.rebind()
 
     def check_ranks_agree(self) -> None:
-        agreement.check_ranks_agree(self.description(), self.process_set)
+        agreement.check_ranks_agree(self.description(), self.world.process_set)
 
-    # ---- counters -----------------------------------------------------------------------------
+    def description(self) -> Dict[str, Any]:
+        """Everything the ranks must agree on (NOTE in prsgd_hvd.agreement)."""
+        return agreement.describe_optimizer(self.config.agreement(), self.planner.describe(),
+                                            self.world.collectives.members, self.contents,
+                                            self.config.names, self.opt)
+
+    # ---- the checkpoint entry -----------------------------------------------------------------
     def local_state(self) -> Dict[str, Any]:
-        return {"local_step": self.local_step, "rounds": self.rounds,
-                "warmup_steps": self.warmup_steps, "world_size": self.size,
-                "schedule": self.schedule.state_dict()}
+        return checkpoint.local_state(self.local_step, self.rounds, self.config.warmup_steps,
+                                      self.size, self.schedule)
 
     def validate_local_state(self, local: Any) -> Tuple[int, int]:
-        """Check a saved ``local_state()`` whole, changing nothing; returns its counters."""
-        counters = _validated_counters(local)
-        trial = copy.deepcopy(self.schedule)  # a schedule that rejects the state raises here
-        trial.load_state_dict(local.get("schedule") or {})
-        return counters
+        return checkpoint.validated_counters(local, self.schedule)
 
     def load_local_state(self, local: Dict[str, Any]) -> None:
-        """Apply a saved ``local_state()``: validated first, so a corrupted or foreign entry
-        changes nothing."""
+        """Apply a saved ``local_state()``, validated first (all or nothing)."""
         self.local_step, self.rounds = self.validate_local_state(local)
         self.schedule.load_state_dict(local.get("schedule") or {})
-        self._last_round_t = self.local_step
+        self.clock.restart_at(self.local_step)
         self.averaged_step = self.local_step  # a resume starts from one (broadcast) model
         self.finalized = False
 
@@ -228,112 +141,73 @@ class LocalSGD:
         self._prestart(t + 1)
 
     def _plan(self, t: int) -> StepPlan:
-        now = time.perf_counter()
-        if self._since is None:  # the first step: start the clock, fingerprint x^0
-            self._since = now
+        if not self.clock.started:  # the first step: fingerprint x^0 (checked in round 1)
             if self.local_step == 0 and self.rounds == 0 and self.size > 1:
-                self._fingerprint = agreement.initial_fingerprint(self.contents.params())
-        return self.planner.plan(t, now - self._since)
+                self.round_stage.fingerprint = agreement.initial_fingerprint(
+                    self.contents.params())
+        return self.planner.plan(t, self.clock.elapsed())
 
     def _scheduled_round(self, t: int, plan: StepPlan, update: Optional[Callable[[], Any]],
                          skip_update: bool, fusable: bool = False) -> None:
         """A round the schedule asked for; with ``update`` the update follows the average."""
-        averager = self.averager_for(plan)
+        averager = self.world.averager_for(plan)
         waited = averager.wait_seconds
-        rnd, excluded = self._round(RoundId("scheduled", self.rounds + 1), averager, t=t,
-                                    weight=plan.weight, agree=plan.agree)
-        skip_update = skip_update or excluded  # an excluded rank's gradient is not finite
         updates = update is not None and not skip_update
-        if not self._write_back(rnd, update_follows=updates and fusable) and updates:
+        rnd, excluded, updated = self.run_round(
+            RoundId("scheduled", self.rounds + 1), averager, t=t, weight=plan.weight,
+            agree=plan.agree, update_follows=updates and fusable, plan=plan)
+        if updates and not excluded and not updated:  # an excluded rank's gradient is not finite
             update()
+        self.planner.on_round(self.clock.report(
+            t, averager.wait_seconds - waited, self.world.total("wait_seconds"),
+            self.divergence, rnd.agree))
+
+    def run_round(self, identity: RoundId, averager: Averager, *, t: Optional[int] = None,
+                  weight: float = 1.0, active: bool = True, agree: bool = False,
+                  pending: Optional[PendingRound] = None, update_follows: bool = False,
+                  plan: Optional[StepPlan] = None) -> Tuple[Round, bool, bool]:
+        """One round through the stages round, check and write, counted; returns it, whether
+        this rank was left out of it, and whether its update rule applied the update too."""
+        rnd, excluded = self.round_stage.run(identity, averager, t=t, weight=weight,
+                                              active=active, agree=agree, pending=pending)
+        updated = self._write_back(rnd, update_follows=update_follows and not excluded, plan=plan)
         self.rounds += 1
-        self._report(t, rnd, averager.wait_seconds - waited)
+        return rnd, excluded, updated
 
-    def _round(self, identity: RoundId, averager: Averager, *, t: Optional[int] = None,
-               weight: float = 1.0, active: bool = True, agree: bool = False,
-               pending: Optional[PendingRound] = None) -> Tuple[Round, bool]:
-        """Run one round (or finish ``pending``) and check it; returns it and whether this rank
-        was left out of it (``nonfinite="exclude"``)."""
-        self._claim_name()  # before the key: a retried first round must find its own key
-        key = (t, identity.kind, averager.name, weight, agree)
-        if pending is None:
-            pending = self.inflight.take(key)
-        if pending is None:
-            pending = self._start(averager, identity, weight=weight, active=active, agree=agree)
-        self.inflight.hold(pending, key)  # an interrupted wait resumes from here
-        try:
-            rnd = pending.wait()
-        except BaseException as exc:
-            if pending.failed:  # over; only an interrupted wait stays held, to be resumed
-                self.inflight.release()
-            if isinstance(exc, RoundLayoutError):
-                raise agreement.explain_layout_mismatch(self.description(), averager.process_set,
-                                                        str(exc)) from exc
-            raise
-        self.inflight.release()
-        rnd.check_identity()
-        if identity.number == 1:
-            agreement.check_fingerprints(rnd.fingerprints(), rnd.members)
-        where = (f"averaging round {identity.number} (after {self.local_step} local steps on "
-                 f"rank {_hvd().rank()})")
-
-        def rerun(contribute: bool) -> Round:
-            return averager.start(rnd.layout.tensors, identity, weight=weight, active=active,
-                                  contribute=contribute, agree=agree).wait()
-
-        return self.policy.settle(rnd, averager.collectives, where, averager.wire.name, rerun,
-                                  self.opt)
-
-    def _start(self, averager: Averager, identity: RoundId, **kwargs) -> PendingRound:
-        self._claim_name()
-        tensors, _ = self.contents.tensors(self.collectives)
-        fingerprint = self._fingerprint if identity.number == 1 else 0
-        return averager.start(tensors, identity, fingerprint=fingerprint, **kwargs)
-
-    def _write_back(self, rnd: Round, update_follows: bool = False) -> bool:
+    def _write_back(self, rnd: Round, update_follows: bool = False,
+                    plan: Optional[StepPlan] = None) -> bool:
         """Stage 'write': the round's update rule writes every tensor (prsgd_hvd.update_rules)
         and records this rank's divergence; True when it applied this step's update too."""
         self.divergence, updated = self.write_stage.write(
-            rnd, measured=len(self.contents.params()), update_follows=update_follows)
+            rnd, measured=len(self.contents.params()), update_follows=update_follows, plan=plan)
         return updated
-
-    def _report(self, t: int, rnd: Round, waited: float, kind: str = "scheduled") -> None:
-        """Tell the schedule about its round, and restart its clock."""
-        now = time.perf_counter()
-        since = self._since if self._since is not None else now
-        total_waited = sum(a.wait_seconds for a in self.all_averagers())
-        report = RoundReport(
-            t=t, kind=kind, steps=t - self._last_round_t,
-            compute_seconds=max(0.0, (now - since) - (total_waited - self._waited_since)),
-            waited_seconds=waited, divergence=self.divergence, agree=rnd.agree)
-        self.planner.on_round(report)
-        if kind != "join":
-            self._since, self._waited_since, self._last_round_t = now, total_waited, t
 
     def _prestart(self, t: int) -> None:
         """Start step ``t``'s round now if it averages before its update (NOTE: [overlap])."""
         if not self.overlap or self.inflight.pending is not None:
             return
         try:
-            plan = self.planner.plan(t, time.perf_counter() - (self._since or time.perf_counter()))
+            plan = self.planner.plan(t, self.clock.peek())
         except Exception:  # noqa: BLE001 - step t asks again and raises where the user sees it
             return
         if not plan.average_before:
             return
-        averager = self.averager_for(plan)
-        identity = RoundId("scheduled", self.rounds + 1)
-        pending = self._start(averager, identity, weight=plan.weight, agree=plan.agree)
-        self.inflight.hold(pending, (t, identity.kind, averager.name, plan.weight, plan.agree))
+        self.round_stage.prestart(t, self.world.averager_for(plan),
+                                   RoundId("scheduled", self.rounds + 1), plan.weight, plan.agree)
 
     # ---- rounds outside the schedule ----------------------------------------------------------
     def average_now(self) -> None:
         self._refuse_if_finalized("average_now()")
         self.inflight.cancel()  # a prestarted round is dropped on every rank alike
-        rnd, _ = self._round(RoundId("average_now", self.rounds + 1), self.averager)
-        self._write_back(rnd)
-        self.rounds += 1
+        self.run_round(RoundId("average_now", self.rounds + 1), self.world.averager)
         self.averaged_step = self.local_step
         self._prestart(self.local_step + 1)
+
+    def finalize(self) -> None:
+        """Collective: the join protocol (prsgd_hvd.join), then local SGD is over."""
+        if not self.finalized:
+            JoinProtocol(self).run()
+            self.finalized = True
 
     def discard_in_flight(self) -> None:
         self.inflight.cancel()
@@ -343,48 +217,6 @@ class LocalSGD:
         started in is gone; drop the round without waiting for it."""
         self.inflight.forget()
 
-    def finalize(self) -> None:
-        """Join protocol: keep contributing this rank's model to the rounds of ranks that are
-        still training, until a round in which no rank is (NOTE: [control records])."""
-        if self.finalized:
-            return
-        pending = self.inflight.release()
-        if pending is not None:
-            # Prestarted for a step this rank will not take; the other ranks may take it, so
-            # join it like any of their rounds.
-            self._join(pending.averager, pending=pending, identity=pending.identity)
-        if self.planner.group_sizes():
-            # A prestarted round belonged to the next step: the walk starts after it.
-            self._join_following_the_plan(self.local_step + (2 if pending else 1))
-        else:
-            while self._join(self.averager).active_ranks:
-                pass
-        self.finalized = True
-
-    def _join(self, averager: Averager, pending: Optional[PendingRound] = None,
-              identity: Optional[RoundId] = None, t: Optional[int] = None) -> Round:
-        identity = identity or RoundId("join", self.rounds + 1)
-        rnd, _ = self._round(identity, averager, active=False, pending=pending, t=t)
-        self._write_back(rnd)
-        self.rounds += 1
-        if rnd.agree:  # a training rank's schedule agrees after this round: answer it
-            self.planner.on_round(RoundReport(t=self.local_step, kind="join", agree=True))
-        return rnd
-
-    def _join_following_the_plan(self, t: int) -> None:
-        """Schedules with group rounds (Hierarchical): rounds are a function of the step, the
-        same on every rank, so a finished rank walks the steps it no longer takes (from ``t``)
-        and answers each round -- its group's and the global ones -- until a global round
-        finds no rank still training."""
-        while True:
-            plan = self.planner.plan(t)
-            t += 1
-            if not plan.averages:
-                continue
-            rnd = self._join(self.averager_for(plan))
-            if plan.group is None and rnd.active_ranks == 0:
-                return
-
     def _refuse_if_finalized(self, what: str) -> None:
         if self.finalized:
             raise RuntimeError(f"DistributedLocalSGD: {what} after finalize(); finalize() ends "
@@ -392,21 +224,4 @@ class LocalSGD:
 
     # ---- telemetry ----------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
-        avs = self.all_averagers()
-        return {
-            "local_step": self.local_step,
-            "rounds": self.rounds,
-            "bytes_sent": sum(a.bytes_sent for a in avs),
-            "comm_seconds": sum(a.comm_seconds for a in avs),
-            "exposed_comm_seconds": sum(a.wait_seconds for a in avs),
-            # ||x_i - x_avg||^2 over the parameters at the last round, measured inside the
-            # write-back pass: the quantity the paper's lemma bounds by 4 gamma^2 I^2 G^2.
-            "divergence": self.divergence,
-            "fused": self.write_stage.fused is not None,
-            "overlap": self.overlap,
-            "compression": self.compression,
-            "excluded": [dict(e) for e in self.policy.excluded],
-            "schedule": repr(self.schedule),
-            "world_size": self.size,
-        }
-
+        return telemetry.stats(self)

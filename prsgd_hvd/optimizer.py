@@ -23,18 +23,10 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from . import horovod_compat, ops
-from .compression import resolve_compression
+from . import horovod_compat, unaveraged, validation
 from .local_sgd import LocalSGD
-from .nonfinite import NonFinitePolicy
-from .schedules import as_schedule
 
 __all__ = ["DistributedLocalSGD"]
-
-
-def _hvd():
-    import horovod.torch as hvd
-    return hvd
 
 
 class _LocalSGDMethods:
@@ -124,6 +116,15 @@ class _LocalSGDMethods:
         yield self
         self.finalize()
 
+    @contextlib.contextmanager
+    def per_rank_checkpoint(self):
+        """``with opt.per_rank_checkpoint(): torch.save(..., f"rank{r}.pt")`` saves this rank's
+        own model and optimizer state on purpose -- one file per rank, the exact resume of
+        local SGD mid-interval -- so ``state_dict()`` inside does not warn that the checkpoint
+        holds one rank's model (LocalStepsNotAveragedWarning)."""
+        with unaveraged.no_unaveraged_warning():
+            yield self
+
     def stats(self) -> Dict[str, Any]:
         """Counters and telemetry: ``local_step``, ``rounds``, ``bytes_sent``, ``comm_seconds``,
         ``exposed_comm_seconds``, ``divergence``, ``fused``, ``overlap``, ``compression``,
@@ -131,7 +132,7 @@ class _LocalSGDMethods:
         return self._local_sgd.stats()
 
     def state_dict(self) -> Dict[str, Any]:
-        horovod_compat.warn_if_unaveraged(self, "state_dict")
+        unaveraged.warn_if_unaveraged(self, "state_dict")
         sd = super(self.__class__, self).state_dict()
         sd["local_sgd"] = self._local_sgd.local_state()
         return sd
@@ -162,24 +163,6 @@ class _LocalSGDMethods:
 
     def __copy__(self):
         self.__reduce_ex__(4)
-
-
-def _check_parameters(optimizer: torch.optim.Optimizer, names: Dict[int, str]) -> None:
-    """What the averaging kernels and the collectives cannot take, refused by name now rather
-    than at the first round."""
-    for gi, group in enumerate(optimizer.param_groups):
-        seen = set()
-        for i, p in enumerate(group["params"]):
-            what = names.get(id(p), f"parameter {i} of param group {gi}")
-            if id(p) in seen:
-                # torch.optim would update it twice per step; the fused pass once.
-                raise ValueError(f"DistributedLocalSGD: {what} appears twice in param group {gi}; "
-                                 "list each parameter once")
-            seen.add(id(p))
-            if p.device.type not in ("cpu", "cuda"):
-                raise ValueError(f"DistributedLocalSGD: {what} is on device '{p.device}'; model "
-                                 "averaging runs on CPU and CUDA tensors (materialise the model, "
-                                 "e.g. model.to_empty(device=...), before wrapping)")
 
 
 def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
@@ -222,7 +205,7 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
             read of the summed buffer per round).
         compression: ``hvd.Compression.fp16`` or ``hvd.Compression.bf16`` sends each round as
             the 16-bit change since the last common average, which is kept in fp32 on every
-            rank (see prsgd_hvd/compression.py): half the bytes, and the averaged model stays
+            rank (prsgd_hvd/wire_formats.py, Delta16): half the bytes, and the averaged model stays
             within about 1e-3 (relative) of exact averaging. ``None``: full precision.
         error_feedback: with compression, carry what the 16-bit cast lost into the next
             round, so rounding errors do not accumulate.
@@ -247,61 +230,17 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
     ``synchronize()`` and ``skip_synchronize()`` are there for Horovod's gradient-clipping and
     AMP loops; ``hvd.broadcast_optimizer_state`` carries the local-SGD counters.
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"DistributedLocalSGD: 'optimizer' must be a torch.optim.Optimizer, "
-                        f"got {type(optimizer).__name__}")
-    if hasattr(optimizer, "_local_sgd"):
-        raise ValueError("DistributedLocalSGD: this optimizer is already wrapped")
-    lr_scheduler_patched = horovod_compat.take_lr_scheduler_patch(optimizer)
-    compat = horovod_compat.prepare(
-        optimizer, interval, named_parameters, process_set,
-        backward_passes_per_step=backward_passes_per_step,
-        op=_hvd().Average if op is None else op,
+    args = validation.validate(
+        optimizer, interval, named_parameters, warmup_steps, process_set, fused, model,
+        average_state, overlap, nonfinite, compression, error_feedback,
+        backward_passes_per_step=backward_passes_per_step, op=op,
         gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
         groups=groups, sparse_as_dense=sparse_as_dense)
-    named_parameters, process_set = compat["named_parameters"], compat["process_set"]
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"DistributedLocalSGD: 'warmup_steps' must be an int >= 0, got {warmup_steps!r}")
-    if fused not in (None, True, False):
-        raise ValueError(f"DistributedLocalSGD: 'fused' must be None, True or False, got {fused!r}")
-    if model is not None and not isinstance(model, torch.nn.Module):
-        raise TypeError(f"DistributedLocalSGD: 'model' must be a torch.nn.Module, got {type(model).__name__}")
-    schedule = as_schedule(interval)
-    names = {id(p): n for n, p in named_parameters or []}  # validated by horovod_compat
-    _check_parameters(optimizer, names)
-    horovod_compat.check_schedule_outside_process_set(schedule, compat)
-
-    is_sgd = type(optimizer) is torch.optim.SGD
-    if fused is True:
-        if not ops.has_extension():
-            raise ValueError("DistributedLocalSGD: fused=True but the compiled kernels are not "
-                             f"loaded ({ops.extension_error()}); rebuild with "
-                             "`pip install --no-build-isolation -e .` or pass fused=None")
-        if not is_sgd:
-            raise ValueError(f"DistributedLocalSGD: fused=True needs torch.optim.SGD, got "
-                             f"{type(optimizer).__name__}; pass fused=None to use the kernels "
-                             "for averaging and the optimizer's own step")
-    use_kernels = fused is not False and ops.has_extension()
-    NonFinitePolicy(nonfinite)  # validates the mode
-    compression = resolve_compression(compression)
-    if overlap not in (True, False):
-        raise ValueError(f"DistributedLocalSGD: 'overlap' must be True or False, got {overlap!r}")
-    # Every option that shapes the sequence of collectives or what they carry; the ranks must
-    # agree on all of them (prsgd_hvd.agreement). Only `fused` may differ: it changes this
-    # rank's arithmetic path, not what it sends.
-    options = {"warmup_steps": warmup_steps, "average_state": average_state,
-               "model": model is not None, "overlap": overlap, "nonfinite": nonfinite,
-               "compression": compression, "error_feedback": bool(error_feedback),
-               "optimizer": type(optimizer).__name__}
-    engine = LocalSGD(optimizer, schedule, warmup_steps=warmup_steps, process_set=process_set,
-                      fuse_step=use_kernels and is_sgd, use_kernels=use_kernels, model=model,
-                      average_state=average_state, names=names, overlap=overlap,
-                      nonfinite=nonfinite, compression=compression,
-                      error_feedback=bool(error_feedback), options=options)
+    engine = LocalSGD(optimizer, args.config, args.process_set)
     # Before the class swap: a mismatch leaves the optimizer as it was. Under Horovod's elastic
     # launcher a worker that joins builds its optimizer while the others are already in
     # state.sync(), so there the check runs in the elastic state's sync() instead (the
-    # TorchState handler in prsgd_hvd.horovod_compat, which LocalSGDState uses too).
+    # TorchState handler in prsgd_hvd.elastic, which LocalSGDState uses too).
     if os.environ.get("HOROVOD_ELASTIC") != "1":
         engine.check_ranks_agree()
     base_cls = type(optimizer)
@@ -312,5 +251,12 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
     cls._needs_closure_in_step = issubclass(base_cls, torch.optim.LBFGS)
     optimizer.__class__ = cls
     optimizer._local_sgd = engine
-    horovod_compat.finish(optimizer, compat, lr_scheduler_patched)
+    # What Horovod's wrapper has as attributes, the LR scheduler's step tracking around our
+    # step, and the warning at exit.
+    for key, value in args.horovod_args.items():
+        setattr(optimizer, key, value)
+    if args.lr_scheduler_patched:
+        del optimizer.step
+        horovod_compat.reinstall_lr_scheduler_patch(optimizer)
+    unaveraged.track(optimizer)
     return optimizer

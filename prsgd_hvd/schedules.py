@@ -28,10 +28,13 @@ finished (in ``finalize()``) learns from the same round that it must answer the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from .checks import int_at_least, is_int
 
 __all__ = ["Schedule", "StepPlan", "RoundReport", "FixedInterval", "TimeVarying", "Heterogeneous",
            "Hierarchical", "Adaptive", "WarmUp", "as_schedule"]
@@ -49,6 +52,7 @@ class StepPlan:
     weight: float = 1.0
     lr: Optional[float] = None
     agree: bool = False
+    warmup: bool = False    # a warm-up round (WarmUp): update rules keep it a plain average
 
     @property
     def averages(self) -> bool:
@@ -57,6 +61,7 @@ class StepPlan:
 
 NO_ACTION = StepPlan()
 AVERAGE_BEFORE = StepPlan(average_before=True)
+WARMUP_ROUND = StepPlan(average_before=True, warmup=True)
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,24 @@ class Schedule:
     rank = 0
     size = 1
 
+    def __init_subclass__(cls, **kwargs):
+        # Remember the parameters a schedule was built with (its public plain-data attributes
+        # right after __init__), so that the default describe() compares them across ranks
+        # and a subclass that does not override describe() cannot pass the agreement check
+        # with different parameters on different ranks.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kw):
+            init(self, *args, **kw)
+            if type(self).__init__ is __init__:  # the outermost __init__ has finished
+                self._built_with = _plain_attributes(self)
+
+        cls.__init__ = __init__
+
     def bind(self, rank: int, size: int, allgather: Callable[[Any], List[Any]],
              local_size: Optional[int] = None) -> None:
         """Called by the optimizer when it is built (and after an elastic resize): this rank,
@@ -107,8 +130,10 @@ class Schedule:
         return []
 
     def describe(self) -> Dict[str, Any]:
-        """What every rank must agree on (compared across ranks at construction)."""
-        return {"schedule": type(self).__name__}
+        """What every rank must agree on (compared across ranks at construction). By default
+        the class and the parameters it was built with (public attributes holding numbers,
+        strings or lists of them); override it when that is not the right comparison."""
+        return {"schedule": type(self).__name__, **getattr(self, "_built_with", {})}
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -119,10 +144,23 @@ class Schedule:
                              f"checkpoint has {sorted(state)}; it was saved with another schedule")
 
 
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _plain_attributes(obj) -> Dict[str, Any]:
+    out = {}
+    for k, v in vars(obj).items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, _PLAIN):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, _PLAIN) for x in v):
+            out[k] = list(v)
+    return out
+
+
 def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
-    return value
+    return int_at_least(value, 1, what)
 
 
 def _count(state: Dict[str, Any], key: str, minimum: int = 0) -> int:
@@ -167,7 +205,7 @@ class WarmUp(Schedule):
         self.inner.bind(rank, size, allgather, local_size)
 
     def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
-        return AVERAGE_BEFORE if t <= self.steps else self.inner.plan(t, elapsed)
+        return WARMUP_ROUND if t <= self.steps else self.inner.plan(t, elapsed)
 
     def on_round(self, report: RoundReport) -> None:
         if report.t <= self.steps and report.kind == "scheduled":
@@ -234,7 +272,7 @@ class _Sequence:
 
 
 def _is_epoch_length(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return is_int(v) and v >= 1
 
 
 def _is_lr(v) -> bool:
@@ -362,15 +400,18 @@ class Heterogeneous(_Epochs):
     Use :meth:`by_speed` or :meth:`every_seconds` to pick the counts from measured speed.
     """
 
-    mode = "fixed"
+    mode = "fixed"  # the counts are given; by_speed and every_seconds decide them as they go
 
-    def __init__(self, intervals: Sequence[int], weights: str = "uniform"):
+    def __init__(self, intervals: Optional[Sequence[int]], weights: str = "uniform"):
         super().__init__()
-        if isinstance(intervals, (str, bytes)) or not hasattr(intervals, "__len__"):
+        if self.mode != "fixed":  # a subclass measures them (by_speed) or needs none
+            self.intervals: List[int] = []
+        elif isinstance(intervals, (str, bytes)) or not hasattr(intervals, "__len__"):
             raise TypeError(f"Heterogeneous: 'intervals' must be a sequence of ints, one per "
                             f"rank, got {type(intervals).__name__}")
-        self.intervals = [_positive_int(i, "Heterogeneous: each entry of 'intervals'")
-                          for i in intervals]
+        else:
+            self.intervals = [_positive_int(i, "Heterogeneous: each entry of 'intervals'")
+                              for i in intervals]
         if weights not in _WEIGHTS:
             raise ValueError(f"Heterogeneous: 'weights' must be one of {_WEIGHTS}, got {weights!r}")
         self.weights = weights
@@ -397,7 +438,7 @@ class Heterogeneous(_Epochs):
 
     def bind(self, rank, size, allgather, local_size=None) -> None:
         super().bind(rank, size, allgather, local_size)
-        if len(self.intervals) != size:
+        if self.mode == "fixed" and len(self.intervals) != size:
             raise ValueError(f"Heterogeneous: 'intervals' has {len(self.intervals)} entries but "
                              f"the process set has {size} ranks; give one per rank")
 
@@ -425,15 +466,12 @@ class HeterogeneousBySpeed(Heterogeneous):
     mode = "by_speed"
 
     def __init__(self, base_interval: int, calibrate_steps: int, weights: str):
-        super().__init__([], weights)
+        super().__init__(None, weights)
         self.base_interval = _positive_int(base_interval, "Heterogeneous.by_speed: 'base_interval'")
         self.calibrate_steps = _positive_int(calibrate_steps,
                                              "Heterogeneous.by_speed: 'calibrate_steps'")
         self.step_times: List[float] = []  # seconds per step, one entry per calibration epoch
         self.timed_steps = 0
-
-    def bind(self, rank, size, allgather, local_size=None) -> None:
-        Schedule.bind(self, rank, size, allgather, local_size)  # no per-rank list to check yet
 
     def calibrating(self) -> bool:
         return not self.intervals
@@ -496,11 +534,8 @@ class HeterogeneousEverySeconds(Heterogeneous):
     def __init__(self, seconds: float, weights: str):
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
             raise ValueError(f"Heterogeneous.every_seconds: 'seconds' must be > 0, got {seconds!r}")
-        super().__init__([], weights)
+        super().__init__(None, weights)
         self.seconds = float(seconds)
-
-    def bind(self, rank, size, allgather, local_size=None) -> None:
-        Schedule.bind(self, rank, size, allgather, local_size)
 
     def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
         return self._plan(t, elapsed >= self.seconds)
@@ -667,7 +702,7 @@ def as_schedule(interval: Any) -> Schedule:
     """Accept an ``int >= 1`` (shorthand for :class:`FixedInterval`) or a :class:`Schedule`."""
     if isinstance(interval, Schedule):
         return interval
-    if isinstance(interval, int) and not isinstance(interval, bool):
+    if is_int(interval):
         if interval < 1:
             raise ValueError(f"DistributedLocalSGD: 'interval' must be >= 1, got {interval}; "
                              "use interval=1 to average at every step")

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .averaging import Round
+from .schedules import StepPlan
 
 
 class UpdateRule:
@@ -66,7 +67,12 @@ class PlainAverage(UpdateRule):
 class WriteStage:
     """Picks the update rule of each round: the fused one when this step's update follows the
     average and the fused rule can take the round, otherwise the plain average (after which the
-    pipeline runs the optimizer's own update)."""
+    pipeline runs the optimizer's own update).
+
+    ``choose`` sees the round (its identity, its averager's anchor) and the plan that asked for
+    it (``None`` for ``average_now()`` and ``finalize()``'s rounds): a rule that applies only to
+    some rounds -- an outer step on full rounds but not on warm-up (``plan.warmup``) or group
+    rounds (``plan.group``) -- is chosen here, and nowhere else."""
 
     def __init__(self, average: UpdateRule, fused: Optional[UpdateRule] = None):
         self.average, self.fused = average, fused
@@ -75,14 +81,16 @@ class WriteStage:
     def needs_anchor(self) -> bool:
         return any(r is not None and r.needs_anchor for r in (self.average, self.fused))
 
-    def choose(self, rnd: Round, update_follows: bool) -> UpdateRule:
+    def choose(self, rnd: Round, update_follows: bool,
+               plan: Optional[StepPlan] = None) -> UpdateRule:
         if update_follows and self.fused is not None and self.fused.applies(rnd):
             return self.fused
         return self.average
 
-    def write(self, rnd: Round, measured: int, update_follows: bool = False):
+    def write(self, rnd: Round, measured: int, update_follows: bool = False,
+              plan: Optional[StepPlan] = None):
         """Write ``rnd`` back; returns (divergence, whether the update was applied too)."""
-        rule = self.choose(rnd, update_follows)
+        rule = self.choose(rnd, update_follows, plan)
         divergence = rule.write(rnd, measured)
         rnd.accept()
         return divergence, rule.fuses_update

@@ -38,7 +38,8 @@ ALLREDUCE, ALLGATHER = "allreduce", "allgather"
 
 @dataclass
 class Message:
-    """One collective of a round: ``tensor`` moved by ``collective``, named ``<averager>.<name>``."""
+    """One collective of a round: ``tensor`` moved by ``collective``, named
+    ``<averager>.<name>``."""
 
     bucket: int
     tensor: torch.Tensor

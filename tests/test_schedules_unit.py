@@ -188,3 +188,30 @@ def test_time_varying_callables_are_told_apart():
 def test_bad_positions_are_rejected(state):
     with pytest.raises(ValueError, match="schedule state"):
         bound(TimeVarying([2])).load_state_dict(state)
+
+
+def test_a_custom_schedule_without_describe_is_compared_by_its_parameters():
+    """The default describe() carries what the schedule was built with, so ranks that built
+    it with different parameters disagree at construction instead of averaging apart (it
+    used to return the class name only)."""
+    from prsgd_hvd.schedules import Schedule, StepPlan
+
+    class EveryK(Schedule):
+        def __init__(self, k, note="x"):
+            self.k, self.note, self._private = k, note, object()
+
+        def plan(self, t, elapsed=0.0):
+            return StepPlan(average_after=t % self.k == 0)
+
+    class EveryKLater(EveryK):
+        def __init__(self, k):
+            super().__init__(k, note="later")
+            self.offset = 1
+
+    assert EveryK(3).describe() == {"schedule": "EveryK", "k": 3, "note": "x"}
+    assert EveryK(3).describe() != EveryK(4).describe()
+    assert EveryKLater(3).describe() == {"schedule": "EveryKLater", "k": 3, "note": "later",
+                                         "offset": 1}
+    s = EveryK(3)
+    s.bind(1, 2, lambda obj: [obj, obj])  # bound attributes are not parameters
+    assert s.describe() == EveryK(3).describe()

@@ -1,0 +1,35 @@
+"""The ``"local_sgd"`` entry of ``optimizer.state_dict()``: counters and the schedule's position.
+
+Validated whole before anything is applied, so a corrupted or foreign entry changes nothing.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Tuple
+
+from .checks import int_at_least
+from .schedules import Schedule
+
+
+def local_state(local_step: int, rounds: int, warmup_steps: int, world_size: int,
+                schedule: Schedule) -> Dict[str, Any]:
+    return {"local_step": local_step, "rounds": rounds, "warmup_steps": warmup_steps,
+            "world_size": world_size, "schedule": schedule.state_dict()}
+
+
+def validated_counters(local: Any, schedule: Schedule) -> Tuple[int, int]:
+    """Check a saved :func:`local_state` whole, changing nothing; returns its counters."""
+    if not isinstance(local, dict):
+        raise ValueError(f"DistributedLocalSGD: the state's 'local_sgd' entry must be a dict "
+                         f"(from optimizer.state_dict()), got {type(local).__name__}")
+    counters = []
+    for key in ("local_step", "rounds"):
+        if key not in local:
+            raise ValueError(f"DistributedLocalSGD: the state's 'local_sgd' entry has no "
+                             f"'{key}'; it does not come from a DistributedLocalSGD optimizer")
+        counters.append(int_at_least(local[key], 0, f"DistributedLocalSGD: 'local_sgd.{key}'"))
+    if not isinstance(local.get("schedule") or {}, dict):
+        raise ValueError("DistributedLocalSGD: 'local_sgd.schedule' must be a dict")
+    trial = copy.deepcopy(schedule)  # a schedule that rejects the state raises here
+    trial.load_state_dict(local.get("schedule") or {})
+    return counters[0], counters[1]

@@ -1,0 +1,62 @@
+"""``finalize()``: the join protocol, so ranks may stop after different numbers of steps.
+
+A rank that has finished keeps contributing its model to the rounds of the ranks that are still
+training, as ``hvd.join`` does for gradients, until a round in which no rank is (its control
+records say who is active: NOTE: [control records]). Every rank then holds the same average.
+
+How a finished rank knows which round comes next depends on the world, not on the schedule's
+class: with one averager every round is on it, so the rank answers round after round; with
+several (a schedule that also averages within groups of ranks) it cannot tell from a round
+which averager the next one uses, so it walks the steps it no longer takes and answers the
+rounds the plan makes at each -- plans that are a function of the step, the same on every rank.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from .averaging import Averager, PendingRound, Round, RoundId
+from .schedules import RoundReport
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .local_sgd import LocalSGD
+
+
+class JoinProtocol:
+    def __init__(self, engine: "LocalSGD"):
+        self.engine = engine
+
+    def run(self) -> None:
+        e = self.engine
+        pending = e.inflight.release()
+        if pending is not None:
+            # Prestarted for a step this rank will not take; the other ranks may take it, so
+            # join it like any of their rounds.
+            self._join(pending.averager, pending=pending, identity=pending.identity)
+        if len(e.world.averagers) > 1:
+            # A prestarted round belonged to the next step: the walk starts after it.
+            self._follow_the_plan(e.local_step + (2 if pending else 1))
+        else:
+            while self._join(e.world.averager).active_ranks:
+                pass
+
+    def _join(self, averager: Averager, pending: Optional[PendingRound] = None,
+              identity: Optional[RoundId] = None) -> Round:
+        e = self.engine
+        identity = identity or RoundId("join", e.rounds + 1)
+        rnd, _, _ = e.run_round(identity, averager, active=False, pending=pending)
+        if rnd.agree:  # a training rank's schedule agrees after this round: answer it
+            e.planner.on_round(RoundReport(t=e.local_step, kind="join", agree=True))
+        return rnd
+
+    def _follow_the_plan(self, t: int) -> None:
+        """Answer each round the plan makes from step ``t`` on -- the group's and the whole
+        set's -- until a round over the whole set finds no rank still training."""
+        e = self.engine
+        while True:
+            plan = e.planner.plan(t)
+            t += 1
+            if not plan.averages:
+                continue
+            rnd = self._join(e.world.averager_for(plan))
+            if plan.group is None and rnd.active_ranks == 0:
+                return

@@ -1,0 +1,27 @@
+"""``optimizer.stats()``: the counters and what the rounds measured, in one dict."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .local_sgd import LocalSGD
+
+
+def stats(ls: "LocalSGD") -> Dict[str, Any]:
+    total = ls.world.total
+    return {
+        "local_step": ls.local_step,
+        "rounds": ls.rounds,
+        "bytes_sent": total("bytes_sent"),
+        "comm_seconds": total("comm_seconds"),
+        "exposed_comm_seconds": total("wait_seconds"),
+        # ||x_i - x_avg||^2 over the parameters at the last round, measured inside the
+        # write-back pass: the quantity the paper's lemma bounds by 4 gamma^2 I^2 G^2.
+        "divergence": ls.divergence,
+        "fused": ls.write_stage.fused is not None,
+        "overlap": ls.overlap,
+        "compression": ls.config.compression,
+        "excluded": [dict(e) for e in ls.policy.excluded],
+        "schedule": repr(ls.schedule),
+        "world_size": ls.size,
+    }
