@@ -85,7 +85,7 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
                 for p, k in zip(m.parameters(), kept):
                     p.copy_(k)
     groups_at = fixed_interval_groups(spec, n)
-    steps = [steps_for_rank(spec, r, n) for r in range(n)]
+    steps = spec.get("steps_per_rank") or [steps_for_rank(spec, r, n) for r in range(n)]
     traj = [[] for _ in range(n)]
     divergence = [dict() for _ in range(n)]  # step -> ||x_r - avg||^2 at that step's round
     for t in range(1, max(steps) + 1):
