@@ -101,7 +101,10 @@ class LocalSGD:
         hvd = _hvd()
         self.process_set = process_set
         self.rank, self.size = process_set.rank(), process_set.size()
-        self.overlap = self.wants_overlap and self.size > 1
+        # Model buffers (BatchNorm statistics) change in the forward pass of the averaging step
+        # itself, after a prestarted round packed them: such rounds are not started early.
+        self.overlap = self.wants_overlap and self.size > 1 and \
+            not self.contents.buffers(self.contents.params())
         name = self._name or "prsgd_hvd.unnamed"  # named at the first round: _claim_name()
         args = dict(kernels=self.kernels, compression=self.compression,
                     error_feedback=self.error_feedback)

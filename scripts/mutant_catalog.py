@@ -29,8 +29,9 @@ def _traj(scenario: str, np: int = 2) -> str:
     return f"tests/test_trajectories.py::test_trajectory_matches_float64_simulation[{scenario}-{np}]"
 
 
-def _hetero(scenario: str, np: int = 3) -> str:
-    return f"tests/test_trajectories.py::test_heterogeneous_trajectory_matches_float64_simulation[{scenario}-{np}]"
+def _hetero(which: int, np: int = 3) -> str:
+    """Algorithm 3 scenario ``which`` of test_trajectories.HETEROGENEOUS[np]."""
+    return f"tests/test_trajectories.py::test_heterogeneous_trajectory_matches_float64_simulation[{which}-{np}]"
 
 
 MUTANTS = [
@@ -55,7 +56,7 @@ MUTANTS = [
     Mutant("heterogeneous_uses_rank0_interval", "prsgd_hvd/schedules.py",
            "return self._plan(t, self.in_epoch(t) >= self.intervals[self.rank])",
            "return self._plan(t, self.in_epoch(t) >= self.intervals[0])",
-           (_hetero("heterogeneous_uniform"),)),
+           (_hetero(0),)),
     Mutant("hierarchical_smallest_period_wins", "prsgd_hvd/schedules.py",
            "for period, group in reversed(self.levels):",
            "for period, group in self.levels:",
@@ -64,7 +65,7 @@ MUTANTS = [
     Mutant("weight_divisor_is_rank_count", "prsgd_hvd/averaging.py",
            'self.weight_sum = sum(self._field("weight"))',
            'self.weight_sum = float(len(self.records))',
-           (_hetero("heterogeneous_steps_weights_reference_path"),),
+           (_hetero(1),),
            "weighted (Algorithm 3 'steps') averages divided by N instead of the sum of weights"),
     Mutant("momentum_averaged_by_default", "prsgd_hvd/round_contents.py",
            "        if self.average_state:\n            out += self.agree_on_state_entries",
@@ -104,6 +105,16 @@ MUTANTS = [
     Mutant("fused_sgd_first_step_not_initialised", "prsgd_hvd/fused_sgd.py",
            "                    first = True", "                    first = False",
            (_traj("sgd_momentum_i4"),)),
+    Mutant("fused_step_reads_unaveraged_momentum", "prsgd_hvd/fused_sgd.py",
+           "for g, first, last in sorted(runs, key=lambda run: run[0] is not None):",
+           "for g, first, last in runs:",
+           ("tests/test_robustness.py::test_average_state_averages_the_state_every_rank_has",),
+           "average_state=True with fused SGD: the step would use this rank's own momentum"),
+    Mutant("overlap_prestarts_model_buffers", "prsgd_hvd/local_sgd.py",
+           "        self.overlap = self.wants_overlap and self.size > 1 and \\\n",
+           "        self.overlap = self.wants_overlap and self.size > 1 or \\\n",
+           ("tests/test_robustness.py::test_model_buffers_are_averaged_across_ranks",),
+           "BatchNorm statistics of the averaging step's forward pass would be overwritten"),
     # ---- 16-bit deltas ----------------------------------------------------------------------
     Mutant("error_feedback_dropped_in_wiring", "prsgd_hvd/local_sgd.py",
            "error_feedback=self.error_feedback)", "error_feedback=False)",

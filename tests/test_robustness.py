@@ -87,15 +87,9 @@ def test_nonfinite_exclude_every_rank_matches_the_reference(faults, steps, key):
         torch.testing.assert_close(f["exclude"][key], want[r], **TOL, msg=lambda m: f"rank {r}: {m}")
 
 
-FUSED_STATE_BUG = (
-    "prsgd_hvd bug: with average_state=True the fused SGD write-back (prsgd_hvd/fused_sgd.py) "
-    "steps each parameter with this rank's own, un-averaged momentum buffer, then the round's "
-    "state segment overwrites that buffer with the mean of the pre-update buffers, dropping the "
-    "step's gradient from it; fused=False averages first, then steps (matches the reference)")
-
-
-@pytest.mark.parametrize("fused", [
-    pytest.param(None, marks=pytest.mark.xfail(strict=True, reason=FUSED_STATE_BUG)), False])
+# fused=None takes the fused average+SGD pass, which must average the momentum before the step
+# reads it; False is the unfused path.
+@pytest.mark.parametrize("fused", [None, False])
 def test_average_state_averages_the_state_every_rank_has(faults, fused):
     """Rounds at steps 2 and 4, then average_now() after step 5. Momentum is averaged with the
     parameters, before this step's update -- the mean of the ranks' own buffers, not a sum and
@@ -121,16 +115,9 @@ def test_average_state_averages_the_state_every_rank_has(faults, fused):
     assert all(s["rounds"] == 3 for s in states)
 
 
-OVERLAP_BUFFERS_BUG = (
-    "prsgd_hvd bug: with overlap (the default) a round is packed at the end of the previous "
-    "step, but BatchNorm updates its running statistics in the forward pass of the averaging "
-    "step itself; the write-back then overwrites them with the average of the older values, so "
-    "every round discards one forward's update of the statistics on every rank (overlap=False "
-    "packs after the forward and matches the reference)")
-
-
-@pytest.mark.parametrize("overlap", [
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=OVERLAP_BUFFERS_BUG)), False])
+# overlap=True must not prestart rounds that carry model buffers: BatchNorm changes them in the
+# averaging step's own forward pass.
+@pytest.mark.parametrize("overlap", [True, False])
 def test_model_buffers_are_averaged_across_ranks(faults, overlap):
     """BatchNorm running statistics (model=) against the float64 run that averages them, with
     the parameters, at every round (after that step's forward pass) and at finalize(); the
