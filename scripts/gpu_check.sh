@@ -173,7 +173,7 @@ if [[ "$MODE" == dry ]]; then  # the same code paths on the CPU, tiny sizes
     --exercise-configs --part kernels --calls 1 --rounds 2 --models resnet50,flat1g_300
 else
   CAP=200 step "bench_gpu_round --part kernels" bash -o pipefail -c \
-    "'$PY' benchmarks/bench_gpu_round.py --part kernels --json '$OUT_DIR/bench_gpu_round.json' > '$OUT_DIR/bench_gpu_round.txt' 2>&1"
+    "'$PY' benchmarks/bench_gpu_round.py --part kernels --json '$OUT_DIR/bench_gpu_round.json' 2>&1 | tee '$OUT_DIR/bench_gpu_round.txt'"
 fi
 
 # ---- 3. where the time goes: ncu on a few launches, torch.profiler otherwise -----------------
@@ -280,7 +280,7 @@ if [[ "$MODE" == dry ]]; then
   fi
 elif have_horovod; then
   CAP=120 step "bench_gpu_round --part e2e (1 rank)" bash -o pipefail -c \
-    "'$PY' benchmarks/bench_gpu_round.py --part e2e > '$OUT_DIR/e2e.txt' 2>&1"
+    "'$PY' benchmarks/bench_gpu_round.py --part e2e 2>&1 | tee '$OUT_DIR/e2e.txt'"
 else
   skip "bench_gpu_round --part e2e" "horovod.torch does not import"
 fi
