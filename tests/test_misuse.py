@@ -137,7 +137,7 @@ def test_lbfgs_takes_its_closure_and_ends_averaged(local):
                 loss = loss_fn(models[r], 0, r, t, dtype=torch.float64)
                 loss.backward()
                 return loss
-            losses[r].append(float(opts[r].step(closure)))
+            losses[r].append(float(opts[r].step(closure).detach()))
         want = simulate_rounds(models, opts, lambda r, t: None, [stop] * 2,
                                [[2, 4][:stop // 2]] * 2, update=update, finalize=stop == 4)
         for r, res in enumerate((a, b)):
