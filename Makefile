@@ -6,7 +6,7 @@ HVDRUN  := PATH=$(CURDIR)/$(VENV)/bin:$$PATH horovodrun -np $(NP) -H localhost:$
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo check-cuda check-cmake bench bench-e2e reproduce clean gpu-check gpu-check-prepare
-.PHONY: setup-cluster bench-cluster demo-cluster
+.PHONY: setup-cluster bench-cluster demo-cluster mutants
 
 setup:
 	bash scripts/setup_env.sh
@@ -16,6 +16,13 @@ test: setup setup-cluster
 
 demo: setup
 	$(HVDRUN) $(PY) examples/quickstart.py
+
+# Named mutants (scripts/mutant_catalog.py): plausible one-line bugs the tests must kill. Minutes;
+# run before every submission. MUTANTS="name ..." runs some; the report goes to build/.
+MUTANTS ?=
+mutants: setup
+	mkdir -p build
+	$(PY) scripts/mutants.py --report build/mutants_report.md $(MUTANTS)
 
 # The CUDA kernels compile with nvcc here even where nothing CUDA can run.
 check-cuda:

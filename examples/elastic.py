@@ -31,8 +31,9 @@ def main():
                     help="hvd.elastic.LocalSGDState, or Horovod's own hvd.elastic.TorchState "
                          "(which handles a wrapped optimizer once prsgd_hvd is imported)")
     ap.add_argument("--out", default=None,
-                    help="each worker writes OUT/<hostname>.rank (its rank, at every (re)start) "
-                         "and saves its host, counters and final model to OUT/rank{r}.pt")
+                    help="each worker writes OUT/<hostname>.rank (its rank, at every (re)start), "
+                         "saves what it (re)starts from to OUT/start-<host>-<pid>-<n>.pt and its "
+                         "host, counters and final model to OUT/rank{r}.pt")
     args = ap.parse_args()
 
     hvd.init()
@@ -43,6 +44,7 @@ def main():
                                   interval=args.interval)
     state_class = hvd.elastic.LocalSGDState if args.state == "localsgd" else hvd.elastic.TorchState
     state = state_class(model, opt, step=0)
+    starts = []
 
     @hvd.elastic.run
     def train(state):
@@ -50,6 +52,14 @@ def main():
         if args.out:  # which rank each host's worker has now (elastic ranks need not follow hosts)
             with open(os.path.join(args.out, f"{socket.gethostname()}.rank"), "w") as f:
                 f.write(str(hvd.rank()))
+            # What this worker (re)starts from, for tests that hold each phase to a reference.
+            starts.append(state.step)
+            torch.save({"host": socket.gethostname(), "pid": os.getpid(), "rank": hvd.rank(),
+                        "size": hvd.size(), "step": state.step, "local_step": opt.local_step,
+                        "params": [p.detach().clone() for p in model.parameters()],
+                        "momentum": [opt.state[p].get("momentum_buffer") for p in model.parameters()]},
+                       os.path.join(args.out, f"start-{socket.gethostname()}-{os.getpid()}-"
+                                              f"{len(starts)}.pt"))
         while state.step < args.steps:
             g = torch.Generator().manual_seed(1000 * hvd.rank() + state.step)
             x = torch.randn(32, 16, generator=g)

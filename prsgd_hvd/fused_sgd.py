@@ -74,7 +74,10 @@ class FusedAverageSgd(UpdateRule):
         divergence = 0.0
         for b, runs in zip(rnd.buckets, self.runs(rnd.layout)):
             acc = torch.zeros(1, dtype=torch.float64, device=b.device)
-            for g, first, last in runs:
+            # Tensors that are not parameters first: with average_state=True they hold the
+            # momentum buffers, which must be averaged before the step reads them (the order
+            # of "average, then this step's update" that the unfused path has).
+            for g, first, last in sorted(runs, key=lambda run: run[0] is not None):
                 flat, tensors = b.segment(first, last), b.tensors[first:last]
                 if g is None:
                     ops.unflatten_average_(flat, tensors, scale=rnd.scale, align=ALIGN)

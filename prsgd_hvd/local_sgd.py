@@ -60,6 +60,7 @@ class LocalSGD:
                                        self.description, lambda: self.local_step)
         self.inflight = self.round_stage.inflight
         self.wrapper = WrapperState(global_rank=self.world.global_rank())
+        self.overlap = self._prestarts()
         # Counters (in state_dict) and what stats() reports.
         self.local_step = 0
         self.rounds = 0
@@ -76,9 +77,12 @@ class LocalSGD:
     def collectives(self):
         return self.world.collectives
 
-    @property
-    def overlap(self) -> bool:
-        return self.config.overlap and self.world.size > 1
+    def _prestarts(self) -> bool:
+        """Whether rounds start early (NOTE: [overlap]). Model buffers (BatchNorm statistics)
+        change in the forward pass of the averaging step itself, after a prestarted round
+        packed them: such rounds are not started early."""
+        return self.config.overlap and self.world.size > 1 and \
+            not self.contents.buffers(self.contents.params())
 
     def _describe_params(self):
         return agreement.describe_tensors(self.contents.params(), self.config.names, "param")
@@ -88,6 +92,7 @@ class LocalSGD:
         Horovod; the world binds to the new one."""
         self.inflight.forget()
         self.world.rebind()
+        self.overlap = self._prestarts()
 
     def check_ranks_agree(self) -> None:
         agreement.check_ranks_agree(self.description(), self.world.process_set)

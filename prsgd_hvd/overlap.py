@@ -5,7 +5,9 @@ Algorithm 1 averages x^{t-1}, which is final as soon as step t-1 returns. So whe
 average before its update, step t-1 ends by packing the parameters and starting the allreduce;
 step t's forward and backward run while Horovod's background thread moves the bytes, and step
 t only waits for what is left. The packed copy is a snapshot: code that changes the parameters
-between step() calls (other than through this optimizer) must pass overlap=False.
+between step() calls (other than through this optimizer) must pass overlap=False. Model buffers
+(``model=``) are such state: BatchNorm updates its statistics in step t's own forward pass, so
+an optimizer that averages buffers does not prestart (prsgd_hvd.local_sgd).
 
 A round is held here under the key of the step it was started for. Step t takes it only when
 its own plan asks for the same round (same step, group, weight); anything else -- the schedule

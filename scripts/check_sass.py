@@ -3,17 +3,21 @@
 
     python scripts/check_sass.py kernels.cubin    (cuobjdump, nvdisasm and c++filt on PATH)
 
-For every instantiation of multi_segment_kernel<Functor>:
+For every instantiation of multi_segment_kernel<Functor, U>:
   - vector loops: at least as many 128-bit global stores (STG.E.128) as 16-byte words the
-    functor's vector loop writes per iteration (flatten: the flat words; average: the param
-    words; SGD: param and momentum-buffer words), and as many 128-bit global loads as it reads
-    (NOTE: [Vector access] in kernels.cu);
+    functor's vector loops write (flatten: the flat words; average: the param words; SGD: param
+    and momentum-buffer words), and as many 128-bit global loads as they read (NOTE: [Vector
+    access] in kernels.cu): per vector step, times U + 1 when U > 1 (the unrolled loop of U
+    steps and the single-step loop after it, NOTE: [Unroll]);
+  - U is the functor's own count (unroll_for in kernels.cu, recomputed here) except for the
+    benchmark-only instantiations of the fp32 kernels (NOTE: [Launch configuration] in
+    multi_segment.h): no other functor may have them;
   - no generic LD/ST: every access names the global space;
   - same-dtype flatten is a bit copy: no conversion instructions;
   - registers: no stack frame (no spills), and the resident blocks of 256 threads per SM that
     the register count allows on sm_90 (64K registers, 256-register warp granularity, 2048
-    threads) are at least 4; the table printed shows which kernels take fewer than 8, i.e.
-    where the occupancy-sized grid (NOTE: [Grid size]) differs from the old fixed 8.
+    threads) are at least 4 for the default instantiations, at least 2 for the benchmark-only
+    ones; the table printed shows each kernel's registers and resident blocks.
 Exits 1 with the failing kernels listed.
 """
 from __future__ import annotations
@@ -33,6 +37,13 @@ def vec_width(t):  # kVecWidth in kernels.cu: 16 bytes, at least 4 elements
 
 def words(t, ilp):
     return ilp * SIZES[t] // 16
+
+
+WORD_BUDGET = 12  # kWordBudget in kernels.cu
+
+
+def unroll_for(words_per_step):  # unroll_for in kernels.cu
+    return 4 if words_per_step * 4 <= WORD_BUDGET else 2 if words_per_step * 2 <= WORD_BUDGET else 1
 
 
 def blocks_per_sm(regs):
@@ -79,8 +90,8 @@ def main(cubin):
         rows.append((short, regs, stack, bps, ops.count("STG.E.128"), ops.count("LDG.E.128")))
         if stack:
             failures.append(f"{short}: {stack} bytes of stack (spills)")
-        if bps < MIN_BLOCKS_PER_SM:
-            failures.append(f"{short}: {regs} registers leave {bps} blocks of {BLOCK} per SM")
+        mu = re.search(r"Functor<[^<>]*>, (\d+)>", name)
+        unroll = int(mu.group(1)) if mu else 1
         generic = sorted({o for o in ops if o.startswith(("LD.", "ST."))})
         if generic:
             failures.append(f"{short}: generic memory accesses {generic}")
@@ -89,17 +100,32 @@ def main(cubin):
             src, dst = m.group(1).strip(), m.group(2).strip()
             ilp = max(vec_width(src), vec_width(dst))
             need_st, need_ld = words(dst, ilp), words(src, ilp)
+            own = unroll_for(need_st + need_ld)
+            tunable = src == dst == "float"
             if src == dst and re.search(r"\bF2F|\bF2FP|\bHADD2\.F32|\bPRMT\b.*0x7632", text):
                 failures.append(f"{short}: same-dtype flatten converts (expected a bit copy)")
         else:
             m = re.search(r"AverageFunctor<([\w ]+), ([\w ]+), (true|false), (true|false)>", name)
             if not m:
+                if bps < MIN_BLOCKS_PER_SM:
+                    failures.append(f"{short}: {regs} registers leave {bps} blocks per SM")
                 continue  # add_block_sums_kernel: one block, no vector loop
             flat, param, sgd = m.group(1).strip(), m.group(2).strip(), m.group(3) == "true"
             div = m.group(4) == "true"
             ilp = max(vec_width(flat), vec_width(param))
             need_st = words(param, ilp) * (2 if sgd else 1)
             need_ld = words(flat, ilp) + words(param, ilp) * ((2 if sgd else 0) + (1 if div else 0))
+            own = unroll_for(words(flat, ilp) + words(param, ilp) * (1 + div + 3 * sgd))
+            tunable = flat == param == "float"
+        default = unroll == own
+        if not default and not tunable:
+            failures.append(f"{short}: unroll {unroll}, but this kernel's own count is {own} and "
+                            "only the fp32 kernels have benchmark-only counts")
+        min_blocks = MIN_BLOCKS_PER_SM if default else 2
+        if bps < min_blocks:
+            failures.append(f"{short}: {regs} registers leave {bps} blocks of {BLOCK} per SM")
+        if unroll > 1:
+            need_st, need_ld = need_st * (unroll + 1), need_ld * (unroll + 1)
         if ops.count("STG.E.128") < need_st:
             failures.append(f"{short}: {ops.count('STG.E.128')} STG.E.128, the vector loop stores "
                             f"{need_st} words")
@@ -110,8 +136,8 @@ def main(cubin):
     for r in sorted(rows):
         print(f"{r[0]:<60} {r[1]:>4} {r[2]:>5} {r[3]:>9} {r[4]:>7} {r[5]:>7}")
     print(f"check_sass: {len(rows)} kernels; {sum(1 for r in rows if r[3] < 8)} take fewer than "
-          f"8 blocks of {BLOCK} per SM (grid sized by occupancy)")
-    if len(rows) < 30:
+          f"8 blocks of {BLOCK} per SM")
+    if len(rows) < 40:
         failures.append(f"only {len(rows)} kernels found in {cubin}")
     if failures:
         print("check_sass: FAILED\n  " + "\n  ".join(failures), file=sys.stderr)

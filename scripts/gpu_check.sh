@@ -8,22 +8,27 @@
 #   scripts/gpu_check.sh             on the GPU machine (a CUDA torch, nvcc, cmake, ninja,
 #                                    pytest; no network), within $GPU_CHECK_BUDGET seconds
 #                                    (default 480; a step that would start too late is
-#                                    skipped, one that runs past the budget is killed):
-#     1. Horovod 0.28.1 from the carried sdist with the C++17 patch of scripts/setup_env.sh,
-#        NCCL GPU operations where NCCL's headers and library are found and the machine has
-#        two GPUs (NCCL refuses two ranks on one GPU), else Gloo (CUDA tensors staged through
-#        host memory); installed --user unless a venv is active (skipped when
-#        `import horovod.torch` already works; prsgd_hvd imports it, so it comes first);
-#     2. the extension for the local GPU (TORCH_CUDA_ARCH_LIST = its compute capability),
+#                                    skipped, one that runs past its cap or the budget is
+#                                    killed), the most valuable first:
+#     1. the extension for the local GPU (TORCH_CUDA_ARCH_LIST = its compute capability),
 #        built in place with setup.py;
-#     3. the CUDA variants of tests/test_ops.py, the stream-race and graph-capture tests;
-#     4. benchmarks/bench_kernels.py --device cuda (table in $OUT_DIR/bench_kernels_cuda.txt);
-#     5. the trajectory scenarios of tests/test_trajectories.py with the model on the GPU,
+#     2. benchmarks/bench_gpu_round.py --part kernels: CUDA events and graph replay of pack,
+#        average, average+step (+divergence) and the round, padded and packed, ResNet-50 and
+#        1 GiB models, the launch-configuration sweep, the copy_ ceiling of the same run;
+#     3. ncu --clock-control none on a few launches of the pack and avg+step kernels
+#        (bench_gpu_round.py --part profile), torch.profiler if ncu is missing or fails;
+#     4. Horovod 0.28.1 from the carried sdist with the C++17 patch of scripts/setup_env.sh
+#        (Gloo; NCCL where two GPUs and NCCL are found), --user unless a venv is active
+#        (skipped when `import horovod.torch` already works);
+#     5. bench_gpu_round.py --part e2e: a 1-rank ResNet-50-sized step, DistributedLocalSGD(I=1)
+#        against torch.optim.SGD(fused=True) and (foreach=True);
+#     6. the CUDA variants of tests/test_ops.py (launch configurations, stream race, graphs);
+#     7. compute-sanitizer memcheck and racecheck on a subset of the op tests;
+#     8. the trajectory scenarios of tests/test_trajectories.py with the model on the GPU,
 #        2 ranks under horovodrun, against the float64 reference;
-#     6. horovodrun -np 2 of examples/quickstart.py (which trains on the CPU: it checks this
-#        Horovod build and the package end to end);
-#     7. compute-sanitizer memcheck and racecheck on a subset of the op tests (last: slow).
-#   and prints one summary (PASS / FAIL / SKIP with the reason per step); exit 1 if any failed.
+#     9. horovodrun -np 2 of examples/quickstart.py, if time is left;
+#   and prints one short summary last (steps, then the figures), full logs and figures under
+#   the output directory; exit 1 if any step failed.
 #   scripts/gpu_check.sh --dry-run   the same script where there is no GPU: runs what does not
 #                                    need one (carried files present, the Horovod patch
 #                                    applies, tools found) and marks the rest SKIP.
@@ -89,11 +94,13 @@ run_limited() {
 }
 
 # step NAME COMMAND...: runs it with output to the log (and the tail on failure), records a line;
-# skipped when less than 30 s of the budget is left, limited to what is left.
+# skipped when less than 30 s of the budget is left, limited to what is left and to $CAP seconds
+# when CAP is set (CAP=90 step ...).
 step() {
   local name=$1; shift
   local t=$SECONDS left=$((BUDGET - (SECONDS - T0) - 10))
   if (( left < 30 )); then skip "$name" "out of time (budget $BUDGET s)"; return; fi
+  if [[ -n "${CAP:-}" ]] && (( CAP < left )); then left=$CAP; fi
   echo "== $name: $*" | tee -a "$LOG"
   if run_limited "$left" "$@" >>"$LOG" 2>&1; then
     SUMMARY+=("PASS  $name ($((SECONDS - t)) s)")
@@ -101,7 +108,7 @@ step() {
     local rc=$?
     SUMMARY+=("FAIL  $name (exit $rc, $((SECONDS - t)) s; see $LOG)")
     FAILED=1
-    tail -n 40 "$LOG"
+    tail -n 25 "$LOG"
   fi
 }
 skip() { SUMMARY+=("SKIP  $1: $2"); echo "== $1: skipped: $2" | tee -a "$LOG"; }
@@ -109,10 +116,13 @@ skip() { SUMMARY+=("SKIP  $1: $2"); echo "== $1: skipped: $2" | tee -a "$LOG"; }
 summary() {
   echo
   echo "================ gpu_check summary ($((SECONDS - T0)) s, mode $MODE) ================"
-  echo "machine: ${GPU_NAME:-no GPU}; torch ${TORCH_VERSION:-?}; CUDA ${TORCH_CUDA:-?}"
+  echo "machine: ${GPU_NAME:-no GPU}; torch ${TORCH_VERSION:-?}; CUDA ${TORCH_CUDA:-?}; ${GPU_STATE:-}"
   printf '%s\n' "${SUMMARY[@]}"
-  [[ -f "$OUT_DIR/bench_kernels_cuda.txt" ]] && { echo "-- bench_kernels --device cuda:"; cat "$OUT_DIR/bench_kernels_cuda.txt"; }
-  echo "log: $LOG"
+  local f
+  for f in bench_gpu_round.txt ncu_summary.txt e2e.txt; do
+    [[ -f "$OUT_DIR/$f" ]] && { echo "-- $f:"; sed -n '/^SUMMARY/,$p' "$OUT_DIR/$f" | cut -c1-160 | head -n 70; }
+  done
+  echo "logs and figures: $OUT_DIR ($(ls "$OUT_DIR" | tr '\n' ' '))"
   exit $FAILED
 }
 
@@ -135,7 +145,78 @@ CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc |
 export CUDA_HOME
 
 
-# ---- 1. Horovod (the package imports it) ---------------------------------------------------
+GPU_STATE=""
+if [[ "$MODE" == run ]] && command -v nvidia-smi >/dev/null; then
+  nvidia-smi >>"$LOG" 2>&1
+  GPU_STATE=$(nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
+    --format=csv,noheader 2>/dev/null | head -n1 | sed 's/^/SM, max SM, mem clock, temp, power: /')
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PRSGD_REQUIRE_EXTENSION=1 PYTHONUNBUFFERED=1
+BENCH=("$PY" benchmarks/bench_gpu_round.py)
+
+# ---- 1. the extension for this GPU ----------------------------------------------------------
+build_ext() {
+  rm -f prsgd_hvd/_C*.so
+  # (Horovod is built later: bench_gpu_round.py loads the kernels without it.)
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$GPU_CC" MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace &&
+    "$PY" benchmarks/bench_gpu_round.py --part check
+}
+if [[ "$MODE" == dry ]]; then
+  skip "build the extension for the local GPU" "no GPU (dry run)"
+else
+  CAP=240 step "build the extension (TORCH_CUDA_ARCH_LIST=$GPU_CC)" build_ext
+fi
+
+# ---- 2. the kernels timed: events, graphs, launch configurations -----------------------------
+if [[ "$MODE" == dry ]]; then  # the same code paths on the CPU, tiny sizes
+  step "bench_gpu_round --part kernels (CPU code path, --small)" "${BENCH[@]}" --device cpu --small \
+    --exercise-configs --part kernels --calls 1 --rounds 2 --models resnet50,flat1g_300
+else
+  CAP=200 step "bench_gpu_round --part kernels" bash -o pipefail -c \
+    "'$PY' benchmarks/bench_gpu_round.py --part kernels --json '$OUT_DIR/bench_gpu_round.json' 2>&1 | tee '$OUT_DIR/bench_gpu_round.txt'"
+fi
+
+# ---- 3. where the time goes: ncu on a few launches, torch.profiler otherwise -----------------
+NCU=""
+for c in "$(command -v ncu || true)" "$CUDA_HOME/bin/ncu" /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu; do
+  [[ -n "$c" && -x "$c" ]] && { NCU="$c"; break; }
+done
+profile_ncu() {
+  local rep="${TMPDIR:-/tmp}/prsgd_ncu_$$"
+  "$NCU" --clock-control none --target-processes all --kernel-name regex:multi_segment_kernel \
+    --launch-count 5 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --metrics dram__bytes_read.sum,dram__bytes_write.sum -f -o "$rep" \
+    "$PY" benchmarks/bench_gpu_round.py --part profile --models resnet50 || return 1
+  "$NCU" --import "$rep.ncu-rep" --page details > "$OUT_DIR/ncu_details.txt" || return 1
+  rm -f "$rep.ncu-rep"
+  "$PY" benchmarks/bench_gpu_round.py --part ncu-summary --input "$OUT_DIR/ncu_details.txt" \
+    > "$OUT_DIR/ncu_summary.txt" && cat "$OUT_DIR/ncu_summary.txt" &&
+    grep -q "msk<" "$OUT_DIR/ncu_summary.txt"
+}
+profile_torch() {
+  "$PY" benchmarks/bench_gpu_round.py --part profile --torch-profiler --models resnet50 --rounds 5 \
+    > "$OUT_DIR/torch_profile.txt" 2>&1 && { echo "SUMMARY torch.profiler (ncu failed or missing)";
+    grep -E "Name|multi_segment|add_block|Self CPU time total|Self CUDA time total" "$OUT_DIR/torch_profile.txt" | cut -c1-200; } \
+    > "$OUT_DIR/ncu_summary.txt"
+}
+if [[ "$MODE" == dry ]]; then
+  step "ncu summary parser (sample report)" bash -c "printf '%s\n' \
+'  void multi_segment_kernel<FlattenFunctor<float, float>, 4>(const Segment *) (3580, 1, 1)x(256, 1, 1), Context 1, Stream 7, Device 0, CC 9.0' \
+'    DRAM Throughput                   %        89.43' '    Duration                         us        55.23' \
+'    dram__bytes_read.sum            Mbyte       102.23' > '$OUT_DIR/ncu_sample.txt' && \
+'$PY' benchmarks/bench_gpu_round.py --part ncu-summary --input '$OUT_DIR/ncu_sample.txt' | grep -q '55.2' && rm '$OUT_DIR/ncu_sample.txt'"
+  step "profile part (CPU code path)" "${BENCH[@]}" --device cpu --small --exercise-configs --part profile --models resnet50
+  skip "ncu" "no GPU (dry run); found: ${NCU:-none}"
+elif [[ -n "$NCU" ]]; then
+  CAP=150 step "ncu --clock-control none (5 launches, ResNet-50)" profile_ncu
+  if [[ "${SUMMARY[-1]}" == FAIL* ]]; then
+    CAP=90 step "torch.profiler (fallback for ncu)" profile_torch
+  fi
+else
+  CAP=90 step "torch.profiler (ncu not found)" profile_torch
+fi
+
+# ---- 4. Horovod (for the e2e step and the trajectories) ------------------------------------
 have_horovod() { "$PY" -c "import horovod.torch" >/dev/null 2>&1; }
 NCCL_HOME=""
 find_nccl() {  # NCCL from the nvidia-nccl wheel torch depends on, or the system
@@ -187,24 +268,24 @@ PIP_USER=""  # --user outside a virtual environment (the GPU machine's system Py
 if have_horovod && [[ "$MODE" == run ]]; then
   skip "horovod build" "horovod.torch already imports"
 else
-  step "horovod $HOROVOD_VERSION from the carried sdist" build_horovod
+  CAP=200 step "horovod $HOROVOD_VERSION from the carried sdist" build_horovod
 fi
 
-# ---- 2. the extension for this GPU ----------------------------------------------------------
-build_ext() {
-  rm -f prsgd_hvd/_C*.so
-  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$GPU_CC" MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace &&
-    "$PY" -c "import prsgd_hvd.ops as o, torch; assert o.has_extension(), o.extension_error(); \
-x = torch.ones(3, device='cuda'); assert torch.equal(o.flatten([x]), x); print('CUDA kernels load and run')"
-}
+# ---- 5. the 1-rank training step end to end --------------------------------------------------
 if [[ "$MODE" == dry ]]; then
-  skip "build the extension for the local GPU" "no GPU (dry run)"
+  if have_horovod; then
+    step "e2e part (CPU code path)" "${BENCH[@]}" --device cpu --small --part e2e --calls 2 --rounds 2
+  else
+    skip "e2e part (CPU code path)" "horovod.torch does not import here"
+  fi
+elif have_horovod; then
+  CAP=120 step "bench_gpu_round --part e2e (1 rank)" bash -o pipefail -c \
+    "'$PY' benchmarks/bench_gpu_round.py --part e2e 2>&1 | tee '$OUT_DIR/e2e.txt'"
 else
-  step "build the extension (TORCH_CUDA_ARCH_LIST=$GPU_CC)" build_ext
+  skip "bench_gpu_round --part e2e" "horovod.torch does not import"
 fi
 
-# ---- 3-4. CUDA op tests, benchmark ---------------------------------------------------------
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PRSGD_REQUIRE_EXTENSION=1
+# ---- 6. CUDA op tests -------------------------------------------------------------------------
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 CUDA_TESTS="cuda or stream or graph"
 SANITIZER=""
@@ -220,25 +301,41 @@ collect_cuda_tests() {  # the selection below must find the CUDA tests (they ski
 if [[ "$MODE" == dry ]]; then
   step "CUDA op tests are selected (collect only)" collect_cuda_tests
   skip "CUDA op tests" "no GPU (dry run)"
-  skip "bench_kernels --device cuda" "no GPU (dry run)"
 else
-  step "CUDA op tests, stream race, graph capture" "${PYTEST[@]}" tests/test_ops.py -k "$CUDA_TESTS" -ra
-  step "bench_kernels --device cuda" bash -o pipefail -c "'$PY' benchmarks/bench_kernels.py --device cuda --repeats 50 | tee '$OUT_DIR/bench_kernels_cuda.txt'"
+  CAP=180 step "CUDA op tests, launch configurations, stream race, graph capture" \
+    "${PYTEST[@]}" tests/test_ops.py -k "$CUDA_TESTS" -ra
 fi
 
-# ---- 5. the trajectories with the model on the GPU -------------------------------------------
+# ---- 7. compute-sanitizer (it slows kernels 10-100x: a subset) ---------------------------------
+SAN_MEMCHECK="cuda and (test_flatten_padded or test_unflatten_padded or big_and_many or mixed_dtypes or launch_configs)"
+SAN_RACECHECK="cuda and (test_divergence or launch_configs)"
+if [[ "$MODE" == dry ]]; then
+  step "sanitizer test selections are not empty (collect only)" bash -c \
+    "'$PY' -m pytest -q -p no:cacheprovider --collect-only tests/test_ops.py -k '$SAN_MEMCHECK' | grep -q '::' && \
+     '$PY' -m pytest -q -p no:cacheprovider --collect-only tests/test_ops.py -k '$SAN_RACECHECK' | grep -q '::'"
+  skip "compute-sanitizer" "no GPU (dry run); found: ${SANITIZER:-none}"
+elif [[ -z "$SANITIZER" ]]; then
+  skip "compute-sanitizer" "not found under $CUDA_HOME"
+else
+  CAP=120 step "compute-sanitizer memcheck" "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no \
+    "${PYTEST[@]}" tests/test_ops.py -k "$SAN_MEMCHECK"
+  CAP=90 step "compute-sanitizer racecheck" "$SANITIZER" --tool racecheck --error-exitcode 1 \
+    "${PYTEST[@]}" tests/test_ops.py -k "$SAN_RACECHECK"
+fi
+
+# ---- 8. the trajectories with the model on the GPU -------------------------------------------
 if [[ "$MODE" == dry ]]; then
   skip "CUDA trajectories under horovodrun" "no GPU (dry run)"
 elif have_horovod; then
-  step "CUDA trajectories, 2 ranks under horovodrun" env PATH="$(dirname "$PY"):$HOME/.local/bin:$PATH" \
+  CAP=150 step "CUDA trajectories, 2 ranks under horovodrun" env PATH="$(dirname "$PY"):$HOME/.local/bin:$PATH" \
     "${PYTEST[@]}" tests/test_trajectories.py -k cuda -ra
 else
   skip "CUDA trajectories under horovodrun" "horovod.torch does not import"
 fi
 
-# ---- 6. a two-process Horovod job ------------------------------------------------------------
-# The quickstart trains on the CPU (it has no device option): this checks Horovod as built here
-# and the package end to end, not the CUDA kernels (steps 3-5 do).
+# ---- 9. a two-process Horovod job, if time is left ---------------------------------------------
+# The quickstart trains on the CPU (it has no device option): it checks Horovod as built here and
+# the package end to end, not the CUDA kernels.
 run_quickstart() {
   "$PY" -c "import horovod.torch as h; print('horovod NCCL built:', h.nccl_built())"
   PATH="$(dirname "$PY"):$HOME/.local/bin:$PATH" horovodrun -np 2 -H localhost:2 --gloo \
@@ -246,19 +343,9 @@ run_quickstart() {
 }
 if [[ "$MODE" == dry ]]; then
   skip "horovodrun -np 2 quickstart" "no GPU (dry run)"
+elif (( BUDGET - (SECONDS - T0) < 90 )); then
+  skip "horovodrun -np 2 quickstart" "less than 90 s of the budget left"
 else
-  step "horovodrun -np 2 examples/quickstart.py" run_quickstart
-fi
-
-# ---- 7. compute-sanitizer (last: it slows kernels 10-100x) ----------------------------------
-if [[ "$MODE" == dry ]]; then
-  skip "compute-sanitizer" "no GPU (dry run); found: ${SANITIZER:-none}"
-elif [[ -z "$SANITIZER" ]]; then
-  skip "compute-sanitizer" "not found under $CUDA_HOME"
-else
-  step "compute-sanitizer memcheck" "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no \
-    "${PYTEST[@]}" tests/test_ops.py -k "cuda and (test_flatten_padded or test_unflatten_average or test_unflatten_padded or big_and_many or mixed_dtypes) and not sgd-"
-  step "compute-sanitizer racecheck" "$SANITIZER" --tool racecheck --error-exitcode 1 \
-    "${PYTEST[@]}" tests/test_ops.py -k "cuda and (test_divergence or test_unflatten_padded)"
+  CAP=80 step "horovodrun -np 2 examples/quickstart.py" run_quickstart
 fi
 summary

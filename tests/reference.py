@@ -85,7 +85,7 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
                 for p, k in zip(m.parameters(), kept):
                     p.copy_(k)
     groups_at = fixed_interval_groups(spec, n)
-    steps = [steps_for_rank(spec, r, n) for r in range(n)]
+    steps = spec.get("steps_per_rank") or [steps_for_rank(spec, r, n) for r in range(n)]
     traj = [[] for _ in range(n)]
     divergence = [dict() for _ in range(n)]  # step -> ||x_r - avg||^2 at that step's round
     for t in range(1, max(steps) + 1):
@@ -108,6 +108,106 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
     if spec.get("finalize"):
         _average_groups_(models, spec.get("process_set_groups", [list(range(n))]))
     return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models], divergence
+
+
+def _state_entries(opt, p):
+    """Optimizer-state tensors shaped like ``p`` (what average_state=True averages)."""
+    st = opt.state.get(p, {})
+    return {k for k, v in st.items() if torch.is_tensor(v) and v.is_floating_point()
+            and v.shape == p.shape}
+
+
+def _average_round_(models, opts, contributors, average_state):
+    """One round: the mean over ``contributors`` of every parameter, floating buffer and (with
+    average_state) state entry that EVERY rank has -- the others stay local -- written to all."""
+    with torch.no_grad():
+        tensors = [list(ts) for ts in zip(*(m.parameters() for m in models))]
+        tensors += [list(bs) for bs in zip(*(m.buffers() for m in models))
+                    if bs[0].is_floating_point()]
+        if average_state:
+            for ps in zip(*(m.parameters() for m in models)):
+                common = set.intersection(*(_state_entries(o, p) for o, p in zip(opts, ps)))
+                tensors += [[o.state[p][k] for o, p in zip(opts, ps)] for k in sorted(common)]
+        for ts in tensors:
+            mean = torch.stack([ts[r] for r in contributors]).mean(0)
+            for t in ts:
+                t.copy_(mean)
+
+
+def simulate_rounds(models, opts, grad, steps, round_steps, *, when="before", update=None,
+                    skips=(), excluded=None, average_state=False, finalize=True):
+    """Any schedule, held to the rounds it made: rank r's k-th round happened inside its step
+    ``round_steps[r][k]`` (missing: r had finished and joined with its model unchanged), either
+    ``"before"`` its update (Algorithm 1: the gradient is taken at the local point, the update is
+    applied to the average) or ``"after"`` it (an epoch ends). ``grad(r, t)`` takes rank r's
+    gradient of step t; ``update(r, t)`` applies it (default ``opts[r].step()``). ``skips``:
+    {(r, t)} whose update a GradScaler skipped (the step still joins its round). ``excluded``:
+    {k: ranks} left out of round k (nonfinite="exclude"): they take the others' mean, skip that
+    step's update and drop optimizer state that is not finite. Ends with one plain average when
+    ``finalize``. Mutates ``models``/``opts``; returns each rank's flat float64 parameters."""
+    n = len(models)
+    update = update or (lambda r, t: opts[r].step())
+    done = [0] * n
+
+    def advance(r, upto):
+        while done[r] < upto:
+            t = done[r] + 1
+            grad(r, t)
+            if (r, t) not in skips:
+                update(r, t)
+            done[r] = t
+
+    for k in range(max(len(rs) for rs in round_steps)):
+        at = [rs[k] if k < len(rs) else None for rs in round_steps]
+        for r, t in enumerate(at):
+            if t is None:
+                advance(r, steps[r])
+            elif when == "before":
+                advance(r, t - 1)
+                grad(r, t)
+            else:
+                advance(r, t)
+        out = set((excluded or {}).get(k + 1, ()))
+        sick = {r: [p for p, st in opts[r].state.items()
+                    if any(torch.is_tensor(v) and not torch.isfinite(v).all() for v in st.values())]
+                for r in out}
+        _average_round_(models, opts, [r for r in range(n) if r not in out], average_state)
+        for r, ps in sick.items():
+            for p in ps:
+                del opts[r].state[p]
+        for r, t in enumerate(at):
+            if when == "before" and t is not None:
+                if (r, t) not in skips and r not in out:
+                    update(r, t)
+                done[r] = t
+    for r in range(n):
+        advance(r, steps[r])
+    if finalize:
+        _average_round_(models, opts, range(n), average_state)
+    return [flat_params(m) for m in models]
+
+
+def rounds_from_log(rounds_after_step):
+    """The steps at which a rank's rounds happened, from its ``rounds`` counter after each step."""
+    out, before = [], 0
+    for t, rounds in enumerate(rounds_after_step, start=1):
+        assert rounds - before in (0, 1), f"{rounds - before} rounds in step {t}"
+        if rounds > before:
+            out.append(t)
+        before = rounds
+    return out
+
+
+def common_start(spec, n):
+    """``n`` float64 copies of the workers' common.Net and their optimizers, plus ``grad(r, t)``
+    on common.loss_fn's data (``hook(r, t, model)`` may then alter the gradient)."""
+    models, opts = _start(spec, n)
+
+    def grad(r, t):
+        _local_step(spec, r, t, models[r], opts[r])
+        if spec.get("hook"):
+            spec["hook"](r, t, models[r])
+    return models, opts, grad
 
 
 def simulate_epochs(spec: dict, n: int):

@@ -5,7 +5,8 @@ sshd). Mid-run the test drops a host (host3, or host2 if host3's worker is rank 
 list and kills that host's worker by PID (SIGKILL). The survivors must notice, restore the last commit and go on at size 2;
 then the host is listed again and its new worker joins from rank 0's model and schedule. The job
 must exit 0 with every worker holding the same model and the same counters, and the commits
-rank 0 recorded must show the schedule continuing: no round lost or counted twice.
+rank 0 recorded must show the schedule continuing: no round lost or counted twice. The model
+each worker restarts from, and the final one, are held to float64 runs of each phase.
 
 (On one host Horovod 0.28 blacklists the failed worker's host -- every slot -- and stops.)
 """
@@ -21,6 +22,7 @@ import torch
 
 from cluster_hosts import cluster_or_skip, kill, launcher_env, pids_running
 from hvdrun import REPO, horovodrun_path
+from test_elastic import check_elastic_run
 
 STEPS, INTERVAL, STEP_MS = 600, 4, 20
 GLOO_TIMEOUT = 20
@@ -121,4 +123,9 @@ def test_worker_killed_on_one_host_survivors_continue_and_host_rejoins():
             assert (f["step"], f["local_step"], f["rounds"]) == (STEPS, STEPS, STEPS // INTERVAL), f
             for a, b in zip(f["params"], finals[0]["params"]):
                 assert torch.equal(a, b), "after finalize() every worker holds the same model"
+        # Values: the model every worker restarted from at each resize (the survivors' restore
+        # of the last commit, then rank 0's state) and the final one, against float64 runs of
+        # each phase from the previous restart (test_elastic.check_elastic_run).
+        restarts = check_elastic_run(out, STEPS, INTERVAL)
+        assert [size for _, size in restarts] == [3, 2, 3], restarts
 

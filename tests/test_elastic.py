@@ -1,8 +1,12 @@
 """Elastic training under Horovod's real elastic launcher: the job grows from 2 to 3 workers.
 
 A killed worker is not tested: on one host, Horovod 0.28 blacklists the failed worker's host
-(localhost, every slot) and stops the job; that needs several hosts.
+(localhost, every slot) and stops the job; that needs several hosts (test_cluster_elastic.py).
+
+Values: examples/elastic.py --out saves what every worker (re)starts from; each phase between
+two (re)starts is held to a float64 run of the example's model and data (check_elastic_run).
 """
+import itertools
 import os
 import signal
 import subprocess
@@ -12,8 +16,94 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reference import simulate_rounds
 
 REPO = Path(__file__).resolve().parent.parent
+TOL = dict(rtol=1e-4, atol=1e-5)  # hundreds of fp32 steps against float64
+
+
+def _example_model():
+    torch.manual_seed(0)  # examples/elastic.py's model
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1)).double()
+
+
+def _phase(starts, until, interval):
+    """Float64 run of examples/elastic.py on len(starts) workers, worker i from starts[i] (its
+    parameters, momentum and step), up to step ``until``; returns the models and optimizers."""
+    s = starts[0]["step"]
+    models = [_example_model() for _ in starts]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    for m, o, snap in zip(models, opts, starts):
+        with torch.no_grad():
+            for p, v, buf in zip(m.parameters(), snap["params"], snap["momentum"]):
+                p.copy_(v)
+                if buf is not None:
+                    o.state[p]["momentum_buffer"] = buf.double().clone()
+
+    def grad(r, k):  # local step s + k reads the batch of state.step == s + k - 1
+        x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1000 * r + s + k - 1))
+        opts[r].zero_grad()
+        F.mse_loss(models[r](x.double()), x[:, :1].sin().double()).backward()
+    n = until - s
+    rounds = [k for k in range(1, n + 1) if (s + k) % interval == 0]
+    simulate_rounds(models, opts, grad, [n] * len(starts), [rounds] * len(starts), finalize=False)
+    return models, opts
+
+
+def _close(snap, model, opt=None, what=""):
+    """A snapshot's parameters (and momentum, given the reference optimizer) against a model."""
+    for i, (got, buf, p) in enumerate(zip(snap["params"], snap["momentum"], model.parameters())):
+        torch.testing.assert_close(got.double(), p.detach(), **TOL, msg=lambda m: f"{what}, param {i}: {m}")
+        if opt is not None:
+            torch.testing.assert_close(buf.double(), opt.state[p]["momentum_buffer"], **TOL,
+                                       msg=lambda m: f"{what}, momentum {i}: {m}")
+
+
+def check_elastic_run(out: Path, steps: int, interval: int):
+    """Every (re)start of the job, and its end, against the float64 reference.
+
+    The workers of one (re)start hold the same step and world size. A (re)start's values must be
+    those the reference reaches from the previous (re)start: after a sync every worker holds what
+    the new rank 0 held at its last commit (its reference model under its old rank); the final
+    models are the average of the last phase's reference models (finalize()). Returns the
+    (step, size) of each (re)start."""
+    snaps = [torch.load(p, weights_only=False) for p in out.glob("start-*.pt")]
+    snaps.sort(key=lambda d: (d["step"], d["pid"], d["host"]))
+    groups = []
+    for key, g in itertools.groupby(snaps, key=lambda d: (d["step"], d["size"])):
+        latest = {(d["host"], d["pid"]): d for d in g}  # a worker restarted twice at one step
+        groups.append(sorted(latest.values(), key=lambda d: d["rank"]))
+    for g in groups:
+        assert [d["rank"] for d in g] == list(range(g[0]["size"])), [(d["rank"], d["size"]) for d in g]
+        assert all(d["local_step"] == d["step"] for d in g), "the counters follow the commit"
+    init = _example_model()
+    for d in groups[0]:
+        _close(d, init, what="the first start")
+    for prev, nxt in zip(groups, groups[1:]):
+        models, opts = _phase(prev, nxt[0]["step"], interval)
+        old_rank = {(d["host"], d["pid"]): d["rank"] for d in prev}
+        synced = all(all(torch.equal(a, b) for a, b in zip(d["params"], nxt[0]["params"])) for d in nxt)
+        for d in nxt:
+            src = nxt[0] if synced else d
+            assert (src["host"], src["pid"]) in old_rank, \
+                f"the worker whose state the restart at step {d['step']} took did not train before it"
+            j = old_rank[(src["host"], src["pid"])]
+            what = f"restart at step {d['step']}, size {d['size']}, rank {d['rank']} (old rank {j})"
+            _close(d, models[j], opts[j], what=what)
+    last = groups[-1]
+    models, _ = _phase(last, steps, interval)
+    with torch.no_grad():
+        mean = [torch.stack(ps).mean(0) for ps in zip(*(m.parameters() for m in models))]
+    finals = [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
+    assert len(finals) == last[0]["size"]
+    for f in finals:
+        for i, (got, want) in enumerate(zip(f["params"], mean)):
+            torch.testing.assert_close(got.double(), want, **TOL, msg=lambda m: f"final rank {f['rank']}, param {i}: {m}")
+    return [(g[0]["step"], g[0]["size"]) for g in groups]
 
 
 # "torch": Horovod's own hvd.elastic.TorchState, as Horovod's elastic examples use it.
@@ -21,13 +111,15 @@ REPO = Path(__file__).resolve().parent.parent
 def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
     tmp = Path(tempfile.mkdtemp(prefix="prsgd_elastic_"))
     slots, record = tmp / "slots", tmp / "record"
+    out = tmp / "out"
+    out.mkdir()
     slots.write_text("2")
     env = dict(os.environ, PRSGD_SLOTS_FILE=str(slots), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     cmd = ["horovodrun", "--network-interface", "lo", "-np", "2", "--min-np", "1", "--max-np", "3",
            "--host-discovery-script", str(REPO / "examples" / "discover_hosts.sh"),
            sys.executable, str(REPO / "examples" / "elastic.py"), "--steps", "300",
-           "--step-ms", "20", "--record", str(record), "--state", state]
+           "--step-ms", "20", "--record", str(record), "--state", state, "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -49,3 +141,5 @@ def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
     assert steps == sorted(steps), "the schedule resumed from the last commit, never went back"
     assert "done: 300 steps" in output and "final size 3" in output
     assert "counters agree: True" in output, output[-4000:]
+    restarts = check_elastic_run(out, 300, 4)
+    assert [size for _, size in restarts] == [2, 3], restarts

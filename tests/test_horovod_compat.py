@@ -8,6 +8,8 @@
   float64 reference (tests/reference.py).
 * hvd.elastic.TorchState (what Horovod's elastic examples use) growing a job from 2 to 3.
 """
+import copy
+import itertools
 import json
 import os
 import subprocess
@@ -16,8 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from compat_worker import FORCE_OPTION_SETS, ForceNet, data, new_optimizer, torch_optimizers
 from hvdrun import REPO, HorovodRunError, launch, run_workers
+from reference import simulate_rounds
 from test_trajectories import check_against_reference
 
 NP = 3
@@ -95,6 +100,28 @@ def test_force_allreduce_parameters_one_rank_never_touches_are_averaged(compat):
         for res in per_rank[1:]:
             torch.testing.assert_close(res[key]["all"], res0["all"], rtol=0, atol=0)
         assert res0["rounds"] == 4  # interval 1: steps 1, 2, the prestarted 3, finalize()
+    # Values: every optimizer class against its own float64 run of the same three ranks.
+    checked = 0
+    for (name, cls), opt_params in itertools.product(torch_optimizers(), FORCE_OPTION_SETS):
+        key = f"{name}{opt_params}"
+        if "skipped_by_torch" in per_rank[0][key]:
+            continue
+        torch.manual_seed(0)
+        models = [ForceNet().double()]
+        models += [copy.deepcopy(models[0]) for _ in range(NP - 1)]
+        opts = [new_optimizer(cls, opt_params, m) for m in models]
+
+        def grad(r, t):
+            x, y = (v.double() for v in data(r))
+            y1, y2 = models[r](x)
+            opts[r].zero_grad()
+            F.mse_loss(y1 if r == 0 else y2, y, reduction="sum").backward()
+        want = simulate_rounds(models, opts, grad, [2] * NP, [[1, 2]] * NP)
+        # lr 0.2 on summed losses: gradients of order 10, so fp32 rounding reaches ~2e-6.
+        torch.testing.assert_close(per_rank[0][key]["all"], want[0], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")
+        checked += 1
+    assert checked >= 20
 
 
 def test_duplicate_and_missing_names_raise_like_horovod(compat):
@@ -139,6 +166,22 @@ def test_sparse_embeddings_with_and_without_sparse_as_dense(compat):
         assert not torch.equal(res0["weight"], res0["before"]), key
         for res in per_rank[1:]:
             assert torch.equal(res[key]["weight"], res0["weight"]), key
+        # Values: the float64 run (round at step 2, before its update; finalize()).
+        cls = {"SparseAdam": torch.optim.SparseAdam, "SGD": torch.optim.SGD}[key.split("/")[0]]
+        torch.manual_seed(0)
+        models = [torch.nn.Embedding(10, 3, sparse=True).double() for _ in range(NP)]
+        for m in models[1:]:
+            m.load_state_dict(models[0].state_dict())
+        opts = [cls(list(m.parameters()), lr=0.1) for m in models]
+        inputs = [torch.LongTensor([[1, 2, 4, 5], [4, 3, 2, 9]])] + \
+            [torch.LongTensor([[1, 3, 4], [4, 7, 9]])] * (NP - 1)
+
+        def grad(r, t):
+            opts[r].zero_grad()
+            models[r](inputs[r]).sum().backward()
+        want = simulate_rounds(models, opts, grad, [3] * NP, [[2]] * NP)
+        torch.testing.assert_close(res0["weight"].double().reshape(-1), want[0], rtol=1e-5,
+                                   atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
 def test_process_sets_a_rank_outside_trains_alone(compat):

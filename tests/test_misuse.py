@@ -4,6 +4,13 @@ import pytest
 import torch
 
 from hvdrun import run_workers
+from misuse_worker import NAN_AT, UNEVEN_STEPS
+from common import loss_fn
+from reference import common_start, rounds_from_log, simulate_fixed_interval, simulate_rounds
+
+# misuse_worker's model, data and optimizer (common.Net, seed 0, fresh()/sgd()).
+SPEC = {"seed": 0, "opt": "sgd", "opt_kwargs": {"lr": 0.05, "momentum": 0.9}}
+TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def _results(case, np, timeout=240, env=None):
@@ -92,7 +99,13 @@ def test_corrupted_checkpoints_are_rejected_whole(local):
         assert "got 5.9" in c["fraction"]
         assert "must be a dict" in c["foreign"]
         assert "schedule state" in c["schedule"] or "epoch" in c["schedule"]
-        assert all(c[k + " unchanged"] for k in ("missing", "negative", "fraction", "foreign", "schedule"))
+        # The whole state_dict -- counters, schedule, param groups, momentum -- is untouched,
+        # though each bad checkpoint differs from it in all of them...
+        for k in ("missing", "negative", "fraction", "foreign", "schedule"):
+            assert c[k + " unchanged"], f"{k}: a refused checkpoint changed the optimizer"
+        # ...and the same alteration in a valid checkpoint does change it (the check can fail).
+        assert c["good counters"] == (3, 1) and c["counters after the good load"] == (7, 3)
+        assert c["a good load changes the state"]
 
 
 def test_copies_fail_clearly_and_state_dicts_save(local):
@@ -109,9 +122,28 @@ def test_parameters_the_round_cannot_take_are_named_at_construction(local):
 
 
 def test_lbfgs_takes_its_closure_and_ends_averaged(local):
+    """Against float64 LBFGS on two ranks: rounds at steps 2 and 4 average, then LBFGS steps
+    from the average (its closure runs there); finalize() averages once more."""
     a, b = (r["lbfgs_with_closure"] for r in local)
-    assert len(a["losses"]) == 4 and all(torch.isfinite(torch.tensor(a["losses"])))
-    assert torch.equal(a["params"], b["params"]) and a["rounds"] == b["rounds"] >= 3
+    assert a["rounds"] == b["rounds"] == 3
+    for stop, key in ((2, "after_round"), (4, "params")):
+        models, _, _ = common_start(SPEC, 2)
+        opts = [torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3) for m in models]
+        losses = [[], []]
+
+        def update(r, t):
+            def closure():
+                opts[r].zero_grad()
+                loss = loss_fn(models[r], 0, r, t, dtype=torch.float64)
+                loss.backward()
+                return loss
+            losses[r].append(float(opts[r].step(closure).detach()))
+        want = simulate_rounds(models, opts, lambda r, t: None, [stop] * 2,
+                               [[2, 4][:stop // 2]] * 2, update=update, finalize=stop == 4)
+        for r, res in enumerate((a, b)):
+            torch.testing.assert_close(res[key], want[r], **TOL, msg=lambda m: f"rank {r}, {key}: {m}")
+            assert res["losses"][:stop] == pytest.approx(losses[r], rel=1e-5), r
+    assert not torch.equal(a["after_round"], b["after_round"]), "each rank's own LBFGS step"
 
 
 def test_channels_last_parameters_match_the_reference_path(local):
@@ -130,11 +162,20 @@ def test_an_interrupted_wait_resumes_when_the_step_is_retried(local):
     assert local[1]["interrupted_wait"]["interrupted at"] == 4
 
 
-@pytest.mark.parametrize("scenario", ["adaptive", "by_speed"])
-def test_schedules_that_agree_on_measurements_survive_uneven_endings(uneven, scenario):
+@pytest.mark.parametrize("scenario,when", [("adaptive", "before"), ("by_speed", "after")])
+def test_schedules_that_agree_on_measurements_survive_uneven_endings(uneven, scenario, when):
+    """The rounds depend on measurements, so the reference replays the rounds each rank made
+    (Adaptive: Algorithm 1, before the update; by_speed: after an epoch's last step); a rank
+    that has finished joins the others' rounds with its model unchanged."""
     a, b = (r[scenario] for r in uneven)
     assert torch.equal(a["params"], b["params"]), "finalize() must leave one model"
     assert a["rounds"] == b["rounds"]
+    steps = UNEVEN_STEPS[scenario]
+    rounds = [rounds_from_log(r[scenario]["rounds_log"]) for r in uneven]
+    assert len(rounds[1]) > len(rounds[0]) >= 1, "the longer rank had rounds the other joined"
+    models, opts, grad = common_start(SPEC, 2)
+    want = simulate_rounds(models, opts, grad, steps, rounds, when=when)
+    torch.testing.assert_close(a["params"], want[0], **TOL)
 
 
 def test_excluded_rank_drops_its_nonfinite_momentum_and_rejoins(uneven):
@@ -144,6 +185,14 @@ def test_excluded_rank_drops_its_nonfinite_momentum_and_rejoins(uneven):
         assert all(r["finite"][3:])
     torch.testing.assert_close(uneven[0]["exclude_with_momentum"]["params"],
                                uneven[1]["exclude_with_momentum"]["params"])
+    # Values: round 2 (step 4) is rank 0's model alone; rank 1 takes it, skips its update and
+    # restarts its momentum; rounds 3, 4 and finalize() are plain averages again.
+    def nan_grad(r, t, model):
+        if r == 1 and t == NAN_AT:
+            model.fc1.weight.grad.fill_(float("nan"))
+    models, opts, grad = common_start({**SPEC, "hook": nan_grad}, 2)
+    want = simulate_rounds(models, opts, grad, [8, 8], [[2, 4, 6, 8]] * 2, excluded={2: [1]})
+    torch.testing.assert_close(uneven[0]["exclude_with_momentum"]["params"], want[0], **TOL)
 
 
 def test_hierarchical_ranks_may_end_at_different_steps():
@@ -152,3 +201,8 @@ def test_hierarchical_ranks_may_end_at_different_steps():
     for res in out[1:]:
         assert torch.equal(res["hierarchical"]["params"], first["params"])
         assert res["hierarchical"]["rounds"] == first["rounds"]
+    # Groups {0,1}, {2,3} every 2 steps, all 4 every 4; finished ranks answer with their model.
+    spec = {**SPEC, "steps_per_rank": UNEVEN_STEPS["hierarchical"], "finalize": True,
+            "schedule": {"kind": "hierarchical", "levels": [[2, 2], [4, 4]]}}
+    _, finals, _ = simulate_fixed_interval(spec, 4)
+    torch.testing.assert_close(first["params"], finals[0], **TOL)

@@ -748,3 +748,58 @@ def test_graph_capture_refuses_a_table_not_uploaded(gen):
             ops.flatten(fresh, out)
     torch.cuda.synchronize()
     assert torch.equal(ops.flatten(fresh), ref.flatten(fresh))  # and nothing is left broken
+
+
+# ---- CUDA only: every launch configuration computes the same bits ------------------------------
+# (NOTE: [Launch configuration] in csrc/cuda/multi_segment.h; the benchmark switches among them)
+
+LAUNCH_CONFIGS = [(1, 0, 1), (1, 0, 0), (0, 0, 1), (0, 0, 0), (0, 1, 0), (0, 2, 1), (0, 2, 2),
+                  (0, 2, 4), (0, 3, 0), (1, 3, 4)]
+
+
+@needs_ext
+@needs_cuda
+@pytest.mark.parametrize("align", [1, 16])
+def test_cuda_launch_configs_agree_with_reference(align, gen):
+    """The default and every benchmark configuration: flatten and the fused step (with
+    divergence) against the reference, and bit for bit against the default's output."""
+    cfg_ops = torch.ops.prsgd_hvd_cuda
+    default = tuple(cfg_ops.default_launch_config())
+    assert tuple(cfg_ops.launch_config()) == default
+    shapes = [(CHUNK * 3 + 5,), (17,), (CHUNK - 1,), (4099,), (2 * CHUNK,), (64, 3, 3), (1,),
+              (CHUNK // 4 + 3,)]
+    params0 = make_params(shapes, torch.float32, "cuda", gen)
+    grads = [rand(s, torch.float32, "cuda", gen) for s in shapes]
+    bufs0 = [rand(s, torch.float32, "cuda", gen) for s in shapes]
+    offsets = ops.segment_layout(shapes, torch.float32, align=align)
+    flat_in = rand((offsets[-1],), torch.float32, "cuda", gen)
+    kw = dict(scale=0.25, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True, align=align)
+    want_p, want_b = [p.clone() for p in params0], [b.clone() for b in bufs0]
+    want_div = torch.zeros(1, dtype=torch.float64, device="cuda")
+    ref.unflatten_average_sgd_(flat_in, want_p, grads, want_b, divergence=want_div, **kw)
+    want_flat = ref.flatten(params0, torch.empty_like(flat_in), align=align)
+    first = None
+    try:
+        for cfg in [default] + LAUNCH_CONFIGS:
+            cfg_ops.set_launch_config(*cfg)
+            flat = torch.full_like(flat_in, float("nan"))
+            ops.flatten(params0, flat, align=align)
+            params, bufs = [nan_like(p) for p in params0], [b.clone() for b in bufs0]
+            div = torch.zeros(1, dtype=torch.float64, device="cuda")
+            ops.unflatten_average_sgd_(flat_in, params, grads, bufs, divergence=div, **kw)
+            assert torch.equal(flat, want_flat), f"flatten under {cfg}"
+            for i in range(len(shapes)):
+                assert_close(params[i], want_p[i], f"{cfg} params[{i}]")
+                assert_close(bufs[i], want_b[i], f"{cfg} bufs[{i}]")
+            torch.testing.assert_close(div, want_div, rtol=1e-12, atol=0)
+            got = (params, bufs)
+            if first is None:
+                first = got
+            else:
+                for a, b in zip(first[0] + first[1], got[0] + got[1]):
+                    assert torch.equal(a, b), f"{cfg} differs from the default configuration"
+    finally:
+        cfg_ops.set_launch_config(*default)
+    with pytest.raises(RuntimeError, match="split_log2"):
+        cfg_ops.set_launch_config(0, 9, 0)
+    assert tuple(cfg_ops.launch_config()) == default

@@ -15,6 +15,8 @@ from prsgd_hvd.averaging import CONTROL_FIELDS
 
 from hvdrun import run_workers
 from reference import simulate_epochs, simulate_fixed_interval
+from reference_mixed import simulate_mixed
+from workers.common import make_mixed_model
 
 SGD_MOMENTUM = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 SCENARIOS = [
@@ -84,6 +86,37 @@ HETEROGENEOUS = {
 }
 for i, s in enumerate(SCENARIOS + HETEROGENEOUS[3] + HETEROGENEOUS[4]):
     s["seed"] = 1234 + i
+
+# fp32 + fp16 + bf16 parameters in one SGD (workers/common.py MixedNet: several buckets, odd
+# sizes, tensors past a kernel chunk), held to tests/reference_mixed.py, which models where
+# 16-bit numbers are stored and the 16-bit delta wire format with or without error feedback.
+# Folded into the 2- and 3-rank launches above. Heterogeneous "steps" weights run here with
+# compression and with the kernels (the fused SGD pass itself only serves rounds before an
+# update, Algorithm 1). Horovod's fp16 sum over 3 ranks rounds in an unknown order, so fp16
+# deltas run on 2 ranks and bf16 deltas (gathered, summed in fp32) on 3.
+MIXED_SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
+MIXED = {
+    2: [{"name": "mixed_sgd_i3", "interval": 3, "steps": 9},
+        {"name": "mixed_sgd_i3_reference_path_no_overlap", "interval": 3, "steps": 9,
+         "fused": False, "overlap": False},
+        {"name": "mixed_fp16_i2", "interval": 2, "steps": 10, "compression": "fp16"},
+        {"name": "mixed_fp16_i2_no_error_feedback", "interval": 2, "steps": 10,
+         "compression": "fp16", "error_feedback": False},
+        {"name": "mixed_bf16_i2_reference_path", "interval": 2, "steps": 10,
+         "compression": "bf16", "fused": False},
+        {"name": "mixed_heterogeneous_steps_weights_fp16_finalize", "compression": "fp16",
+         "finalize": True,
+         "schedule": {"kind": "heterogeneous", "intervals": [3, 1], "weights": "steps", "epochs": 4}}],
+    3: [{"name": "mixed_sgd_i3", "interval": 3, "steps": 9},
+        {"name": "mixed_bf16_i2_no_overlap", "interval": 2, "steps": 10, "compression": "bf16",
+         "overlap": False},
+        {"name": "mixed_heterogeneous_steps_weights_bf16", "compression": "bf16",
+         "schedule": {"kind": "heterogeneous", "intervals": [2, 4, 1], "weights": "steps", "epochs": 4}},
+        {"name": "mixed_heterogeneous_steps_weights",
+         "schedule": {"kind": "heterogeneous", "intervals": [2, 4, 1], "weights": "steps", "epochs": 3}}],
+}
+for i, s in enumerate(MIXED[2] + MIXED[3]):
+    s.update(model="mixed", opt="sgd", opt_kwargs=MIXED_SGD, seed=5678 + i)
 TOLERANCE = {"sgd": (1e-5, 1e-6), "adam": (1e-4, 1e-5), "adamw": (1e-4, 1e-5), "rmsprop": (1e-4, 1e-5)}
 
 # Rank groups: Horovod process sets, created at run time (HOROVOD_DYNAMIC_PROCESS_SETS=1).
@@ -104,7 +137,7 @@ _cache = {}
 
 def results_for(np):
     if np not in _cache:
-        scenarios = SCENARIOS + HETEROGENEOUS.get(np, [])
+        scenarios = SCENARIOS + HETEROGENEOUS.get(np, []) + MIXED.get(np, [])
         _cache[np] = run_workers("trajectory_worker.py", np, ["--scenarios", json.dumps(scenarios)])
     return _cache[np]
 
@@ -232,3 +265,111 @@ def test_ranks_really_train_locally_between_rounds(np):
     t = 1  # step 1 is not an averaging step for interval 3: ranks must differ
     a, b = results[0][spec["name"]]["traj"][t - 1], results[1][spec["name"]]["traj"][t - 1]
     assert (a - b).abs().max() > 1e-4
+
+
+# ---- the mixed-dtype model ----------------------------------------------------------------
+# Where the tolerances come from: a 16-bit parameter is rounded at every step, and the package
+# rounds at slightly different points than the float64 model (torch.optim.SGD rounds the
+# momentum buffer before using it, the gradient is computed in float32), so about one element
+# in twenty differs by an ulp after a step, and those ulps move the later gradients: 16-bit
+# tensors stay within about one epsilon of their dtype (relative to the tensor's norm, or to
+# 0.125 per element for tiny tensors), measured up to 1.2 eps; held to 4. fc1 (fp32) sits
+# before the fp16 and bf16 layers, so it inherits their rounding in its gradient: measured up to
+# 5e-4, held to 2e-3. big32 (fp32) sees 16-bit numbers only on the compressed wire, whose
+# rounding error feedback returns in the next round: measured up to 1e-5, held to 5e-5. A
+# bucket skipped or written to the wrong tensors is off by the ranks' divergence (~0.1
+# relative), far outside all of these.
+MIXED_RTOL = {"fc1.weight": 2e-3, "fc1.bias": 2e-3, "big32": 5e-5}
+
+
+def _mixed_spans():
+    spans, start = [], 0
+    for name, p in make_mixed_model(0).named_parameters():
+        spans.append((name, p.dtype, start, start + p.numel()))
+        start += p.numel()
+    return spans
+
+
+MIXED_SPANS = _mixed_spans()
+BIG32 = next((a, b) for name, _, a, b in MIXED_SPANS if name == "big32")
+_mixed_cache = {}
+
+
+def mixed_reference(spec, np, fused, error_feedback=None):
+    key = (spec["name"], np, fused, error_feedback)
+    if key not in _mixed_cache:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small tensors: threads on a shared 2-core machine only cost
+        try:
+            _mixed_cache[key] = simulate_mixed(spec, np, fused=fused, error_feedback=error_feedback)
+        finally:
+            torch.set_num_threads(threads)
+    return _mixed_cache[key]
+
+
+def assert_mixed_close(got, want, where):
+    for name, dtype, a, b in MIXED_SPANS:
+        rtol = MIXED_RTOL.get(name, 4 * torch.finfo(dtype).eps)
+        err = float((got[a:b].double() - want[a:b]).norm())
+        scale = max(float(want[a:b].norm()), 0.125 * (b - a) ** 0.5)
+        assert err <= rtol * scale, \
+            f"{where}: {name} ({dtype}) off the reference by {err / scale:.2e} (relative), " \
+            f"allowed {rtol:.1e}"
+
+
+MIXED_CASES = [(np, spec) for np in (2, 3) for spec in MIXED[np]]
+
+
+@pytest.mark.parametrize("np,spec", MIXED_CASES, ids=[f"{s['name']}-{n}" for n, s in MIXED_CASES])
+def test_mixed_dtypes_match_float64_simulation(np, spec):
+    results = results_for(np)
+    fused = results[0][spec["name"]]["stats"]["fused"]
+    ref_traj, ref_final, ref_divergence = mixed_reference(spec, np, fused)
+    for rank, res in enumerate(results):
+        got = res[spec["name"]]
+        assert got["stats"]["fused"] == fused and got["stats"]["compression"] == spec.get("compression")
+        assert got["local_step"] == len(ref_traj[rank])
+        assert got["rounds"] == expected_rounds(spec, np)
+        for t in range(len(ref_traj[rank])):
+            assert_mixed_close(got["traj"][t], ref_traj[rank][t],
+                               f"{spec['name']}: rank {rank} of {np} after step {t + 1}")
+        assert_mixed_close(got["final"], ref_final[rank], f"{spec['name']}: rank {rank} final")
+        # ||x_i - avg||^2 over all three buckets, measured in the write-back kernels (one
+        # 16-bit ulp flips move it by ~1e-3 relative).
+        for t, want in ref_divergence[rank].items():
+            assert got["divergence"][t - 1] == pytest.approx(want, rel=5e-3), \
+                f"{spec['name']}: divergence of rank {rank} at step {t}"
+
+
+COMPRESSED_MIXED = [(np, spec) for np, spec in MIXED_CASES if spec.get("compression")]
+
+
+@pytest.mark.parametrize("np,spec", COMPRESSED_MIXED,
+                         ids=[f"{s['name']}-{n}" for n, s in COMPRESSED_MIXED])
+def test_error_feedback_setting_reaches_the_wire(np, spec):
+    """The package follows the wire model with its own error-feedback setting, not the other.
+
+    With and without error feedback the compressed average differs by the residuals carried
+    from earlier rounds (a fraction of a 16-bit ulp of each delta per element). The tolerances
+    above allow that much in the 16-bit tensors, and the 1e-3 bound of the fp32 scenarios
+    allows it too, so a setting lost between DistributedLocalSGD and the codec would pass
+    them. Here big32 (fp32, where nothing but the wire rounds) must be far closer to the model
+    of its own setting than the model of the other setting is: measured 1/20 or closer."""
+    results = results_for(np)
+    fused = results[0][spec["name"]]["stats"]["fused"]
+    own = mixed_reference(spec, np, fused)[0]
+    other = mixed_reference(spec, np, fused, error_feedback=not spec.get("error_feedback", True))[0]
+    a, b = BIG32
+    for rank, res in enumerate(results):
+        got = res[spec["name"]]["traj"].double()
+        checked = 0
+        for t in range(len(own[rank])):
+            apart = float((other[rank][t, a:b] - own[rank][t, a:b]).norm())
+            if apart == 0.0:  # before the first round that carries a residual
+                continue
+            err = float((got[t, a:b] - own[rank][t, a:b]).norm())
+            assert err <= 0.25 * apart, \
+                f"{spec['name']}: rank {rank} after step {t + 1}: {err:.2e} from the model of " \
+                f"its error-feedback setting, which is {apart:.2e} from the other setting's"
+            checked += 1
+        assert checked >= 2, "too few rounds for error feedback to show"

@@ -18,6 +18,11 @@ def test_agreeing_ranks_construct_fine(results):
     ("shape", ["parameter 0 differs", "0.weight", "(5, 3)", "rank 1"]),
     ("warmup", ["warmup_steps differs", "ranks [1]"]),
     ("schedule_kind", ["schedule differs", "TimeVarying", "FixedInterval"]),
+    # docs/robustness.md promises these too: each shapes the collectives or what they carry.
+    ("overlap", ["overlap differs", "ranks [1]: False", "ranks [0, 2]: True"]),
+    ("compression", ["compression differs", "ranks [1]: 'fp16'", "ranks [0, 2]: None"]),
+    ("optimizer", ["optimizer differs", "ranks [1]: 'Adam'", "ranks [0, 2]: 'SGD'"]),
+    ("average_state", ["average_state differs", "ranks [1]: True", "ranks [0, 2]: False"]),
 ])
 def test_mismatch_is_reported_on_every_rank(results, case, words):
     messages = [r[case] for r in results]

@@ -235,4 +235,27 @@ struct CudaKernels {
 
 TORCH_LIBRARY_IMPL(prsgd_hvd, CUDA, m) { DeviceOps<CudaKernels>::register_impls(m); }
 
+// NOTE: [Launch configuration] (cuda/multi_segment.h) for benchmarks and tests, in a namespace
+// of its own so that it is no part of the ops' API: [persistent, split_log2, unroll] now;
+// set_launch_config raises on a value out of range.
+TORCH_LIBRARY(prsgd_hvd_cuda, m) {
+  m.def("launch_config() -> int[]", [] {
+    const cuda::LaunchConfig c = cuda::launch_config();
+    return std::vector<int64_t>{c.persistent, c.split_log2, c.unroll};
+  });
+  m.def("default_launch_config() -> int[]", [] {
+    const cuda::LaunchConfig c = cuda::default_launch_config();
+    return std::vector<int64_t>{c.persistent, c.split_log2, c.unroll};
+  });
+  m.def("set_launch_config(int persistent, int split_log2, int unroll) -> ()",
+        [](int64_t persistent, int64_t split_log2, int64_t unroll) {
+          TORCH_CHECK(cuda::set_launch_config({static_cast<int32_t>(persistent),
+                                               static_cast<int32_t>(split_log2),
+                                               static_cast<int32_t>(unroll)}),
+                      "prsgd_hvd_cuda.set_launch_config: persistent must be 0 or 1, split_log2 "
+                      "0..", cuda::kMaxSplitLog2, ", unroll 0, 1, 2 or 4; got ", persistent, ", ",
+                      split_log2, ", ", unroll);
+        });
+}
+
 }  // namespace prsgd

@@ -5,8 +5,9 @@
 // op maps it over a chunk of one tensor, and one generic kernel hands chunks to blocks. Unlike
 // MultiTensorApply the tensor list is not packed into kernel arguments: the kernel reads the
 // segment table from device memory (NOTE: [Segment table] in segment_table.h), so one launch
-// covers any number of tensors, and a persistent grid, as large as can be resident at once
-// (NOTE: [Grid size]), loops over chunks.
+// covers any number of tensors; each block takes one task (a part of a chunk), or, in the
+// persistent configuration, loops over tasks (NOTE: [Launch configuration] in multi_segment.h,
+// NOTE: [Grid size]).
 //
 // Tensor lists and their roles (one Segment per tensor):
 //   flatten:                  tensor (read, any strides made contiguous by the glue) -> flat (written)
@@ -53,6 +54,18 @@ template <typename T>
 constexpr int kVecWidth = 16 / sizeof(T) > kMinILP ? int(16 / sizeof(T)) : kMinILP;
 template <typename A, typename B>
 constexpr int kILPOf = kVecWidth<A> > kVecWidth<B> ? kVecWidth<A> : kVecWidth<B>;
+
+// NOTE: [Unroll] Memory-bound kernels on an H200 need many bytes in flight per SM (about 4.3 TB/s
+// times the loaded DRAM latency, spread over 132 SMs). A thread that loads one 16-byte word per
+// stream and then waits has only a few words in flight, and the volatile asm of the vector
+// accesses keeps the compiler from overlapping iterations. So a thread issues the loads of
+// kUnroll block-wide vector steps before it uses any of them. The count is set per kernel so
+// that the words a thread holds (loaded + stored per step, times kUnroll) stay near
+// kWordBudget, which keeps registers at or under 64 (4+ resident blocks of 256 threads).
+constexpr int kWordBudget = 12;
+constexpr int unroll_for(int words_per_step) {
+  return words_per_step * 4 <= kWordBudget ? 4 : words_per_step * 2 <= kWordBudget ? 2 : 1;
+}
 
 // ---- element conversion and unfused arithmetic -------------------------------------------
 
@@ -245,27 +258,46 @@ struct FlattenFunctor {
   // Same dtype: a bit copy. Converting fp16/bf16 to itself through fp32 costs two conversions
   // per element and canonicalises NaN payloads; copy_ (and so the reference) keeps the bits.
   static constexpr bool kCopy = std::is_same<src_t, dst_t>::value;
+  static constexpr int kILP = kILPOf<src_t, dst_t>;
+  static constexpr int kUnroll = unroll_for(kWordsOf<src_t, kILP> + kWordsOf<dst_t, kILP>);
+  // Benchmark-only unroll counts are compiled for this one (NOTE: [Launch configuration]).
+  static constexpr bool kTunable = std::is_same<src_t, float>::value && kCopy;
   dst_t* flat;
 
-  __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len,
-                                             double& /*acc*/) const {
+  // U block-wide vector steps from element i: all loads first, then the stores.
+  template <int U>
+  __device__ __forceinline__ void vector_steps(const src_t* src, dst_t* dst, int64_t i,
+                                               int64_t stride) const {
+    src_t raw[U][kILP];
+#pragma unroll
+    for (int u = 0; u < U; ++u) load_raw(raw[u], src, i + u * stride);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if constexpr (kCopy) {
+        store_raw(dst, i + u * stride, raw[u]);
+      } else {
+        opmath_t<src_t> v[kILP];
+#pragma unroll
+        for (int k = 0; k < kILP; ++k) v[k] = to_op(raw[u][k]);
+        store_pack(dst, i + u * stride, v);
+      }
+    }
+  }
+
+  template <int U>
+  __device__ __forceinline__ void run(const Segment& s, int64_t start, int64_t len,
+                                      double& /*acc*/) const {
     using op_t = opmath_t<src_t>;
     const src_t* src = assume_global(static_cast<const src_t*>(s.tensor) + start);
     dst_t* dst = assume_global(flat + s.flat_offset + start);
-    constexpr int kILP = kILPOf<src_t, dst_t>;
     const int64_t n_vec = (is_word_aligned(src) && is_word_aligned(dst)) ? len / kILP * kILP : 0;
-    for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
-      if constexpr (kCopy) {
-        src_t v[kILP];
-        load_raw(v, src, i);
-        store_raw(dst, i, v);
-      } else {
-        op_t v[kILP];
-        load_pack(v, src, i);
-        store_pack(dst, i, v);
-      }
+    const int64_t stride = int64_t(blockDim.x) * kILP;
+    int64_t i = int64_t(threadIdx.x) * kILP;
+    if constexpr (U > 1) {
+      for (; i + (U - 1) * stride < n_vec; i += U * stride) vector_steps<U>(src, dst, i, stride);
     }
-    // Masked tail: the last len % kILP elements, or the whole chunk when unaligned.
+    for (; i < n_vec; i += stride) vector_steps<1>(src, dst, i, stride);
+    // Masked tail: the last len % kILP elements, or the whole task when unaligned.
     for (int64_t i = n_vec + threadIdx.x; i < len; i += blockDim.x) {
       if constexpr (kCopy) {
         dst[i] = src[i];
@@ -273,7 +305,7 @@ struct FlattenFunctor {
         dst[i] = from_op<dst_t>(static_cast<op_t>(to_op(src[i])));
       }
     }
-    // The segment's padding (NOTE: [Segment layout]), by the block that has its last chunk.
+    // The segment's padding (NOTE: [Segment layout]), by the block that has its last task.
     if (start + len == s.numel) {
       for (int64_t i = threadIdx.x; i < s.flat_pad; i += blockDim.x) dst[len + i] = dst_t{};
     }
@@ -286,12 +318,75 @@ template <typename flat_t, typename param_t, bool kSgd, bool kDivergence>
 struct AverageFunctor {
   static constexpr bool kReduces = kDivergence;
   using op_t = opmath_t<param_t>;
+  static constexpr int kILP = kILPOf<flat_t, param_t>;
+  // Words a thread moves per vector step: flat, (old param), (grad, buf) in; param, (buf) out.
+  static constexpr int kUnroll =
+      unroll_for(kWordsOf<flat_t, kILP> +
+                 kWordsOf<param_t, kILP> * (1 + (kDivergence ? 1 : 0) + (kSgd ? 3 : 0)));
+  static constexpr bool kTunable =
+      std::is_same<flat_t, float>::value && std::is_same<param_t, float>::value;
   const flat_t* flat;
   SgdConsts<op_t> c;
   double* block_sums;  // kDivergence only
 
-  __device__ __forceinline__ void operator()(const Segment& s, int64_t start, int64_t len,
-                                             double& acc) const {
+  // U block-wide vector steps from element i: every load of the U steps is issued before the
+  // first use (NOTE: [Unroll]), then the arithmetic, then the stores.
+  template <int U>
+  __device__ __forceinline__ void vector_steps(const flat_t* f, param_t* p, const param_t* g,
+                                               param_t* b, bool read_buf, bool first, int64_t i,
+                                               int64_t stride, double& acc) const {
+    flat_t fr[U][kILP];
+#pragma unroll
+    for (int u = 0; u < U; ++u) load_raw(fr[u], f, i + u * stride);
+    param_t old[kDivergence ? U : 1][kILP];
+    if constexpr (kDivergence) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) load_raw(old[u], p, i + u * stride);
+    }
+    param_t gr[kSgd ? U : 1][kILP], br[kSgd ? U : 1][kILP];
+    if constexpr (kSgd) {
+      if (g != nullptr) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) load_raw(gr[u], g, i + u * stride);
+        if (read_buf) {
+#pragma unroll
+          for (int u = 0; u < U; ++u) load_raw(br[u], b, i + u * stride);
+        } else {
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int k = 0; k < kILP; ++k) br[u][k] = param_t{};
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      op_t x[kILP];
+#pragma unroll
+      for (int k = 0; k < kILP; ++k) x[k] = mul(to_op(fr[u][k]), c.scale);
+      if constexpr (kDivergence) {  // the distance is to the average, before any step
+#pragma unroll
+        for (int k = 0; k < kILP; ++k) add_square(acc, to_op(old[u][k]), x[k]);
+      }
+      if constexpr (kSgd) {
+        if (g != nullptr) {
+          op_t bv[kILP];
+#pragma unroll
+          for (int k = 0; k < kILP; ++k) {
+            bv[k] = to_op(br[u][k]);  // 0 unless read (sgd_math ignores it on a first step)
+            x[k] = sgd_math(x[k], to_op(gr[u][k]), bv[k], first, c);
+          }
+          if (b) store_pack(b, i + u * stride, bv);
+        }
+      }
+      store_pack(p, i + u * stride, x);
+    }
+  }
+
+  template <int U>
+  __device__ __forceinline__ void run(const Segment& s, int64_t start, int64_t len,
+                                      double& acc) const {
     const flat_t* f = assume_global(flat + s.flat_offset + start);
     param_t* p = assume_global(static_cast<param_t*>(s.tensor) + start);
     const param_t* g = (kSgd && s.grad) ? static_cast<const param_t*>(s.grad) + start : nullptr;
@@ -301,33 +396,18 @@ struct AverageFunctor {
                      : nullptr;
     const bool first = s.first_step != 0;
     const bool read_buf = b != nullptr && !first;
-    constexpr int kILP = kILPOf<flat_t, param_t>;
     const bool aligned = is_word_aligned(f) && is_word_aligned(p) &&
                          (g == nullptr || is_word_aligned(g)) &&
                          (b == nullptr || is_word_aligned(b));
     const int64_t n_vec = aligned ? len / kILP * kILP : 0;
-
-    for (int64_t i = int64_t(threadIdx.x) * kILP; i < n_vec; i += int64_t(blockDim.x) * kILP) {
-      op_t x[kILP];
-      load_pack(x, f, i);
-#pragma unroll
-      for (int k = 0; k < kILP; ++k) x[k] = mul(x[k], c.scale);
-      if constexpr (kDivergence) {  // the distance is to the average, before any step
-        op_t old[kILP];
-        load_pack(old, p, i);
-#pragma unroll
-        for (int k = 0; k < kILP; ++k) add_square(acc, old[k], x[k]);
+    const int64_t stride = int64_t(blockDim.x) * kILP;
+    int64_t i = int64_t(threadIdx.x) * kILP;
+    if constexpr (U > 1) {
+      for (; i + (U - 1) * stride < n_vec; i += U * stride) {
+        vector_steps<U>(f, p, g, b, read_buf, first, i, stride, acc);
       }
-      if (g != nullptr) {
-        op_t gv[kILP], bv[kILP] = {};
-        load_pack(gv, g, i);
-        if (read_buf) load_pack(bv, b, i);
-#pragma unroll
-        for (int k = 0; k < kILP; ++k) x[k] = sgd_math(x[k], gv[k], bv[k], first, c);
-        if (b) store_pack(b, i, bv);
-      }
-      store_pack(p, i, x);
     }
+    for (; i < n_vec; i += stride) vector_steps<1>(f, p, g, b, read_buf, first, i, stride, acc);
     for (int64_t i = n_vec + threadIdx.x; i < len; i += blockDim.x) {
       const op_t x = mul(to_op(f[i]), c.scale);
       if constexpr (kDivergence) add_square(acc, to_op(p[i]), x);
@@ -344,38 +424,76 @@ struct AverageFunctor {
 
 // ---- the kernel --------------------------------------------------------------------------
 
-// Block b handles chunks b, b + gridDim.x, ...; a chunk's segment is the last one whose
-// chunk_begin is <= the chunk index (binary search over the table; every thread of the block
-// reads the same entries, which the cache broadcasts).
-template <typename Functor>
+// Index of the last segment whose chunk_begin <= chunk. Segments are in chunk order and each has
+// at least one chunk, so chunk_begin increases strictly. Every lane of a full warp calls it with
+// the same arguments: per round the 32 lanes test 32 probes spread over the remaining range, and
+// a ballot keeps the part between the last probe at or before the chunk and the next one. A
+// table of n segments costs ceil(log32 n) dependent loads (2 for ResNet-50's 161) instead of
+// the log2 n (8) of a binary search; each one waits on L2 while the block moves no data.
+__device__ __forceinline__ int32_t find_segment(const Segment* __restrict__ table, int32_t n,
+                                                int64_t chunk) {
+  const int lane = threadIdx.x % 32;
+  int32_t lo = 0, hi = n - 1;  // the answer is in [lo, hi]
+  while (lo < hi) {
+    const int64_t span = hi - lo;
+    // probe(k) = lo + ceil((k + 1) * span / 32): nondecreasing in k, in (lo, hi], probe(31) = hi.
+    auto probe = [&](int k) { return lo + int32_t((int64_t(k + 1) * span + 31) / 32); };
+    const bool before = table[probe(lane)].chunk_begin <= chunk;
+    const unsigned ballot = __ballot_sync(0xffffffffu, before);  // lanes 0..k: a prefix
+    if (ballot == 0) {
+      hi = probe(0) - 1;
+    } else {
+      const int k = 31 - __clz(ballot);
+      const int32_t next_hi = k == 31 ? hi : probe(k + 1) - 1;
+      lo = probe(k);
+      hi = next_hi;
+    }
+  }
+  return lo;
+}
+
+// Task t covers the elements [(t mod 2^split) * (kChunkSize >> split), + kChunkSize >> split)
+// of table chunk t >> split (NOTE: [Launch configuration]). Block b takes tasks b,
+// b + gridDim.x, ...: one task per block unless the grid is persistent.
+template <typename Functor, int kUnroll>
 __global__ void __launch_bounds__(kBlockSize)
     multi_segment_kernel(const Segment* __restrict__ table, int32_t num_segments,
-                         int64_t num_chunks, Functor op) {
+                         int64_t num_tasks, int32_t split_log2, Functor op) {
   double acc = 0.0;  // only functors with kReduces touch it; otherwise optimised away
-  for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
-    int32_t lo = 0, hi = num_segments - 1;
-    while (lo < hi) {
-      const int32_t mid = lo + (hi - lo + 1) / 2;
-      if (table[mid].chunk_begin <= chunk) lo = mid; else hi = mid - 1;
-    }
-    const Segment s = table[lo];
-    const int64_t start = (chunk - s.chunk_begin) * kChunkSize;
-    const int64_t len = s.numel - start < kChunkSize ? s.numel - start : kChunkSize;
-    op(s, start, len, acc);
+  const int64_t task_size = kChunkSize >> split_log2;
+  const int64_t part_mask = (int64_t(1) << split_log2) - 1;
+  for (int64_t task = blockIdx.x; task < num_tasks; task += gridDim.x) {
+    const int64_t chunk = task >> split_log2;
+    const Segment s = table[find_segment(table, num_segments, chunk)];
+    const int64_t start = (chunk - s.chunk_begin) * kChunkSize + (task & part_mask) * task_size;
+    if (start >= s.numel) continue;  // a task past the end of a short segment (block-uniform)
+    const int64_t len = s.numel - start < task_size ? s.numel - start : task_size;
+    op.template run<kUnroll>(s, start, len, acc);
   }
   if constexpr (Functor::kReduces) {
-    // A fixed grid, a fixed chunk-to-block map and fixed per-thread orders: the block sums,
+    // A fixed grid, a fixed task-to-block map and fixed per-thread orders: the block sums,
     // and so the total, do not depend on scheduling.
     acc = block_sum(acc);
     if (threadIdx.x == 0) op.block_sums[blockIdx.x] = acc;
   }
 }
 
-// *out += block_sums[0] + ... + block_sums[n - 1], in a fixed order. One block.
+// *out += block_sums[0] + ... + block_sums[n - 1], in a fixed order. One block; each thread
+// loads 8 sums before adding them, so that a long list is not one L2 round trip per sum.
 __global__ void __launch_bounds__(kBlockSize)
     add_block_sums_kernel(const double* __restrict__ block_sums, int64_t n, double* out) {
+  constexpr int kLoads = 8;
   double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc = add(acc, block_sums[i]);
+  for (int64_t base = threadIdx.x; base < n; base += int64_t(blockDim.x) * kLoads) {
+    double v[kLoads];
+#pragma unroll
+    for (int k = 0; k < kLoads; ++k) {
+      const int64_t i = base + int64_t(k) * blockDim.x;
+      v[k] = i < n ? block_sums[i] : 0.0;
+    }
+#pragma unroll
+    for (int k = 0; k < kLoads; ++k) acc = add(acc, v[k]);
+  }
   acc = block_sum(acc);
   if (threadIdx.x == 0) *out = add(*out, acc);
 }
@@ -407,12 +525,13 @@ int sm_count() {
   });
 }
 
-// NOTE: [Grid size] The grid is persistent (blocks loop over chunks), so it should be exactly
-// as large as can be resident at once: more blocks run as a second, partial wave. A fixed 8
-// blocks per SM assumed <= 32 registers per thread, but half the instantiations (the
-// optimizer's fp32 and mixed-precision SGD steps among them) use 36-46, which leaves room for
-// 5-6 blocks of 256 threads. So each kernel asks the occupancy calculator once per device
-// (a static per template instantiation), and the grid is SMs * that, capped by the chunk count.
+// NOTE: [Grid size] One block per task (the default, NOTE: [Launch configuration]): the grid
+// is the task count, and the hardware starts a block wherever one ends, so no kernel waits on a
+// second, partial wave of long-lived blocks. In the persistent configuration the grid is
+// exactly as large as can be resident at once (more blocks would run as a second, partial
+// wave): each kernel asks the occupancy calculator once per device (a static per template
+// instantiation), since register counts differ, and the grid is SMs * that, capped by the task
+// count.
 template <typename Kernel>
 int resident_blocks_per_sm(Kernel kernel) {
   static std::atomic<int> cache[kMaxDevices];
@@ -427,23 +546,58 @@ int resident_blocks_per_sm(Kernel kernel) {
   });
 }
 
-int64_t grid_size(int64_t num_chunks, int blocks_per_sm) {
+int64_t persistent_grid(int64_t num_tasks, int blocks_per_sm) {
   const int64_t max_blocks = int64_t(sm_count()) * blocks_per_sm;
-  return num_chunks < max_blocks ? num_chunks : max_blocks;
+  return num_tasks < max_blocks ? num_tasks : max_blocks;
 }
 
-// Launches multi_segment_kernel<Functor> with its resident grid; *grid_out = the grid used.
+// ---- launch configuration (NOTE: [Launch configuration] in multi_segment.h) -------------------
+
+constexpr LaunchConfig kDefaultLaunch{/*persistent=*/0, /*split_log2=*/2, /*unroll=*/0};
+
+uint32_t encode(const LaunchConfig& c) {
+  return uint32_t(c.persistent) | uint32_t(c.split_log2) << 1 | uint32_t(c.unroll) << 4;
+}
+LaunchConfig decode(uint32_t v) {
+  return {int32_t(v & 1u), int32_t((v >> 1) & 7u), int32_t((v >> 4) & 15u)};
+}
+std::atomic<uint32_t> g_launch_config{encode(kDefaultLaunch)};
+
+// Launches multi_segment_kernel<Functor, U> over `tasks` tasks; *grid_out = the grid used.
+template <typename Functor, int U>
+cudaError_t launch_unrolled(const Segment* table, int32_t num_segments, int64_t tasks,
+                            const LaunchConfig& cfg, const Functor& op, cudaStream_t stream,
+                            int64_t* grid_out) {
+  constexpr int64_t kMaxGrid = 0x7fffffff;  // gridDim.x's limit; blocks loop over the rest
+  const int64_t grid =
+      cfg.persistent
+          ? persistent_grid(tasks, resident_blocks_per_sm(multi_segment_kernel<Functor, U>))
+          : (tasks < kMaxGrid ? tasks : kMaxGrid);
+  if (grid_out != nullptr) *grid_out = grid;
+  PRSGD_LAUNCH((multi_segment_kernel<Functor, U>), static_cast<unsigned>(grid), kBlockSize,
+               stream)(table, num_segments, tasks, cfg.split_log2, op);
+  return cudaGetLastError();
+}
+
+// Launches multi_segment_kernel<Functor, ...> under the current launch configuration;
+// *grid_out = the grid used.
 template <typename Functor>
 cudaError_t launch(const Segment* table, int32_t num_segments, int64_t num_chunks,
                    const Functor& op, cudaStream_t stream, int64_t* grid_out = nullptr) {
   if (grid_out != nullptr) *grid_out = 0;
   if (num_segments <= 0 || num_chunks <= 0) return cudaSuccess;
-  const int64_t grid =
-      grid_size(num_chunks, resident_blocks_per_sm(multi_segment_kernel<Functor>));
-  if (grid_out != nullptr) *grid_out = grid;
-  PRSGD_LAUNCH(multi_segment_kernel<Functor>, static_cast<unsigned>(grid), kBlockSize, stream)
-  (table, num_segments, num_chunks, op);
-  return cudaGetLastError();
+  const LaunchConfig cfg = launch_config();
+  const int64_t tasks = num_chunks << cfg.split_log2;
+  if constexpr (Functor::kTunable) {  // benchmark-only unroll counts
+    switch (cfg.unroll) {
+      case 1: return launch_unrolled<Functor, 1>(table, num_segments, tasks, cfg, op, stream, grid_out);
+      case 2: return launch_unrolled<Functor, 2>(table, num_segments, tasks, cfg, op, stream, grid_out);
+      case 4: return launch_unrolled<Functor, 4>(table, num_segments, tasks, cfg, op, stream, grid_out);
+      default: break;
+    }
+  }
+  return launch_unrolled<Functor, Functor::kUnroll>(table, num_segments, tasks, cfg, op, stream,
+                                                    grid_out);
 }
 
 // Calls f(T{}) for the device type of a dtype; false if unknown.
@@ -483,7 +637,21 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
 }
 
 int64_t divergence_scratch_size(int64_t num_chunks) {
-  return num_chunks > 0 ? grid_size(num_chunks, kMaxBlocksPerSm) : 0;
+  // Every configuration's grid is at most its task count, which is at most this.
+  return num_chunks > 0 ? num_chunks << kMaxSplitLog2 : 0;
+}
+
+LaunchConfig default_launch_config() { return kDefaultLaunch; }
+
+LaunchConfig launch_config() { return decode(g_launch_config.load(std::memory_order_relaxed)); }
+
+bool set_launch_config(const LaunchConfig& config) {
+  const bool ok = (config.persistent == 0 || config.persistent == 1) && config.split_log2 >= 0 &&
+                  config.split_log2 <= kMaxSplitLog2 &&
+                  (config.unroll == 0 || config.unroll == 1 || config.unroll == 2 ||
+                   config.unroll == 4);
+  if (ok) g_launch_config.store(encode(config), std::memory_order_relaxed);
+  return ok;
 }
 
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,

@@ -37,9 +37,34 @@ cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const 
                                      const SgdOptions& options, bool sgd, double* divergence,
                                      double* block_sums, cudaStream_t stream);
 
-// Doubles of scratch launch_unflatten_average needs for `divergence` on the current device: an
-// upper bound of the grid any of its kernels uses (NOTE: [Grid size] in kernels.cu).
+// Doubles of scratch launch_unflatten_average needs for `divergence`: an upper bound of the
+// grid any of its kernels uses under any launch configuration (NOTE: [Grid size] in kernels.cu).
 int64_t divergence_scratch_size(int64_t num_chunks);
+
+// NOTE: [Launch configuration] How the multi-segment kernels map work to blocks. The default is
+// the fastest measured (docs/gpu_notes.md); the others stay selectable so that one benchmark run
+// on a GPU can time them against each other (benchmarks/bench_gpu_round.py) and the host
+// emulation can check every one bit for bit. Production code never changes it.
+//  - persistent = 1: the grid is as many blocks as fit on the device at once, each looping over
+//    tasks (the layout before issue 21); 0: one block per task, the hardware hands tasks to SMs
+//    as they free up, so a kernel ends within one task's time of its last byte.
+//  - split_log2: a table chunk (kChunkSize elements) is cut into 2^split_log2 tasks, so the tail
+//    of a launch is a fraction of a chunk. 0..kMaxSplitLog2.
+//  - unroll: 0 = each kernel's own count of 16-byte words per stream that a thread has in flight
+//    at once (kUnroll in kernels.cu); 1, 2 or 4 force it, for the fp32 kernels only (fp32
+//    flatten and fp32 average/step); every other kernel keeps its own. 1 is the layout before
+//    issue 21.
+struct LaunchConfig {
+  int32_t persistent;
+  int32_t split_log2;
+  int32_t unroll;
+};
+constexpr int32_t kMaxSplitLog2 = 3;
+LaunchConfig default_launch_config();
+// The process-wide configuration, read once per launch.
+LaunchConfig launch_config();
+// Sets it; false (and nothing changed) when a field is out of range. For benchmarks and tests.
+bool set_launch_config(const LaunchConfig& config);
 
 }  // namespace cuda
 }  // namespace prsgd

@@ -42,6 +42,10 @@ bool layout(int n, const int64_t* numels, int32_t flat_dtype, int64_t align_byte
 
 extern "C" {
 
+int prsgd_emu_set_launch_config(int persistent, int split_log2, int unroll) {
+  return prsgd::cuda::set_launch_config({persistent, split_log2, unroll}) ? 0 : -1;
+}
+
 int prsgd_emu_layout(int n, const int64_t* numels, int32_t flat_dtype, int64_t align_bytes,
                      int64_t* offsets) {
   std::vector<int64_t> o;

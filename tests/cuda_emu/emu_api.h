@@ -17,6 +17,10 @@ enum { PRSGD_EMU_FORWARD = 0, PRSGD_EMU_REVERSE = 1, PRSGD_EMU_SHUFFLED = 2 };
 void prsgd_emu_configure(int device, int sms, int blocks_per_sm, int block_order,
                          int thread_order, uint64_t seed);
 
+// NOTE: [Launch configuration] of csrc/cuda/multi_segment.h for the following launches (it is
+// process-wide, as in the extension). Returns 0, or -1 (nothing changed) when out of range.
+int prsgd_emu_set_launch_config(int persistent, int split_log2, int unroll);
+
 // Grids of the launches since the last call (or configure), up to `capacity` written;
 // returns how many there were.
 int64_t prsgd_emu_launches(int64_t* grids, int64_t capacity);

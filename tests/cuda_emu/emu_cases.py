@@ -35,6 +35,12 @@ FORWARD, REVERSE, SHUFFLED = 0, 1, 2
 # the chunk count, so blocks loop over chunks; many make one block per chunk.
 DEVICES = [(1, 1, FORWARD, FORWARD), (2, 3, REVERSE, REVERSE), (132, 8, SHUFFLED, SHUFFLED),
            (3, 5, SHUFFLED, FORWARD), (7, 6, FORWARD, REVERSE), (132, 5, REVERSE, SHUFFLED)]
+# NOTE: [Launch configuration] (persistent, split_log2, unroll) of csrc/cuda/multi_segment.h:
+# the default, the layout before issue 21, and the others the benchmark can select. Every case
+# runs under one of them, picked at random; test_every_launch_config runs each one.
+DEFAULT_LAUNCH = (0, 2, 0)
+LAUNCHES = [DEFAULT_LAUNCH, (1, 0, 1), (0, 0, 0), (0, 1, 2), (0, 3, 4), (1, 2, 0), (1, 3, 2),
+            (0, 2, 1), (0, 2, 4), (1, 1, 4)]
 # Element counts: empty, one, around the 16-byte vector (4 fp32, 8 fp16/bf16, 2 fp64; 8 for a
 # mixed pair), odd primes, and the chunk size +-1 (a chunk boundary inside a segment).
 SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 257, 4099, CHUNK - 1, CHUNK, CHUNK + 1,
@@ -61,6 +67,7 @@ def lib():
     lib = ctypes.CDLL(path)
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.prsgd_emu_configure.argtypes = [ctypes.c_int] * 5 + [ctypes.c_uint64]
+    lib.prsgd_emu_set_launch_config.argtypes = [ctypes.c_int] * 3
     lib.prsgd_emu_launches.argtypes = [ctypes.POINTER(I64), I64]
     lib.prsgd_emu_launches.restype = I64
     lib.prsgd_emu_layout.argtypes = [ctypes.c_int, P, I32, I64, P]
@@ -80,13 +87,23 @@ def rng():
 _device_ids: dict = {}
 
 
-def configure(lib, device, seed):
+_launch = [DEFAULT_LAUNCH]
+_forced_launch = [None]  # set by test_every_launch_config
+
+
+def configure(lib, device, seed, launch=None):
     """kernels.cu caches SM count and occupancy per device id (up to 64), so every distinct
-    (SMs, blocks per SM) gets an id of its own."""
+    (SMs, blocks per SM) gets an id of its own. `launch`: a launch configuration, else one of
+    LAUNCHES picked with `seed` (printed, so that a failure names it)."""
     sms, per_sm, block_order, thread_order = device
     dev = _device_ids.setdefault((sms, per_sm), len(_device_ids))
     assert dev < 64, "too many emulated devices"
     lib.prsgd_emu_configure(dev, sms, per_sm, block_order, thread_order, seed)
+    if launch is None:
+        launch = _forced_launch[0] or LAUNCHES[seed % len(LAUNCHES)]
+    print(f"device {device}, launch configuration (persistent, split_log2, unroll) {launch}")
+    assert lib.prsgd_emu_set_launch_config(*launch) == 0
+    _launch[0] = launch
 
 
 def launches(lib):
@@ -158,8 +175,11 @@ def sizes_for(rng, k=14):
 
 
 def expected_grids(device, chunks_per_launch):
+    """One block per task (a chunk cut in 2^split_log2), or the resident grid if persistent."""
     sms, per_sm = device[0], device[1]
-    return [min(c, sms * per_sm) for c in chunks_per_launch]
+    persistent, split_log2, _ = _launch[0]
+    tasks = [c << split_log2 for c in chunks_per_launch]
+    return [min(t, sms * per_sm) if persistent else t for t in tasks]
 
 
 def chunks(numels):
@@ -339,8 +359,9 @@ def test_divergence_independent_of_scheduling(lib, flat_dtype, param_dtype, rng)
     flat = rand(offsets[-1], flat_dtype, rng, -4, 4)
     old = [rand(k, param_dtype, rng) for k in numels]
     results = []
+    launch = LAUNCHES[rng.randrange(len(LAUNCHES))]
     for order in (FORWARD, REVERSE, SHUFFLED):
-        configure(lib, (5, 3, order, order), rng.randrange(2**63))
+        configure(lib, (5, 3, order, order), rng.randrange(2**63), launch)
         params = [o.clone() for o in old]
         div = torch.zeros(1, dtype=torch.float64)
         assert lib.prsgd_emu_unflatten(
@@ -369,3 +390,24 @@ def test_tensor_pointer_is_not_read_for_empty_or_gradless(lib, rng):
                                    flat.data_ptr(), 0, 16, 1, arr([1.0, 0.1, 0.9, 0, 0, 0, 0], ctypes.c_double),
                                    None) == 0
     assert torch.equal(p[1], flat[offsets[1]:offsets[1] + 5])
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=lambda c: "persistent%d-split%d-unroll%d" % c)
+def test_every_launch_config(lib, launch, rng):
+    """Each launch configuration, bit for bit: the fp32 kernels whose unroll it may force, and
+    an fp16 one that keeps its own; packed and padded; with and without divergence."""
+    _forced_launch[0] = launch
+    try:
+        test_flatten(lib, torch.float32, torch.float32, 1, rng)
+        test_flatten(lib, torch.float16, torch.float32, 16, rng)
+        test_unflatten(lib, torch.float32, torch.float32, "momentum", True, 1, rng)
+        test_unflatten(lib, torch.float32, torch.float32, "sgd", False, 16, rng)
+        test_unflatten(lib, torch.float32, torch.float32, "avg", True, 16, rng)
+        test_unflatten(lib, torch.float16, torch.float16, "dampened", False, 16, rng)
+    finally:
+        _forced_launch[0] = None
+
+
+def test_launch_config_refuses_out_of_range(lib):
+    for bad in [(2, 0, 0), (0, -1, 0), (0, 4, 0), (0, 0, 3), (0, 0, 8), (-1, 0, 0)]:
+        assert lib.prsgd_emu_set_launch_config(*bad) == -1, bad

@@ -7,7 +7,7 @@
 //    to completion, one block at a time, in a configurable block order (forward, reverse,
 //    shuffled) and a configurable choice of which runnable thread goes next (lowest index,
 //    highest, random), so results cannot depend on an order the GPU does not promise;
-//  - __syncthreads and the warp shuffles are barriers: a thread that reaches one waits until
+//  - __syncthreads, the warp shuffles and ballots are barriers: a thread that reaches one waits until
 //    every thread it synchronises with has arrived (a barrier that can never complete, e.g.
 //    in divergent code, aborts with "deadlock");
 //  - __shared__ variables are fresh for every block: the emulator fills them with 0xff bytes
@@ -45,6 +45,8 @@ void sync_block();  // __syncthreads
 // Full-warp exchange: every lane publishes `bits`; returns lane (own lane + delta)'s, or its own
 // when that lane is past the warp's end (as __shfl_down_sync does).
 uint64_t shuffle_down(uint64_t bits, unsigned delta);
+// Full-warp vote: bit l of the result is lane l's `pred` (as __ballot_sync(0xffffffff, pred)).
+uint32_t ballot(bool pred);
 
 // Runs body() as every thread of every block of a grid (NOTE: [CUDA emulation]); records
 // cudaErrorInvalidConfiguration for cudaGetLastError() instead when the configuration is bad.
@@ -93,6 +95,13 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
   std::memcpy(&r, &bits, sizeof(T));
   return r;
 }
+
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) ::prsgd_emu::fail("only full-warp ballots are emulated");
+  return ::prsgd_emu::ballot(pred != 0);
+}
+
+inline int __clz(unsigned x) { return x == 0 ? 32 : __builtin_clz(x); }
 
 [[noreturn]] inline void __trap() {
   ::prsgd_emu::fail("__trap() (a misaligned 16-byte access faults like this on the GPU)");

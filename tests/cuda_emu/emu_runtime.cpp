@@ -215,6 +215,18 @@ uint64_t shuffle_down(uint64_t bits, unsigned delta) {
   return result;
 }
 
+uint32_t ballot(bool pred) {
+  const unsigned t = thread_idx().x, lane = t % 32, warp = t / 32;
+  if ((warp + 1) * 32 > g_fibers.size()) fail("ballot in a partial warp");
+  uint64_t* slots = &g_shuffle_slots[warp * 32];
+  slots[lane] = pred ? 1 : 0;
+  wait_at(g_warp_barriers[warp], 32);  // every lane has voted
+  uint32_t result = 0;
+  for (unsigned l = 0; l < 32; ++l) result |= uint32_t(slots[l] != 0) << l;
+  wait_at(g_warp_barriers[warp], 32);  // every lane has read before a slot is reused
+  return result;
+}
+
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   const unsigned threads = block.x * block.y * block.z;

@@ -115,3 +115,69 @@ def steps_for_rank(spec: dict, rank: int, size: int) -> int:
         return sum(epoch_length(spec["schedule"], rank, s)
                    for s in range(1, spec["schedule"]["epochs"] + 1))
     return spec["steps"] + rank * spec.get("extra_steps_per_rank", 0)
+
+
+# ---- A model of three dtypes in one optimizer, for the kernels' edges across ranks ----------
+# fp32, fp16 and bf16 parameters interleaved in registration order, so each (device, dtype)
+# bucket of a round gathers tensors from all over the parameter list; odd sizes (vector tails)
+# and two tensors longer than one 32768-element kernel chunk (csrc/segment_table.h kChunkSize,
+# the CPU kernels' kGrainSize). The forward pass computes in the input's dtype (float32 in the
+# workers, float64 in the reference): a 16-bit parameter's gradient is computed in that dtype
+# and rounded once to the parameter's own, which the reference models exactly.
+MIXED_BIG32 = (33, 1001)   # fp32, 33033 elements
+MIXED_BIG16 = 32771        # bf16
+MIXED_WIDE16 = 1007        # fp16
+
+
+class MixedNet(nn.Module):
+    """``branch`` (fp16) is used only on rank 0: elsewhere it has no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(IN, 7)                                      # fp32: 42 + 7
+        self.mid = nn.Linear(7, 5).to(torch.float16)                     # fp16: 35 + 5
+        self.out = nn.Linear(5, OUT).to(torch.bfloat16)                  # bf16: 15 + 3
+        self.gain = nn.Parameter(torch.tensor(1.0, dtype=torch.float16))  # 0-dim fp16
+        self.branch = nn.Parameter((0.3 * torch.randn(OUT, OUT)).to(torch.float16))
+        self.wide = nn.Parameter((0.5 * torch.randn(MIXED_WIDE16)).to(torch.float16))
+        self.big32 = nn.Parameter(0.5 * torch.randn(*MIXED_BIG32))
+        self.big16 = nn.Parameter((0.5 * torch.randn(MIXED_BIG16)).to(torch.bfloat16))
+
+    def forward(self, x, rank: int):
+        dt = x.dtype
+        h = torch.tanh(nn.functional.linear(x, self.fc1.weight.to(dt), self.fc1.bias.to(dt)))
+        h = torch.tanh(nn.functional.linear(h, self.mid.weight.to(dt), self.mid.bias.to(dt)))
+        y = nn.functional.linear(h, self.out.weight.to(dt), self.out.bias.to(dt)) * self.gain.to(dt)
+        if rank == 0:
+            y = y + 0.1 * nn.functional.linear(y, self.branch.to(dt))
+        return y
+
+
+def make_mixed_model(seed: int) -> MixedNet:
+    torch.manual_seed(seed)
+    return MixedNet()
+
+
+
+
+def mixed_loss_fn(model: MixedNet, seed: int, rank: int, t: int, dtype=torch.float32, device=None):
+    """Data loss of the small layers plus, for the long tensors, a per-element nonlinear pull
+    toward targets drawn per (rank, step): their gradients differ between ranks element by
+    element, so an average written to the wrong place or skipped shows."""
+    x, y = batch(seed, rank, t, dtype)
+    g = torch.Generator().manual_seed(seed * 7919 + rank * 131 + t)
+    targets = [0.5 * torch.randn(n, generator=g) for n in
+               (MIXED_BIG32[0] * MIXED_BIG32[1], MIXED_BIG16, MIXED_WIDE16)]
+    if device is not None:
+        x, y = x.to(device), y.to(device)
+        targets = [tg.to(device) for tg in targets]
+    loss = ((model(x, rank) - y) ** 2).mean()
+    for p, tg in zip((model.big32, model.big16, model.wide), targets):
+        loss = loss + 0.25 * ((torch.tanh(p.to(dtype).reshape(-1)) - tg.to(dtype)) ** 2).sum()
+    return loss
+
+
+def flat_params_f32(model: nn.Module) -> torch.Tensor:
+    """All parameters as one float32 vector: exact for fp32/fp16/bf16, half the bytes of
+    flat_params (the mixed model has ~66k parameters and is saved at every step)."""
+    return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])

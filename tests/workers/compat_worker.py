@@ -204,11 +204,12 @@ class ForceNet(nn.Module):
         return x1, self.fc3(F.relu(x1))
 
 
+FORCE_OPTION_SETS = [dict(lr=0.2, momentum=0.9, weight_decay=0.1, centered=True), dict(lr=0.2)]
+
+
 def force_allreduce():
     out = {}
-    for (name, cls), opt_params in itertools.product(
-            torch_optimizers(), [dict(lr=0.2, momentum=0.9, weight_decay=0.1, centered=True),
-                                 dict(lr=0.2)]):
+    for (name, cls), opt_params in itertools.product(torch_optimizers(), FORCE_OPTION_SETS):
         key = f"{name}{opt_params}"
         torch.manual_seed(0)
         model = ForceNet()

@@ -14,14 +14,21 @@ def case(name, rank):
     torch.manual_seed(0)
     width = 5 if (name == "shape" and rank == 1) else 4
     model = nn.Sequential(nn.Linear(3, width), nn.Linear(width, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    interval = 3 if (name == "interval" and rank == 1) else 4
-    warmup = 2 if (name == "warmup" and rank == 1) else 0
-    if name == "schedule_kind" and rank == 1:
+    differs = rank == 1
+    cls = torch.optim.Adam if (name == "optimizer" and differs) else torch.optim.SGD
+    opt = cls(model.parameters(), lr=0.1)
+    interval = 3 if (name == "interval" and differs) else 4
+    warmup = 2 if (name == "warmup" and differs) else 0
+    if name == "schedule_kind" and differs:
         interval = hvd.TimeVarying([4, 4])
+    # Options documented (docs/robustness.md) as compared across ranks: rank 1 flips one.
+    options = {"overlap": {"overlap": False},
+               "compression": {"compression": hvd.Compression.fp16},
+               "average_state": {"average_state": True}}
+    extra = options.get(name, {}) if differs else {}
     try:
         hvd.DistributedLocalSGD(opt, interval=interval, warmup_steps=warmup,
-                                named_parameters=model.named_parameters())
+                                named_parameters=model.named_parameters(), **extra)
         return None
     except ValueError as exc:
         return str(exc)
@@ -33,7 +40,8 @@ def main():
     args = ap.parse_args()
     hvd.init()
     out = {name: case(name, hvd.rank())
-           for name in ["agree", "interval", "shape", "warmup", "schedule_kind"]}
+           for name in ["agree", "interval", "shape", "warmup", "schedule_kind", "overlap",
+                        "compression", "optimizer", "average_state"]}
     torch.save(out, f"{args.out}/rank{hvd.rank()}.pt")
 
 

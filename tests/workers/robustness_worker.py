@@ -1,18 +1,25 @@
 """Conditions real training meets: AMP overflow on one rank, a non-finite model, a crash.
 
---case faults: runs the 'amp', 'nonfinite_raise' and 'nonfinite_exclude' scenarios and saves
-what each rank saw. --case crash: rank 1 raises mid-run (the job must end, not hang).
+--case faults: runs the 'amp', 'nonfinite_raise' and 'nonfinite_exclude' scenarios, averaged
+optimizer state and averaged BatchNorm buffers, and saves what each rank saw (the test holds
+the values to tests/reference.py). --case crash: rank 1 raises mid-run (the job must end, not hang).
 """
 import argparse
 
 import torch
 
 import prsgd_hvd as hvd
-from common import flat_params, loss_fn, make_model
+from torch import nn
+
+from common import batch, flat_params, loss_fn, make_model
+
+# GradScaler overflows injected by amp(): (rank, step). Step 3 is a local step, step 4 an
+# averaging one (that rank takes the average and skips only its own update).
+AMP_OVERFLOWS = ((1, 3), (2, 4))
 
 
 def amp(rank):
-    """Rank 1's gradients overflow at step 3: its update is skipped, its schedule is not."""
+    """Ranks' gradients overflow at AMP_OVERFLOWS: the update is skipped, the schedule is not."""
     model = make_model(7)
     opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                   interval=2)
@@ -21,7 +28,7 @@ def amp(rank):
     for t in range(1, 7):
         opt.zero_grad()
         scaler.scale(loss_fn(model, 7, rank, t)).backward()
-        if rank == 1 and t == 3:
+        if (rank, t) in AMP_OVERFLOWS:
             model.fc1.weight.grad[0, 0] = float("inf")
         scaler.step(opt)
         scaler.update()
@@ -56,19 +63,64 @@ def nonfinite(rank, mode):
     return out
 
 
+def momentum_of(opt, model):
+    """Every parameter's momentum buffer by name (None where this rank has none yet)."""
+    return {n: opt.state[p]["momentum_buffer"].clone() if "momentum_buffer" in opt.state[p]
+            else None for n, p in model.named_parameters()}
+
+
 def shared_state(rank):
-    """average_state=True while one parameter has momentum on rank 0 only (its branch)."""
-    model = make_model(10)
-    opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                  interval=2, average_state=True, model=model)
-    for t in range(1, 5):
-        opt.zero_grad()
-        loss_fn(model, 10, rank, t).backward()
-        opt.step()
-    opt.average_now()
-    return {"fc1_momentum": opt.state[model.fc1.weight]["momentum_buffer"].clone(),
-            "has_branch_momentum": "momentum_buffer" in opt.state[model.branch.weight],
-            "rounds": opt.rounds}
+    """average_state=True while one parameter has momentum on rank 0 only (its branch), on the
+    fused and the reference path; ends with average_now()."""
+    out = {}
+    for fused in (None, False):
+        model = make_model(10)
+        opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                      interval=2, average_state=True, model=model, fused=fused)
+        for t in range(1, 6):
+            opt.zero_grad()
+            loss_fn(model, 10, rank, t).backward()
+            opt.step()
+            if t == 4:  # right after round 2: the average, then this rank's own update
+                out[f"step4 fused={fused}"] = {"params": flat_params(model),
+                                               "momentum": momentum_of(opt, model)}
+        opt.average_now()
+        out[f"end fused={fused}"] = {"params": flat_params(model), "momentum": momentum_of(opt, model),
+                                     "rounds": opt.rounds}
+    return out
+
+
+def bn_net():
+    """A model with BatchNorm statistics, the buffers model= asks to average."""
+    torch.manual_seed(11)
+    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5, momentum=0.3), nn.Tanh(),
+                         nn.Linear(5, 3))
+
+
+def bn_loss(model, rank, t):
+    x, y = batch(11, rank, t, dtype=next(model.parameters()).dtype)
+    x = x * (1 + rank)  # rank-dependent statistics, so the averaged buffers are not trivial
+    return ((model(x) - y) ** 2).mean()
+
+
+def buffers(rank):
+    """model=: BatchNorm running statistics averaged at every round (interval 2, 5 steps,
+    finalize), with and without overlap."""
+    out = {}
+    for overlap in (True, False):
+        model = bn_net()
+        opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                      interval=2, model=model, overlap=overlap)
+        for t in range(1, 6):
+            opt.zero_grad()
+            bn_loss(model, rank, t).backward()
+            opt.step()
+        opt.finalize()
+        out[f"overlap={overlap}"] = {
+            "params": flat_params(model), "running_mean": model[1].running_mean.clone(),
+            "running_var": model[1].running_var.clone(),
+            "num_batches_tracked": int(model[1].num_batches_tracked)}
+    return out
 
 
 def elastic_state(rank):
@@ -132,8 +184,12 @@ def main():
         return
     out = {"amp": amp(rank), "raise": nonfinite(rank, "raise"),
            "exclude": nonfinite(rank, "exclude"), "state": shared_state(rank),
+           "buffers": buffers(rank),
            "elastic": elastic_state(rank)}
     torch.save(out, f"{args.out}/rank{rank}.pt")
+    # Leave together: a round prestarted by the last step (elastic_state) is sent by every rank
+    # before this, instead of by a rank that finds Horovod already shut down by another's exit.
+    hvd.allreduce(torch.zeros(1), name="robustness_worker.done")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ name), resume_at (checkpoint round trip after that step; resume_after_round:
 after the step that completes that round -- with different step counts per rank that is the
 point where all ranks can restart together), lr_step
 ([step_size, gamma] for StepLR), broadcast_state (call hvd.broadcast_optimizer_state),
-extra_steps_per_rank (rank r runs r * that many more steps: uneven data) and finalize
-(train inside ``with opt.local_sgd():``, which ends with finalize()).
+extra_steps_per_rank (rank r runs r * that many more steps: uneven data), finalize
+(train inside ``with opt.local_sgd():``, which ends with finalize()) and model ("mixed":
+common.MixedNet, fp32 + fp16 + bf16 parameters, saved as float32 vectors).
 """
 import argparse
 import io
@@ -20,15 +21,21 @@ import os
 import torch
 
 import prsgd_hvd as hvd
-from common import flat_params, loss_fn, make_model, make_optimizer, schedule_from_spec, steps_for_rank
+from common import (flat_params, flat_params_f32, loss_fn, make_mixed_model, make_model,
+                    make_optimizer, mixed_loss_fn, schedule_from_spec, steps_for_rank)
 
 # PRSGD_TEST_DEVICE=cuda: the same scenarios with the model on the GPU (every rank on cuda:0,
 # Horovod staging the averages through host memory when it was built without GPU operations).
 DEVICE = torch.device(os.environ.get("PRSGD_TEST_DEVICE", "cpu"))
 
 
+def _mixed(spec):
+    """model "mixed": fp32 + fp16 + bf16 parameters in one optimizer (common.MixedNet)."""
+    return spec.get("model") == "mixed"
+
+
 def build(spec, rank):
-    model = make_model(spec["seed"]).to(DEVICE)
+    model = (make_mixed_model if _mixed(spec) else make_model)(spec["seed"]).to(DEVICE)
     opt = make_optimizer(spec, model)
     interval = schedule_from_spec(spec["schedule"], hvd) if "schedule" in spec else spec["interval"]
     process_set = None
@@ -63,7 +70,10 @@ def _process_sets(groups):
 
 def run(spec, rank):
     model, opt, sched = build(spec, rank)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    # Horovod 0.28 broadcasts no bf16 tensors; the models start equal anyway (same seed), and
+    # round 1's fingerprint check would say otherwise.
+    hvd.broadcast_parameters({k: v for k, v in model.state_dict().items()
+                              if v.dtype != torch.bfloat16}, root_rank=0)
     if spec.get("broadcast_state"):
         hvd.broadcast_optimizer_state(opt, root_rank=0)
         assert opt.local_step == 0 and opt.rounds == 0, "broadcast_optimizer_state moved counters"
@@ -76,22 +86,24 @@ def run(spec, rank):
         opt, model = _train(spec, rank, model, opt, sched, traj, divergence)
         if spec.get("finalize"):
             opt.finalize()
-    return {"traj": torch.stack(traj), "divergence": divergence, "final": flat_params(model), "local_step": opt.local_step,
+    flat = flat_params_f32 if _mixed(spec) else flat_params
+    return {"traj": torch.stack(traj), "divergence": divergence, "final": flat(model), "local_step": opt.local_step,
             "rounds": opt.rounds, "stats": opt.stats(),
             "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0)))),
             "device": str(next(model.parameters()).device), "extension": hvd.ops.has_extension()}
 
 
 def _train(spec, rank, model, opt, sched, traj, divergence):
+    loss, flat = (mixed_loss_fn, flat_params_f32) if _mixed(spec) else (loss_fn, flat_params)
     for t in range(1, steps_for_rank(spec, rank, hvd.size()) + 1):
         opt.zero_grad()
         k = spec.get("backward_passes", 1)
         for j in range(k):  # the micro-batches of one step (pytorch_imagenet_resnet50.py)
-            (loss_fn(model, spec["seed"], rank, t if k == 1 else k * t + j, device=DEVICE) / k).backward()
+            (loss(model, spec["seed"], rank, t if k == 1 else k * t + j, device=DEVICE) / k).backward()
         opt.step()
         if sched is not None:
             sched.step()
-        traj.append(flat_params(model))
+        traj.append(flat(model))
         divergence.append(opt.stats()["divergence"])
         resume = spec.get("resume_at") == t or (
             spec.get("resume_after_round") == opt.rounds and not getattr(opt, "_resumed", False))

@@ -1,0 +1,158 @@
+"""The named mutants of `make mutants`: small, plausible bugs the test suite must catch.
+
+Each mutant is one change to one line of the package (``old`` -> ``new``; ``old`` may carry a
+line of context on each side so that it matches exactly once) and the tests that should catch
+it, cheapest first. `scripts/mutants.py` applies each to a scratch copy of the checkout and runs
+those tests there; a mutant is *killed* when they fail.
+
+When a feature lands, add the bugs it could plausibly have here (NOTE: [mutants] in the README's
+Testing section). When code moves, update ``old``: the runner refuses a mutant whose ``old`` no
+longer matches exactly once, so a stale entry cannot pass silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str               # relative to the checkout
+    old: str                # the exact text replaced (must occur exactly once)
+    new: str
+    tests: Tuple[str, ...]  # pytest arguments (node ids or files), run from the checkout
+    why: str = ""           # what a user would see if this bug shipped
+
+
+def _traj(scenario: str, np: int = 2) -> str:
+    return f"tests/test_trajectories.py::test_trajectory_matches_float64_simulation[{scenario}-{np}]"
+
+
+def _hetero(which: int, np: int = 3) -> str:
+    """Algorithm 3 scenario ``which`` of test_trajectories.HETEROGENEOUS[np]."""
+    return f"tests/test_trajectories.py::test_heterogeneous_trajectory_matches_float64_simulation[{which}-{np}]"
+
+
+MUTANTS = [
+    # ---- Algorithm 1 and the schedules --------------------------------------------------------
+    Mutant("average_after_instead_of_before_update", "prsgd_hvd/schedules.py",
+           "return AVERAGE_BEFORE if t % self.interval == 0 else NO_ACTION",
+           "return StepPlan(average_after=True) if t % self.interval == 0 else NO_ACTION",
+           (_traj("sgd_plain_i3"),),
+           "the gradient of an averaging step would be taken at the average, not locally"),
+    Mutant("interval_off_by_one", "prsgd_hvd/schedules.py",
+           "return AVERAGE_BEFORE if t % self.interval == 0 else NO_ACTION",
+           "return AVERAGE_BEFORE if (t + 1) % self.interval == 0 else NO_ACTION",
+           (_traj("sgd_plain_i3"),)),
+    Mutant("warmup_one_step_short", "prsgd_hvd/schedules.py",
+           "return AVERAGE_BEFORE if t <= self.steps else self.inner.plan(t, elapsed)",
+           "return AVERAGE_BEFORE if t < self.steps else self.inner.plan(t, elapsed)",
+           (_traj("sgd_warmup4_i3"),)),
+    Mutant("time_varying_lr_never_set", "prsgd_hvd/local_sgd.py",
+           "        if plan.lr is not None:\n            for group in self.opt.param_groups:",
+           "        if plan.lr is None:\n            for group in self.opt.param_groups:",
+           (_traj("time_varying_lists_with_lrs"),)),
+    Mutant("heterogeneous_uses_rank0_interval", "prsgd_hvd/schedules.py",
+           "return self._plan(t, self.in_epoch(t) >= self.intervals[self.rank])",
+           "return self._plan(t, self.in_epoch(t) >= self.intervals[0])",
+           (_hetero(0),)),
+    Mutant("hierarchical_smallest_period_wins", "prsgd_hvd/schedules.py",
+           "for period, group in reversed(self.levels):",
+           "for period, group in self.levels:",
+           ("tests/test_trajectories.py::test_grouped_averaging_matches_float64_simulation",)),
+    # ---- what a round averages and how -------------------------------------------------------
+    Mutant("weight_divisor_is_rank_count", "prsgd_hvd/averaging.py",
+           'self.weight_sum = sum(self._field("weight"))',
+           'self.weight_sum = float(len(self.records))',
+           (_hetero(1),),
+           "weighted (Algorithm 3 'steps') averages divided by N instead of the sum of weights"),
+    Mutant("momentum_averaged_by_default", "prsgd_hvd/round_contents.py",
+           "        if self.average_state:\n            out += self.agree_on_state_entries",
+           "        if True:\n            out += self.agree_on_state_entries",
+           (_traj("sgd_momentum_i4"),)),
+    Mutant("model_buffers_not_averaged", "prsgd_hvd/round_contents.py",
+           "        if self.model is None:\n            return []",
+           "        if True:\n            return []",
+           ("tests/test_optimizer_unit.py::test_model_buffers_and_optimizer_state_are_included_when_asked",)),
+    Mutant("state_and_buffers_summed_not_averaged", "prsgd_hvd/averaging.py",
+           "                kernels.unflatten_average_(b.segment(n, len(b.tensors)), b.tensors[n:],\n"
+           "                                           scale=self.scale, align=ALIGN)",
+           "                kernels.unflatten_average_(b.segment(n, len(b.tensors)), b.tensors[n:],\n"
+           "                                           scale=1.0, align=ALIGN)",
+           ("tests/test_robustness.py",),
+           "average_state=True / model= buffers would hold the sum over ranks"),
+    Mutant("write_back_skips_last_bucket", "prsgd_hvd/averaging.py",
+           "for b, n in zip(self.buckets, self.layout.leading(measured)):",
+           "for b, n in zip(self.buckets[:-1] or self.buckets, self.layout.leading(measured)):",
+           ("tests/test_trajectories.py",),
+           "with several dtypes, one dtype's parameters would never be averaged"),
+    Mutant("fused_step_skips_last_bucket", "prsgd_hvd/fused_sgd.py",
+           "for b, runs in zip(rnd.buckets, self.runs(rnd.layout)):",
+           "for b, runs in zip(rnd.buckets[:-1] or rnd.buckets, self.runs(rnd.layout)):",
+           ("tests/test_trajectories.py",)),
+    Mutant("low_precision_summed_in_its_own_dtype", "prsgd_hvd/averaging.py",
+           "return torch.float32 if dtype in _LOW_PRECISION else dtype",
+           "return dtype",
+           ("tests/test_averaging_unit.py", "tests/test_trajectories.py")),
+    # ---- the fused average+SGD pass ---------------------------------------------------------
+    Mutant("fused_sgd_drops_nesterov", "prsgd_hvd/fused_sgd.py",
+           'nesterov=bool(group["nesterov"])', "nesterov=False",
+           (_traj("sgd_nesterov_dampening_i2"),)),
+    Mutant("fused_sgd_drops_weight_decay", "prsgd_hvd/fused_sgd.py",
+           'weight_decay=float(group["weight_decay"])', "weight_decay=0.0",
+           (_traj("sgd_momentum_i4"),)),
+    Mutant("fused_sgd_first_step_not_initialised", "prsgd_hvd/fused_sgd.py",
+           "                    first = True", "                    first = False",
+           (_traj("sgd_momentum_i4"),)),
+    Mutant("fused_step_reads_unaveraged_momentum", "prsgd_hvd/fused_sgd.py",
+           "for g, first, last in sorted(runs, key=lambda run: run[0] is not None):",
+           "for g, first, last in runs:",
+           ("tests/test_robustness.py::test_average_state_averages_the_state_every_rank_has",),
+           "average_state=True with fused SGD: the step would use this rank's own momentum"),
+    Mutant("overlap_prestarts_model_buffers", "prsgd_hvd/local_sgd.py",
+           "        self.overlap = self.wants_overlap and self.size > 1 and \\\n",
+           "        self.overlap = self.wants_overlap and self.size > 1 or \\\n",
+           ("tests/test_robustness.py::test_model_buffers_are_averaged_across_ranks",),
+           "BatchNorm statistics of the averaging step's forward pass would be overwritten"),
+    # ---- 16-bit deltas ----------------------------------------------------------------------
+    Mutant("error_feedback_dropped_in_wiring", "prsgd_hvd/local_sgd.py",
+           "error_feedback=self.error_feedback)", "error_feedback=False)",
+           ("tests/test_trajectories.py",)),
+    Mutant("codec_anchor_not_updated", "prsgd_hvd/compression.py",
+           "        anchor.copy_(average)\n", "        anchor.add_(0)\n",
+           (_traj("sgd_i2_fp16"),)),
+    Mutant("codec_decode_divides_by_rank_count", "prsgd_hvd/compression.py",
+           "add_(summed, alpha=1.0 / weight_sum)", "add_(summed, alpha=1.0 / size)",
+           ("tests/test_trajectories.py",)),
+    # ---- identity, overlap, faults, endings --------------------------------------------------
+    Mutant("control_record_of_wrong_round_accepted", "prsgd_hvd/averaging.py",
+           "if len(set(numbers)) > 1 or len(training) > 1:",
+           "if len(training) > 1:",
+           ("tests/test_averaging_unit.py::test_identity_checks",
+            "tests/test_misuse.py::test_resume_on_rank_0_only_is_caught_at_the_next_round")),
+    Mutant("prestarted_round_taken_whatever_its_key", "prsgd_hvd/overlap.py",
+           "if self.pending is not None and self.key == key:",
+           "if self.pending is not None:",
+           ("tests/test_trajectories.py",)),
+    Mutant("excluded_rank_still_updates", "prsgd_hvd/local_sgd.py",
+           "skip_update = skip_update or excluded", "skip_update = skip_update",
+           ("tests/test_robustness.py",)),
+    Mutant("gradscaler_skip_ignored", "prsgd_hvd/local_sgd.py",
+           "        elif not skip_update:\n            update()",
+           "        else:\n            update()",
+           ("tests/test_robustness.py",)),
+    Mutant("finalize_skips_the_last_round", "prsgd_hvd/local_sgd.py",
+           "            while self._join(self.averager).active_ranks:\n                pass",
+           "            while False and self._join(self.averager).active_ranks:\n                pass",
+           (_traj("uneven_data_finalize_i3"),)),
+    Mutant("elastic_restore_keeps_the_stale_round", "prsgd_hvd/local_sgd.py",
+           "started in is gone; drop the round without waiting for it.\"\"\"\n        self.inflight.forget()",
+           "started in is gone; drop the round without waiting for it.\"\"\"\n        pass",
+           ("tests/test_robustness.py::test_elastic_state_syncs_restores_and_rebinds",
+            "tests/test_elastic.py")),
+    Mutant("checkpoint_forgets_schedule_position", "prsgd_hvd/local_sgd.py",
+           "        self.schedule.load_state_dict(local.get(\"schedule\") or {})\n        self._last_round_t",
+           "        self._last_round_t",
+           (_traj("time_varying_no_lrs_repeat_last_resume"),)),
+]
