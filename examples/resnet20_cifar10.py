@@ -26,6 +26,7 @@ when ``--max-steps`` stops the run; ``--resume`` continues from it. The run ends
 ``finalize()`` (every rank holds the average) and the test accuracy of the averaged model.
 """
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -259,7 +260,9 @@ def main():
 
     def save_checkpoint():
         os.makedirs(args.checkpoint, exist_ok=True)
-        with opt.per_rank_checkpoint():  # this rank's own model, on purpose: no warning
+        # Under local SGD this is this rank's own model, on purpose: saved without the warning.
+        per_rank = contextlib.nullcontext() if args.baseline else opt.per_rank_checkpoint()
+        with per_rank:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "lr_scheduler": sched.state_dict(), "epoch": epoch,
                         "step_in_epoch": step_in_epoch, "total_steps": total_steps,
