@@ -43,14 +43,14 @@ class Anchor:
     def bucket(self, index: int) -> torch.Tensor:
         return self._flat[index]
 
-    @torch.no_grad()
     def follow(self, rnd: "Round") -> None:
         """The round's average is the new common point (the plain update rules)."""
-        if not self.kept or not rnd.is_finite():
+        if not self.kept or not rnd.is_finite():  # checked first: most rounds keep none
             return
-        for b in rnd.buckets:
-            flat = self._flat.get(b.index)
-            if flat is None:
-                self._flat[b.index] = b.payload * rnd.scale
-            else:
-                torch.mul(b.payload, rnd.scale, out=flat)
+        with torch.no_grad():
+            for b in rnd.buckets:
+                flat = self._flat.get(b.index)
+                if flat is None:
+                    self._flat[b.index] = b.payload * rnd.scale
+                else:
+                    torch.mul(b.payload, rnd.scale, out=flat)

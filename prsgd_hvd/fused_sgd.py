@@ -28,6 +28,7 @@ class FusedAverageSgd(UpdateRule):
     """The fused average+SGD write-back for one ``torch.optim.SGD``."""
 
     fuses_update = True
+    needs_measured = False  # it knows the parameters: the param-group runs
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.opt = optimizer

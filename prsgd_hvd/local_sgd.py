@@ -184,7 +184,7 @@ class LocalSGD:
         """Stage 'write': the round's update rule writes every tensor (prsgd_hvd.update_rules)
         and records this rank's divergence; True when it applied this step's update too."""
         self.divergence, updated = self.write_stage.write(
-            rnd, measured=len(self.contents.params()), update_follows=update_follows, plan=plan)
+            rnd, lambda: len(self.contents.params()), update_follows=update_follows, plan=plan)
         return updated
 
     def _prestart(self, t: int) -> None:

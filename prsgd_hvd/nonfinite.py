@@ -39,11 +39,12 @@ class NonFinitePolicy:
         self.mode = mode
         self.excluded: List[Dict[str, Any]] = []  # rounds that left non-finite ranks out
 
-    def settle(self, rnd: Round, collectives: SetCollectives, where: str,
+    def settle(self, rnd: Round, collectives: SetCollectives, where: Callable[[], str],
                compressed_kind: Optional[str], rerun: Callable[[bool], Round],
                optimizer: torch.optim.Optimizer) -> Tuple[Round, bool]:
         """Returns the round to write back and whether this rank was left out of it (its
-        update must then be skipped). ``rerun(contribute)`` runs the same round again."""
+        update must then be skipped). ``rerun(contribute)`` runs the same round again;
+        ``where()`` names the round in messages (built only when there is one to give)."""
         if self.mode == "ignore" or rnd.is_finite():
             return rnd, False
         mine = not _all_finite(rnd.layout.tensors)
@@ -53,14 +54,14 @@ class NonFinitePolicy:
             if compressed_kind is None:
                 return rnd, False  # the sum overflowed but every model is finite: go on
             raise FloatingPointError(
-                f"DistributedLocalSGD: the 16-bit compressed sum overflowed at {where}: the "
+                f"DistributedLocalSGD: the 16-bit compressed sum overflowed at {where()}: the "
                 f"models moved further from the last average than {compressed_kind} can "
                 f"hold. Average more often, or use compression=hvd.Compression.bf16 (wider "
                 f"range) or no compression.")
         if self.mode == "raise" or len(bad) == collectives.size:
             raise FloatingPointError(
                 f"DistributedLocalSGD: non-finite values (inf/NaN) in the model of rank(s) "
-                f"{bad} at {where}; averaging them would poison every rank. Lower "
+                f"{bad} at {where()}; averaging them would poison every rank. Lower "
                 f"the learning rate, clip gradients, use a GradScaler, or pass "
                 f"nonfinite='exclude' to leave such ranks out of the average.")
         self.excluded.append({"round": rnd.identity.number, "ranks": bad})

@@ -74,8 +74,9 @@ class RoundStage:
         rnd.check_identity()
         if identity.number == 1:
             agreement.check_fingerprints(rnd.fingerprints(), rnd.members)
-        where = (f"averaging round {identity.number} (after {self.local_step()} local steps on "
-                 f"rank {self.world.global_rank()})")
+        def where() -> str:
+            return (f"averaging round {identity.number} (after {self.local_step()} local steps "
+                    f"on rank {self.world.global_rank()})")
 
         def rerun(contribute: bool) -> Round:
             return averager.start(rnd.layout.tensors, identity, weight=weight, active=active,

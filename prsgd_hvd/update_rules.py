@@ -23,7 +23,7 @@ per round; it is the only place that knows which rules exist.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from .averaging import Round
 from .schedules import StepPlan
@@ -34,6 +34,7 @@ class UpdateRule:
 
     fuses_update = False   # write() applies this step's optimizer update too
     needs_anchor = False   # the averagers must keep the anchor for this rule
+    needs_measured = True  # wants the number of parameters (a rule that knows them says no)
 
     def applies(self, rnd: Round) -> bool:
         """Whether this rule can write ``rnd`` (devices, dtypes, optimizer options)."""
@@ -50,7 +51,7 @@ class UpdateRule:
     def advance_anchor(self, rnd: Round) -> None:
         """The plain rules leave every rank at the average: that is the new common point.
         A rule whose kernel computes another common point writes the anchor itself."""
-        if rnd.anchor is not None:
+        if rnd.anchor is not None and rnd.anchor.kept:
             rnd.anchor.follow(rnd)
 
 
@@ -87,10 +88,12 @@ class WriteStage:
             return self.fused
         return self.average
 
-    def write(self, rnd: Round, measured: int, update_follows: bool = False,
+    def write(self, rnd: Round, n_params: Callable[[], int], update_follows: bool = False,
               plan: Optional[StepPlan] = None):
-        """Write ``rnd`` back; returns (divergence, whether the update was applied too)."""
+        """Write ``rnd`` back; returns (divergence, whether the update was applied too).
+        ``n_params()``: how many of the round's first tensors are parameters (asked only by
+        rules that need it: listing the parameters costs microseconds per round)."""
         rule = self.choose(rnd, update_follows, plan)
-        divergence = rule.write(rnd, measured)
+        divergence = rule.write(rnd, n_params() if rule.needs_measured else 0)
         rnd.accept()
         return divergence, rule.fuses_update
