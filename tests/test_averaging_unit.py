@@ -260,3 +260,53 @@ def test_forgetting_a_round_collects_what_completed_and_never_waits():
     assert fake.synchronized == [31] and held.pending is None and averager.pending is None
     assert pending.failed
     held.cancel()  # nothing held any more
+
+
+def _one_bucket_round(values, weight, anchor, number=1):
+    layout = BucketLayout([torch.zeros(len(values))], n_ranks=1)
+    layout.buckets[0].payload.copy_(torch.tensor(values))
+    return Round(layout, RoundId("scheduled", number),
+                 [(weight,) + (0.0,) * (CONTROL_FIELDS - 1)], anchor=anchor)
+
+
+def test_the_anchor_follows_finite_averages_and_only_when_kept():
+    kept = Anchor(kept=True)
+    kept.follow(_one_bucket_round([2.0, 4.0, 6.0, 8.0], 2.0, kept))  # the sum, weight 2
+    assert kept.ready(1) and torch.equal(kept.bucket(0), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    kept.follow(_one_bucket_round([float("nan"), 0.0, 0.0, 0.0], 1.0, kept, 2))
+    # a NaN round is no common point
+    assert torch.equal(kept.bucket(0), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    kept.reset()
+    assert not kept.ready(1)
+    unkept = Anchor(kept=False)
+    unkept.follow(_one_bucket_round([2.0, 4.0, 6.0, 8.0], 2.0, unkept))
+    assert not unkept.ready(1)  # nothing stored: no stage asked for it
+
+
+def test_the_write_stage_fuses_only_when_the_update_follows_and_the_rule_applies():
+    from prsgd_hvd.update_rules import PlainAverage, UpdateRule, WriteStage
+
+    class Fused(UpdateRule):
+        fuses_update, needs_measured = True, False
+        ok = True
+
+        def applies(self, rnd):
+            return self.ok
+
+        def apply(self, rnd, measured):
+            self.seen = measured
+            return 7.0
+
+    ts = [torch.zeros(2)]
+    rnd = Averager(hvd.global_process_set, "unit.write").start(ts, RoundId("scheduled", 1),
+                                                               weight=2.0).wait()
+    fused = Fused()
+    stage = WriteStage(PlainAverage(ops_reference), fused)
+    asked = []
+    n_params = lambda: asked.append(1) or 1  # noqa: E731
+    assert stage.write(rnd, n_params, update_follows=True) == (7.0, True)
+    assert fused.seen == 0 and asked == []  # the fused rule knows its parameters
+    assert stage.write(rnd, n_params, update_follows=False) == (0.0, False)
+    assert asked == [1]
+    fused.ok = False
+    assert stage.choose(rnd, update_follows=True) is stage.average
