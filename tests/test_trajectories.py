@@ -204,10 +204,11 @@ def test_trajectory_matches_float64_simulation(np, spec):
 
 @pytest.fixture(scope="module")
 def cuda_results():
-    """Every scenario on 2 ranks with the model on the GPU (both ranks share cuda:0)."""
+    """Every scenario on 2 ranks with the model on the GPU (both ranks share cuda:0), and the
+    mixed-dtype ones, whose long tensors span two of the CUDA kernels' 32768-element chunks."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (make gpu-check runs it on one)")
-    return run_workers("trajectory_worker.py", 2, ["--scenarios", json.dumps(SCENARIOS)],
+    return run_workers("trajectory_worker.py", 2, ["--scenarios", json.dumps(SCENARIOS + MIXED[2])],
                        env={"PRSGD_TEST_DEVICE": "cuda"})
 
 
@@ -327,8 +328,8 @@ MIXED_CASES = [(np, spec) for np in (2, 3) for spec in MIXED[np]]
 
 
 @pytest.mark.parametrize("np,spec", MIXED_CASES, ids=[f"{s['name']}-{n}" for n, s in MIXED_CASES])
-def test_mixed_dtypes_match_float64_simulation(np, spec):
-    results = results_for(np)
+def test_mixed_dtypes_match_float64_simulation(np, spec, results=None):
+    results = results or results_for(np)
     fused = results[0][spec["name"]]["stats"]["fused"]
     ref_traj, ref_final, ref_divergence = mixed_reference(spec, np, fused)
     for rank, res in enumerate(results):
@@ -380,3 +381,12 @@ def test_error_feedback_setting_reaches_the_wire(np, spec):
                 f"its error-feedback setting, which is {apart:.2e} from the other setting's"
             checked += 1
         assert checked >= 2, "too few rounds for error feedback to show"
+
+
+@pytest.mark.parametrize("spec", MIXED[2], ids=[s["name"] for s in MIXED[2]])
+def test_mixed_dtypes_on_cuda_match_float64_simulation(cuda_results, spec):
+    for res in cuda_results:
+        assert res[spec["name"]]["device"] == "cuda:0"
+        if os.environ.get("PRSGD_REQUIRE_EXTENSION") == "1":
+            assert res[spec["name"]]["extension"], "the CUDA kernels did not load"
+    test_mixed_dtypes_match_float64_simulation(2, spec, cuda_results)
