@@ -70,7 +70,9 @@ def run_tests(root: Path, tests: Sequence[str], timeout: float) -> Tuple[str, st
     out = proc.stdout
     if proc.returncode == 0:
         return "passed", "", took
-    failed = re.findall(r"^FAILED (\S+)", out, re.M)
+    # Exit code 1: tests ran and some failed -- an assertion, or a fixture whose horovodrun job
+    # crashed under the mutant (reported as ERROR): both are the suite noticing.
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
     if proc.returncode == 1 and failed:
         return "failed", failed[0], took
     if "Timeout" in out and proc.returncode == 1:
