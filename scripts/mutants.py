@@ -57,7 +57,7 @@ def apply(mutant: Mutant, root: Path) -> None:
 def run_tests(root: Path, tests: Sequence[str], timeout: float) -> Tuple[str, str, float]:
     """('passed' | 'failed' | 'timeout' | 'error', the first failing test or the tail, seconds)."""
     env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
            f"--timeout={int(timeout)}", *tests]
     start = time.monotonic()
     try:
