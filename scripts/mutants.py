@@ -57,7 +57,7 @@ def apply(mutant: Mutant, root: Path) -> None:
 def run_tests(root: Path, tests: Sequence[str], timeout: float) -> Tuple[str, str, float]:
     """('passed' | 'failed' | 'timeout' | 'error', the first failing test or the tail, seconds)."""
     env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
            f"--timeout={int(timeout)}", *tests]
     start = time.monotonic()
     try:
@@ -70,7 +70,9 @@ def run_tests(root: Path, tests: Sequence[str], timeout: float) -> Tuple[str, st
     out = proc.stdout
     if proc.returncode == 0:
         return "passed", "", took
-    failed = re.findall(r"^FAILED (\S+)", out, re.M)
+    # Exit code 1: tests ran and some failed -- an assertion, or a fixture whose horovodrun job
+    # crashed under the mutant (reported as ERROR): both are the suite noticing.
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
     if proc.returncode == 1 and failed:
         return "failed", failed[0], took
     if "Timeout" in out and proc.returncode == 1:

@@ -4,10 +4,13 @@ Plain torch, none of prsgd_hvd's code, like tests/reference.py; what it adds is 
 the package's numbers are stored, so that 16-bit parameters can be held to within an ulp:
 
 - every parameter, gradient and momentum buffer is rounded to the parameter's own dtype where
-  the package stores it (after backward, after each update, after a written-back average);
+  it is stored: the gradient after backward; in a local step after each tensor operation of
+  ``torch.optim.SGD`` (its single-tensor loop: ``grad + wd * param``, ``buf * momentum``,
+  ``+ (1 - dampening) * grad``, ``param - lr * buf``, each a tensor of the param's dtype);
 - an average is computed in float32 (the package sums fp16/bf16 tensors in fp32 buffers) and
-  rounded once to the parameter's dtype; the fused average+SGD pass (``fused`` not False, SGD,
-  a round before the update) steps from the float32 average without rounding it first;
+  rounded once to the parameter's dtype; the fused average+SGD pass (SGD with the kernels, a
+  round before the update) computes the update from the float32 average in float32 and rounds
+  the new parameter and momentum buffer once each;
 - 16-bit compression follows the wire format of README/docs (prsgd_hvd/compression.py's module
   docstring): each rank sends Q(weight * (x_i - anchor + residual_i)), the residual keeping what
   Q lost (error feedback), the first round in full precision, the average
@@ -25,7 +28,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from workers.common import make_mixed_model, make_optimizer, mixed_loss_fn, steps_for_rank
+from workers.common import make_mixed_model, mixed_loss_fn, steps_for_rank
 
 WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,24 +47,46 @@ class _Rank:
         self.model = copy.deepcopy(base)
         self.params = list(self.model.parameters())
         self.dtypes = dtypes
-        self.opt = make_optimizer(spec, self.model)
+        hyper = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
+                 **spec.get("opt_kwargs", {})}
+        if spec["opt"] != "sgd" or hyper.get("nesterov") or hyper.get("maximize"):
+            raise NotImplementedError("the mixed model runs plain/momentum SGD")
+        self.lr, self.momentum = hyper["lr"], hyper["momentum"]
+        self.dampening, self.weight_decay = hyper["dampening"], hyper["weight_decay"]
+        self.bufs: List[Optional[torch.Tensor]] = [None] * len(self.params)
         self.residual: Optional[List[torch.Tensor]] = None
 
     def gradients(self, spec: dict, r: int, t: int) -> None:
-        self.opt.zero_grad()
+        for p in self.params:
+            p.grad = None
         mixed_loss_fn(self.model, spec["seed"], r, t, dtype=torch.float64).backward()
         for p, dt in zip(self.params, self.dtypes):
             if p.grad is not None:
                 p.grad.copy_(stored(p.grad, dt))
 
     @torch.no_grad()
-    def update(self) -> None:
-        self.opt.step()
-        for p, dt in zip(self.params, self.dtypes):
-            p.copy_(stored(p, dt))
-            buf = self.opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                buf.copy_(stored(buf, dt))
+    def update(self, averages: Optional[List[torch.Tensor]] = None) -> None:
+        """One SGD step; with ``averages``, the fused pass from those float32 averages."""
+        for i, (p, dt) in enumerate(zip(self.params, self.dtypes)):
+            x = p.detach() if averages is None else averages[i]
+            if p.grad is None:  # no local update; the fused pass still writes the average
+                p.copy_(stored(x, dt))
+                continue
+            # torch.optim.SGD rounds each operation to the parameter's dtype; the fused kernel
+            # works in float32 and rounds what it stores.
+            r = (lambda v: stored(v, dt)) if averages is None else f32
+            d = p.grad
+            if self.weight_decay != 0:
+                d = r(d + self.weight_decay * x)
+            if self.momentum != 0:
+                buf = self.bufs[i]
+                if buf is None:
+                    b = d.clone()
+                else:
+                    b = r(r(buf * self.momentum) + (1 - self.dampening) * d)
+                self.bufs[i] = stored(b, dt)
+                d = b
+            p.copy_(stored(x - self.lr * d, dt))
 
     def flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).clone() for p in self.params])
@@ -124,11 +149,10 @@ def _divergence(rank: _Rank, avg: List[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def _write_back(ranks: List[_Rank], avg: List[torch.Tensor], before_fused_sgd: bool) -> None:
+def _write_back(ranks: List[_Rank], avg: List[torch.Tensor]) -> None:
     for rk in ranks:
         for p, a, dt in zip(rk.params, avg, rk.dtypes):
-            # The fused pass steps from the float32 average; otherwise it is stored first.
-            p.copy_(a if before_fused_sgd else stored(a, dt))
+            p.copy_(stored(a, dt))
 
 
 def simulate_mixed(spec: dict, n: int, fused: bool, error_feedback: Optional[bool] = None):
@@ -146,12 +170,12 @@ def simulate_mixed(spec: dict, n: int, fused: bool, error_feedback: Optional[boo
     traj: List[List[torch.Tensor]] = [[] for _ in range(n)]
     divergence: List[Dict[int, float]] = [dict() for _ in range(n)]
 
-    def round_(weights, t_of_rank, before_fused_sgd):
+    def round_(weights, t_of_rank):
         avg = averaging.average(ranks, weights)
         for r, rk in enumerate(ranks):
             if t_of_rank[r] is not None:
                 divergence[r][t_of_rank[r]] = _divergence(rk, avg)
-        _write_back(ranks, avg, before_fused_sgd)
+        return avg
 
     sched = spec.get("schedule")
     if sched is None:  # Algorithm 1: x_i <- avg(x^{t-1}) before step t's update
@@ -162,10 +186,14 @@ def simulate_mixed(spec: dict, n: int, fused: bool, error_feedback: Optional[boo
         for t in range(1, steps[0] + 1):
             for r, rk in enumerate(ranks):
                 rk.gradients(spec, r, t)
+            avg = None
             if t <= warmup or t % interval == 0:
-                round_([1.0] * n, [t] * n, before_fused_sgd=fused)
+                avg = round_([1.0] * n, [t] * n)
+                if not fused:
+                    _write_back(ranks, avg)
+                    avg = None
             for r, rk in enumerate(ranks):
-                rk.update()
+                rk.update(avg)  # the fused pass steps from the float32 average itself
                 traj[r].append(rk.flat())
     else:  # Algorithm 3: K_r local steps, then the (weighted) average ends the epoch
         assert sched["kind"] == "heterogeneous"
@@ -179,9 +207,9 @@ def simulate_mixed(spec: dict, n: int, fused: bool, error_feedback: Optional[boo
                     rk.update()
                     traj[r].append(rk.flat())
             weights = [float(k) for k in lengths] if sched.get("weights") == "steps" else [1.0] * n
-            round_(weights, list(t), before_fused_sgd=False)
+            _write_back(ranks, round_(weights, list(t)))
             for r, rk in enumerate(ranks):  # the average happens inside the epoch's last step()
                 traj[r][-1] = rk.flat()
     if spec.get("finalize"):
-        round_([1.0] * n, [None] * n, before_fused_sgd=False)
+        _write_back(ranks, round_([1.0] * n, [None] * n))
     return [torch.stack(tr) for tr in traj], [rk.flat() for rk in ranks], divergence

@@ -784,13 +784,19 @@ def test_cuda_launch_configs_agree_with_reference(align, gen):
             cfg_ops.set_launch_config(*cfg)
             flat = torch.full_like(flat_in, float("nan"))
             ops.flatten(params0, flat, align=align)
-            params, bufs = [nan_like(p) for p in params0], [b.clone() for b in bufs0]
+            # Divergence reads the params before overwriting them: it needs the real ones.
+            params, bufs = [p.clone() for p in params0], [b.clone() for b in bufs0]
             div = torch.zeros(1, dtype=torch.float64, device="cuda")
             ops.unflatten_average_sgd_(flat_in, params, grads, bufs, divergence=div, **kw)
+            # Without it, params poisoned with NaN show any element left unwritten.
+            poisoned, bufs2 = [nan_like(p) for p in params0], [b.clone() for b in bufs0]
+            ops.unflatten_average_sgd_(flat_in, poisoned, grads, bufs2, **kw)
             assert torch.equal(flat, want_flat), f"flatten under {cfg}"
             for i in range(len(shapes)):
                 assert_close(params[i], want_p[i], f"{cfg} params[{i}]")
                 assert_close(bufs[i], want_b[i], f"{cfg} bufs[{i}]")
+                assert torch.equal(poisoned[i], params[i]) and torch.equal(bufs2[i], bufs[i]), \
+                    f"{cfg}: with and without divergence differ at [{i}]"
             torch.testing.assert_close(div, want_div, rtol=1e-12, atol=0)
             got = (params, bufs)
             if first is None:

@@ -102,6 +102,34 @@ def test_checkpoint_round_trip_mid_interval_keeps_the_schedule():
     plain.load_state_dict(sd)
 
 
+def test_checkpoint_mid_epoch_resumes_time_varying_where_it_stood():
+    """Algorithm 2's position (epoch, where it began) travels in the checkpoint: a fresh
+    optimizer that loads it averages at the same steps, with the same lr, as an uninterrupted
+    run; from a fresh position it would end the epoch at step 4 instead of 5."""
+    def schedule():
+        return hvd.TimeVarying([1, 4, 2], lrs=[0.1, 0.05, 0.02])
+
+    def record(opt, model, steps, seed):
+        out = []
+        for k in range(steps):
+            train(model, opt, 1, seed=seed + k)
+            out.append((opt.local_step, opt.rounds, opt.param_groups[0]["lr"]))
+        return out
+
+    model, opt = model_and_sgd()
+    opt = hvd.DistributedLocalSGD(opt, interval=schedule())
+    whole = record(opt, model, 7, seed=10)
+    model, opt = model_and_sgd()
+    opt = hvd.DistributedLocalSGD(opt, interval=schedule())
+    first = record(opt, model, 3, seed=10)
+    ckpt = copy.deepcopy(opt.state_dict())
+    model2, opt2 = model_and_sgd()
+    opt2 = hvd.DistributedLocalSGD(opt2, interval=schedule())
+    opt2.load_state_dict(ckpt)
+    assert first + record(opt2, model2, 4, seed=13) == whole
+    assert [r for _, r, _ in whole] == [1, 1, 1, 1, 2, 2, 3]
+
+
 def test_lr_scheduler_and_closure():
     model, opt = model_and_sgd()
     opt = hvd.DistributedLocalSGD(opt, interval=2)

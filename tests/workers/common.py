@@ -173,7 +173,7 @@ def mixed_loss_fn(model: MixedNet, seed: int, rank: int, t: int, dtype=torch.flo
         targets = [tg.to(device) for tg in targets]
     loss = ((model(x, rank) - y) ** 2).mean()
     for p, tg in zip((model.big32, model.big16, model.wide), targets):
-        loss = loss + 0.25 * ((torch.tanh(p.to(dtype).reshape(-1)) - tg.to(dtype)) ** 2).sum()
+        loss = loss + ((torch.tanh(p.to(dtype).reshape(-1)) - tg.to(dtype)) ** 2).sum()
     return loss
 
 
