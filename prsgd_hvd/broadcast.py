@@ -62,3 +62,27 @@ def broadcast_optimizer_state(optimizer, root_rank: int, model=None) -> None:
     local = hvd.broadcast_object(local, root_rank=root_rank,
                                  name="prsgd_hvd.broadcast_optimizer_state.local_sgd")
     ls.load_local_state(local)
+
+
+def _bits(tensor):
+    """A bf16 tensor as the int16 view of its storage (what a broadcast copies); others as is."""
+    if torch.is_tensor(tensor) and tensor.dtype == torch.bfloat16:
+        return tensor.detach().view(torch.int16)
+    return tensor
+
+
+def broadcast_parameters(params, root_rank: int) -> None:
+    """``hvd.broadcast_parameters`` that also takes bf16 tensors.
+
+    Horovod 0.28's collectives have no bf16 type ("Tensor type torch.BFloat16Tensor is not
+    supported"), so the usual first lines of a Horovod script fail on a model with bf16
+    parameters. A broadcast copies bits, so bf16 tensors travel as their int16 view, in place;
+    everything else, the arguments and the errors are Horovod's. Installed on ``horovod.torch``
+    and ``horovod.torch.functions`` (whose ``broadcast_optimizer_state`` broadcasts the state
+    through it) when the package is imported."""
+    from horovod.torch.functions import _horovod_broadcast_parameters
+    if isinstance(params, dict):
+        params = {name: _bits(p) for name, p in params.items()}
+    elif isinstance(params, list):
+        params = [(p[0], _bits(p[1])) if isinstance(p, tuple) else _bits(p) for p in params]
+    _horovod_broadcast_parameters(params, root_rank)

@@ -27,7 +27,7 @@ import weakref
 from typing import Any, Dict
 
 # Names that used to be defined here, kept importable from here.
-from .broadcast import broadcast_optimizer_state  # noqa: F401
+from .broadcast import broadcast_optimizer_state, broadcast_parameters  # noqa: F401
 from .horovod_api import horovod
 from .process_sets import OwnRankOnly, resolve_process_set  # noqa: F401
 from .unaveraged import LocalStepsNotAveragedWarning, warn_if_unaveraged  # noqa: F401
@@ -144,7 +144,14 @@ def install_on_horovod() -> Dict[str, Any]:
         factory = _guarded_distributed_optimizer(factory)
     install_state_handler()
     hvd_elastic.LocalSGDState = LocalSGDState
+    # bf16 through hvd.broadcast_parameters, also where Horovod's broadcast_optimizer_state
+    # calls it by its module's global name; Horovod's own function is kept under another name.
+    import horovod.torch.functions as hvd_functions
+    if not hasattr(hvd_functions, "_horovod_broadcast_parameters"):
+        hvd_functions._horovod_broadcast_parameters = hvd_functions.broadcast_parameters
+    hvd_functions.broadcast_parameters = broadcast_parameters
     names = {"broadcast_optimizer_state": broadcast_optimizer_state,
+             "broadcast_parameters": broadcast_parameters,
              "DistributedOptimizer": factory, "Compression": Compression}
     for name, obj in names.items():
         setattr(hvd_torch, name, obj)

@@ -161,4 +161,9 @@ MUTANTS = [
            "        self.schedule.load_state_dict(local.get(\"schedule\") or {})\n        self.clock.restart_at",
            "        self.clock.restart_at",
            ("tests/test_optimizer_unit.py::test_checkpoint_mid_epoch_resumes_time_varying_where_it_stood",)),
+    Mutant("bf16_broadcast_left_to_horovod", "prsgd_hvd/broadcast.py",
+           "if torch.is_tensor(tensor) and tensor.dtype == torch.bfloat16:",
+           "if False:",
+           ("tests/test_trajectories.py::test_mixed_dtypes_match_float64_simulation",),
+           "hvd.broadcast_parameters would fail on a model with bf16 parameters"),
 ]

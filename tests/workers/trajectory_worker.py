@@ -70,10 +70,13 @@ def _process_sets(groups):
 
 def run(spec, rank):
     model, opt, sched = build(spec, rank)
-    # Horovod 0.28 broadcasts no bf16 tensors; the models start equal anyway (same seed), and
-    # round 1's fingerprint check would say otherwise.
-    hvd.broadcast_parameters({k: v for k, v in model.state_dict().items()
-                              if v.dtype != torch.bfloat16}, root_rank=0)
+    if spec.get("model") == "mixed" and rank != 0:
+        # Spoil this rank's copy: hvd.broadcast_parameters must bring rank 0's back, the bf16
+        # tensors included (Horovod 0.28 alone refuses them; prsgd_hvd's broadcast takes them).
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     if spec.get("broadcast_state"):
         hvd.broadcast_optimizer_state(opt, root_rank=0)
         assert opt.local_step == 0 and opt.rounds == 0, "broadcast_optimizer_state moved counters"
