@@ -90,10 +90,11 @@ class LocalSGD:
         """Whether rounds start early (NOTE: [overlap]). Model buffers (BatchNorm statistics)
         change in the forward pass of the averaging step itself, after a prestarted round
         packed them: such rounds are not started early."""
-        # With an outer optimizer no round starts early (not yet): finalize() completes a round
-        # prestarted for a step no rank takes, which would be one more outer step than
-        # without overlap.
-        return self.config.overlap and self.world.size > 1 and self.outer is None and \
+        if self.outer is not None:
+            # Not yet with an outer optimizer: finalize() completes a round prestarted for a
+            # step no rank takes, which would be one more outer step than without overlap.
+            return False
+        return self.config.overlap and self.world.size > 1 and \
             not self.contents.buffers(self.contents.params())
 
     def _describe_params(self):
@@ -134,12 +135,12 @@ class LocalSGD:
         """Apply a saved ``local_state()``, validated first (all or nothing)."""
         self.local_step, self.rounds = self.validate_local_state(local)
         self.schedule.load_state_dict(local.get("schedule") or {})
+        self.clock.restart_at(self.local_step)
         if self.outer is not None:
             self.outer.load_state(local["outer"])
             for averager in self.world.averagers:  # the deltas' origin is the loaded theta0 now:
                 averager.anchor.reset()            # the next round goes in full precision and
                 averager.wire.reset()              # sets it
-        self.clock.restart_at(self.local_step)
         self.averaged_step = self.local_step  # a resume starts from one (broadcast) model
         self.finalized = False
 
