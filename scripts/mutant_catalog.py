@@ -201,4 +201,10 @@ MUTANTS = [
            "yield pos, b.flat[start:start + p.numel()].view(p.shape) / len(rnd.members)",
            ("tests/test_trajectories.py::test_outer_heterogeneous_matches_float64_simulation",),
            "Algorithm 3's weighted averages would lose their weights in the outer step"),
+    Mutant("outer_step_on_group_rounds", "prsgd_hvd/outer.py",
+           "return rnd.anchor is self.whole_set_anchor()",
+           "return True",
+           ("tests/test_trajectories.py::test_grouped_averaging_matches_float64_simulation"
+            "[outer_hierarchical_pairs_every_2_all_every_6]",),
+           "Hierarchical group rounds would take outer steps from a theta0 of the whole set"),
 ]

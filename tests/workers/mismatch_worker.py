@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import prsgd_hvd as hvd
+from prsgd_hvd.outer import diloco
 
 
 def case(name, rank):
@@ -26,6 +27,10 @@ def case(name, rank):
                "compression": {"compression": hvd.Compression.fp16},
                "average_state": {"average_state": True}}
     extra = options.get(name, {}) if differs else {}
+    if name == "outer_lr":  # every rank has an outer optimizer; rank 1's learning rate differs
+        extra = {"outer": diloco(lr=0.6 if differs else 0.7)}
+    if name == "outer_missing" and not differs:  # rank 1 has none
+        extra = {"outer": diloco()}
     try:
         hvd.DistributedLocalSGD(opt, interval=interval, warmup_steps=warmup,
                                 named_parameters=model.named_parameters(), **extra)
@@ -41,7 +46,8 @@ def main():
     hvd.init()
     out = {name: case(name, hvd.rank())
            for name in ["agree", "interval", "shape", "warmup", "schedule_kind", "overlap",
-                        "compression", "optimizer", "average_state"]}
+                        "compression", "optimizer", "average_state", "outer_lr",
+                        "outer_missing"]}
     torch.save(out, f"{args.out}/rank{hvd.rank()}.pt")
 
 
