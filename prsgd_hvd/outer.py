@@ -129,7 +129,8 @@ class OuterOptimizer:
     def write_anchor(self, rnd: Round, n_params: int) -> None:
         """theta0 into the parameter segments of the shared anchor (the deltas' origin)."""
         anchor = rnd.anchor
-        if anchor is None or not anchor.kept or not anchor.ready(len(rnd.buckets)):
+        if anchor is None or not anchor.kept or not anchor.ready(len(rnd.buckets)) or \
+                not rnd.is_finite():  # only finite rounds move the anchor (NOTE: [the anchor])
             return
         for b in rnd.buckets:
             flat = anchor.bucket(b.index)
