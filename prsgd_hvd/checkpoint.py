@@ -33,3 +33,20 @@ def validated_counters(local: Any, schedule: Schedule) -> Tuple[int, int]:
     trial = copy.deepcopy(schedule)  # a schedule that rejects the state raises here
     trial.load_state_dict(local.get("schedule") or {})
     return counters[0], counters[1]
+
+
+def validate_outer(local: Dict[str, Any], outer) -> None:
+    """A checkpoint with an outer optimizer's state loads only into a job with ``outer=`` and
+    the reverse (``outer``: the job's prsgd_hvd.outer.OuterOptimizer or None); changes nothing."""
+    saved = local.get("outer")
+    if outer is None and saved is not None:
+        raise ValueError("DistributedLocalSGD: this checkpoint carries an outer optimizer's state "
+                         "('local_sgd.outer': theta0 and its optimizer), but this optimizer was "
+                         "wrapped without outer=; wrap it with the outer= of the job that saved it")
+    if outer is not None and saved is None:
+        raise ValueError("DistributedLocalSGD: this job has an outer optimizer (outer=), but the "
+                         "checkpoint has no outer state ('local_sgd.outer'): it was saved without "
+                         "outer=. Resume it without outer=, or start the outer optimizer afresh "
+                         "by loading the checkpoint with its 'local_sgd' entry removed")
+    if outer is not None:
+        outer.validate_state(saved)

@@ -8,7 +8,7 @@ here is either in it or says why not.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -30,6 +30,8 @@ class LocalSGDConfig:
     compression: Optional[str] = None        # after resolve_compression: None, "fp16", "bf16"
     error_feedback: bool = True
     optimizer_name: str = ""
+    outer: Optional[Callable] = None          # outer=F (prsgd_hvd.outer); agreed on by its
+                                              # optimizer's description (LocalSGD.description)
 
     @property
     def kernels(self):

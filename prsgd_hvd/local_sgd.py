@@ -34,6 +34,7 @@ from .config import LocalSGDConfig
 from .fused_sgd import FusedAverageSgd
 from .join import JoinProtocol
 from .nonfinite import NonFinitePolicy
+from .outer import OuterOptimizer, OuterRules
 from .round_contents import RoundContents
 from .round_stage import RoundStage
 from .schedules import StepPlan
@@ -50,8 +51,16 @@ class LocalSGD:
         self.schedule = config.schedule    # the user's; the planner puts warm-up in front
         self.planner = config.planner()
         self.contents = RoundContents(opt, config.model, config.average_state)
-        self.write_stage = WriteStage(PlainAverage(config.kernels),
-                                      FusedAverageSgd(opt) if config.fuse_step else None)
+        # outer=F: theta0 and the outer optimizer (prsgd_hvd.outer), built and checked here,
+        # before the wrapper changes anything. Its rounds are unfused: no fused SGD rule.
+        self.outer = OuterOptimizer(config.outer, self.contents.params()) \
+            if config.outer is not None else None
+        outer_rules = OuterRules(self.outer, config.kernels, lambda: self.world.averager.anchor) \
+            if self.outer is not None else None
+        self.write_stage = WriteStage(
+            PlainAverage(config.kernels),
+            FusedAverageSgd(opt) if config.fuse_step and self.outer is None else None,
+            outer=outer_rules)
         self.policy = NonFinitePolicy(config.nonfinite)
         self.clock = ScheduleClock()
         self.world = World(process_set, self.planner, config, self._describe_params,
@@ -81,6 +90,10 @@ class LocalSGD:
         """Whether rounds start early (NOTE: [overlap]). Model buffers (BatchNorm statistics)
         change in the forward pass of the averaging step itself, after a prestarted round
         packed them: such rounds are not started early."""
+        if self.outer is not None:
+            # Not yet with an outer optimizer: finalize() completes a round prestarted for a
+            # step no rank takes, which would be one more outer step than without overlap.
+            return False
         return self.config.overlap and self.world.size > 1 and \
             not self.contents.buffers(self.contents.params())
 
@@ -99,23 +112,35 @@ class LocalSGD:
 
     def description(self) -> Dict[str, Any]:
         """Everything the ranks must agree on (NOTE in prsgd_hvd.agreement)."""
-        return agreement.describe_optimizer(self.config.agreement(), self.planner.describe(),
-                                            self.world.collectives.members, self.contents,
-                                            self.config.names, self.opt)
+        described = agreement.describe_optimizer(
+            self.config.agreement(), self.planner.describe(), self.world.collectives.members,
+            self.contents, self.config.names, self.opt)
+        described["outer optimizer"] = self.outer.describe() if self.outer is not None else None
+        return described
 
     # ---- the checkpoint entry -----------------------------------------------------------------
     def local_state(self) -> Dict[str, Any]:
-        return checkpoint.local_state(self.local_step, self.rounds, self.config.warmup_steps,
-                                      self.size, self.schedule)
+        local = checkpoint.local_state(self.local_step, self.rounds, self.config.warmup_steps,
+                                       self.size, self.schedule)
+        if self.outer is not None:  # theta0 and the outer optimizer's state
+            local["outer"] = self.outer.state_dict()
+        return local
 
     def validate_local_state(self, local: Any) -> Tuple[int, int]:
-        return checkpoint.validated_counters(local, self.schedule)
+        counters = checkpoint.validated_counters(local, self.schedule)
+        checkpoint.validate_outer(local, self.outer)
+        return counters
 
     def load_local_state(self, local: Dict[str, Any]) -> None:
         """Apply a saved ``local_state()``, validated first (all or nothing)."""
         self.local_step, self.rounds = self.validate_local_state(local)
         self.schedule.load_state_dict(local.get("schedule") or {})
         self.clock.restart_at(self.local_step)
+        if self.outer is not None:
+            self.outer.load_state(local["outer"])
+            for averager in self.world.averagers:  # the deltas' origin is the loaded theta0 now:
+                averager.anchor.reset()            # the next round goes in full precision and
+                averager.wire.reset()              # sets it
         self.averaged_step = self.local_step  # a resume starts from one (broadcast) model
         self.finalized = False
 
@@ -150,6 +175,8 @@ class LocalSGD:
             if self.local_step == 0 and self.rounds == 0 and self.size > 1:
                 self.round_stage.fingerprint = agreement.initial_fingerprint(
                     self.contents.params())
+        if self.outer is not None and not self.outer.started:
+            self.outer.start()  # theta0 = x^0, the (broadcast) parameters before any update
         return self.planner.plan(t, self.clock.elapsed())
 
     def _scheduled_round(self, t: int, plan: StepPlan, update: Optional[Callable[[], Any]],

@@ -172,7 +172,7 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                         overlap: bool = True, nonfinite: str = "raise", compression=None,
                         error_feedback: bool = True, backward_passes_per_step: int = 1,
                         op=None, gradient_predivide_factor: float = 1.0, num_groups: int = 0,
-                        groups=None, sparse_as_dense: bool = False):
+                        groups=None, sparse_as_dense: bool = False, outer=None):
     """Wrap ``optimizer`` for Parallel Restarted SGD (local SGD with periodic model averaging).
 
     Takes every argument of ``hvd.DistributedOptimizer`` (docs/migrating.md), so swapping the
@@ -227,6 +227,25 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
             gradients (``nn.Embedding(sparse=True)`` with ``SparseAdam`` or ``SGD``) work either
             way: validated (a bool), no effect.
 
+        outer: an outer optimizer (DiLoCo): a callable that takes a list of tensors and
+            returns a ``torch.optim.Optimizer`` over exactly them, e.g.
+            ``lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)`` or
+            ``prsgd_hvd.outer.diloco()``. It is called once, here, over copies of the
+            parameters (theta0, fp32 for fp16/bf16 parameters); closure-only optimizers
+            (LBFGS) are refused. theta0 is the model after the last round over the whole
+            process set (initially the parameters at the first ``step()``). Every such round --
+            scheduled, ``average_now()`` and ``finalize()``'s -- computes the average ybar, sets
+            ``theta0 - ybar`` as the outer tensors' ``.grad``, steps the outer optimizer and
+            puts every rank's parameters at the new theta0 (Algorithm 1's update then applies
+            to it). Warm-up rounds are plain averages theta0 follows; ``Hierarchical`` group
+            rounds are plain group averages and leave theta0 alone. Only parameters take the
+            outer step: model buffers and averaged optimizer state are averaged. Weighted
+            averages keep their weights. ``lambda ps: torch.optim.SGD(ps, lr=1.0)`` is plain
+            PR-SGD. theta0 and the outer state are in ``state_dict()["local_sgd"]["outer"]``.
+            It cannot be changed after wrapping (wrap a new optimizer). Not yet: overlap (no
+            round starts early with ``outer``) and a fused kernel (the inner SGD update runs
+            as ``SGD.step()``).
+
     ``synchronize()`` and ``skip_synchronize()`` are there for Horovod's gradient-clipping and
     AMP loops; ``hvd.broadcast_optimizer_state`` carries the local-SGD counters.
     """
@@ -235,7 +254,7 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
         average_state, overlap, nonfinite, compression, error_feedback,
         backward_passes_per_step=backward_passes_per_step, op=op,
         gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
-        groups=groups, sparse_as_dense=sparse_as_dense)
+        groups=groups, sparse_as_dense=sparse_as_dense, outer=outer)
     engine = LocalSGD(optimizer, args.config, args.process_set)
     # Before the class swap: a mismatch leaves the optimizer as it was. Under Horovod's elastic
     # launcher a worker that joins builds its optimizer while the others are already in

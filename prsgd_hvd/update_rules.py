@@ -75,8 +75,11 @@ class WriteStage:
     some rounds -- an outer step on full rounds but not on warm-up (``plan.warmup``) or group
     rounds (``plan.group``) -- is chosen here, and nowhere else."""
 
-    def __init__(self, average: UpdateRule, fused: Optional[UpdateRule] = None):
-        self.average, self.fused = average, fused
+    def __init__(self, average: UpdateRule, fused: Optional[UpdateRule] = None, outer=None):
+        # outer: prsgd_hvd.outer.OuterRules (outer=F); it takes every round over the whole
+        # process set -- warm-up rounds as plain averages theta0 follows -- and the fused
+        # rule is then never given (LocalSGD passes none: the outer step must not be bypassed).
+        self.average, self.fused, self.outer = average, fused, outer
 
     @property
     def needs_anchor(self) -> bool:
@@ -84,6 +87,9 @@ class WriteStage:
 
     def choose(self, rnd: Round, update_follows: bool,
                plan: Optional[StepPlan] = None) -> UpdateRule:
+        if self.outer is not None and self.outer.covers(rnd):
+            return self.outer.follow_rule if plan is not None and plan.warmup \
+                else self.outer.step_rule
         if update_follows and self.fused is not None and self.fused.applies(rnd):
             return self.fused
         return self.average

@@ -9,6 +9,7 @@ import copy
 
 import torch
 
+from reference_outer import OuterReference
 from workers.common import (epoch_length, epoch_lr, flat_params, loss_fn, make_model,
                             make_optimizer, steps_for_rank)
 
@@ -85,6 +86,7 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
                 for p, k in zip(m.parameters(), kept):
                     p.copy_(k)
     groups_at = fixed_interval_groups(spec, n)
+    outer = OuterReference(models, spec["outer"]) if spec.get("outer") else None
     steps = spec.get("steps_per_rank") or [steps_for_rank(spec, r, n) for r in range(n)]
     traj = [[] for _ in range(n)]
     divergence = [dict() for _ in range(n)]  # step -> ||x_r - avg||^2 at that step's round
@@ -100,6 +102,11 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
                     if r in active:
                         divergence[r][t] = float(((flat_params(models[r]) - mean) ** 2).sum())
             _average_groups_(models, groups)  # x_i <- avg(x^{t-1}); the local gradient is kept
+            if outer is not None:  # theta0 follows warm-up rounds, ignores group rounds
+                if t <= spec.get("warmup", 0):
+                    outer.follow(models)
+                elif groups == [list(range(n))]:
+                    outer.outer_round(models)
         for r in active:
             opts[r].step()
             if scheds[r] is not None:
@@ -107,6 +114,8 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
             traj[r].append(flat_params(models[r]))
     if spec.get("finalize"):
         _average_groups_(models, spec.get("process_set_groups", [list(range(n))]))
+        if outer is not None:
+            outer.outer_round(models)
     return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models], divergence
 
 
@@ -216,6 +225,7 @@ def simulate_epochs(spec: dict, n: int):
     triple as :func:`simulate_fixed_interval`, without divergences (None)."""
     sched = spec["schedule"]
     models, opts = _start(spec, n)
+    outer = OuterReference(models, spec["outer"]) if spec.get("outer") else None
     lr_scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=spec["lr_step"][0], gamma=spec["lr_step"][1])
                  if spec.get("lr_step") else None for o in opts]
     t = [0] * n
@@ -235,8 +245,12 @@ def simulate_epochs(spec: dict, n: int):
                     lr_scheds[r].step()
                 traj[r].append(flat_params(models[r]))
         _average_models_(models, lengths if sched.get("weights") == "steps" else None)
+        if outer is not None:
+            outer.outer_round(models)
         for r in range(n):  # the average happens inside the epoch's last step() call
             traj[r][-1] = flat_params(models[r])
     if spec.get("finalize"):
         _average_models_(models)
+        if outer is not None:
+            outer.outer_round(models)
     return [torch.stack(tr) for tr in traj], [flat_params(m) for m in models], None

@@ -71,13 +71,39 @@ SCENARIOS = [
      "resume_at": 4, "lr_step": [2, 0.7],
      "schedule": {"kind": "time_varying", "epoch_lengths": [2, 3], "repeat_last": True, "epochs": 4}},
 ]
+# Outer optimizers (outer=, DiLoCo's Nesterov SGD), held to tests/reference_outer.py through
+# the same reference: Algorithm 1 with the fused-SGD inner path and with Adam, warm-up, uneven
+# endings with finalize(), 16-bit deltas, a resume mid-interval, Algorithm 2; Algorithm 3 in
+# HETEROGENEOUS[3]. lr=1.0 plain SGD must be plain PR-SGD (test_outer_lr1_is_plain_prsgd).
+DILOCO = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+SCENARIOS += [
+    {"name": "outer_sgd_momentum_i3", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 3,
+     "steps": 9, "outer": DILOCO},
+    {"name": "outer_adam_warmup2_i3_finalize", "opt": "adam", "opt_kwargs": {"lr": 0.01},
+     "interval": 3, "warmup": 2, "steps": 8, "extra_steps_per_rank": 1, "finalize": True,
+     "outer": DILOCO},
+    {"name": "outer_lr1_plain_sgd_i3", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 3,
+     "steps": 7, "outer": {"lr": 1.0}},
+    {"name": "outer_fp16_i2_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 2,
+     "steps": 10, "compression": "fp16", "rel_norm_tol": 1e-3, "finalize": True,
+     "outer": DILOCO},
+    {"name": "outer_resume_mid_interval_i4", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "interval": 4, "steps": 10, "resume_at": 6, "outer": DILOCO},
+    {"name": "outer_time_varying_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "finalize": True, "outer": DILOCO,
+     "schedule": {"kind": "time_varying", "epoch_lengths": [1, 3, 2], "lrs": [0.1, 0.05, 0.02],
+                  "epochs": 3}},
+]
 # Algorithm 3: one count per rank, so these depend on the world size.
 HETEROGENEOUS = {
     3: [{"name": "heterogeneous_uniform", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
          "schedule": {"kind": "heterogeneous", "intervals": [1, 3, 2], "epochs": 3}},
         {"name": "heterogeneous_steps_weights_reference_path", "opt": "sgd", "opt_kwargs": {"lr": 0.1},
          "fused": False, "finalize": True,
-         "schedule": {"kind": "heterogeneous", "intervals": [4, 1, 2], "weights": "steps", "epochs": 3}}],
+         "schedule": {"kind": "heterogeneous", "intervals": [4, 1, 2], "weights": "steps", "epochs": 3}},
+        {"name": "outer_heterogeneous_steps_weights_finalize", "opt": "sgd",
+         "opt_kwargs": SGD_MOMENTUM, "finalize": True, "outer": {"lr": 0.7, "momentum": 0.9, "nesterov": True},
+         "schedule": {"kind": "heterogeneous", "intervals": [3, 1, 2], "weights": "steps", "epochs": 3}}],
     4: [{"name": "heterogeneous_uniform", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
          "schedule": {"kind": "heterogeneous", "intervals": [2, 5, 1, 3], "epochs": 3}},
         {"name": "heterogeneous_steps_weights_resume", "opt": "adam", "opt_kwargs": {"lr": 0.01},
@@ -128,6 +154,10 @@ GROUPED = [
      "schedule": {"kind": "hierarchical", "levels": [[1, 2], [3, 4]]}},
     {"name": "process_set_pairs_i3_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
      "interval": 3, "steps": 8, "finalize": True, "process_set_groups": [[0, 1], [2, 3]]},
+    # outer=: pair rounds are plain pair averages, theta0 moves only at the rounds of all 4.
+    {"name": "outer_hierarchical_pairs_every_2_all_every_6", "opt": "sgd",
+     "opt_kwargs": SGD_MOMENTUM, "steps": 12, "outer": DILOCO,
+     "schedule": {"kind": "hierarchical", "levels": [[2, 2], [6, 4]]}},
 ]
 for i, s in enumerate(GROUPED):
     s["seed"] = 4321 + i
@@ -155,7 +185,8 @@ def expected_rounds(spec, np):
         rounds += 1
         # With overlap, the last step prestarts the next step's round; finalize() completes it
         # (every rank joins it), so it counts -- it averages, it cannot change the result.
-        if spec.get("overlap", True) and averages(last + 1):
+        # (No round starts early with an outer optimizer.)
+        if spec.get("overlap", True) and not spec.get("outer") and averages(last + 1):
             rounds += 1
     return rounds
 
@@ -221,10 +252,46 @@ def test_trajectory_on_cuda_matches_float64_simulation(cuda_results, spec):
     check_against_reference(2, spec, cuda_results)
 
 
+@pytest.mark.parametrize("np", [2, 3])
+def test_outer_lr1_is_plain_prsgd(np):
+    """outer=SGD(lr=1.0): theta0 - (theta0 - ybar) = ybar, plain PR-SGD to rounding -- held to
+    the reference *without* an outer optimizer."""
+    spec = next(s for s in SCENARIOS if s["name"] == "outer_lr1_plain_sgd_i3")
+    plain = {k: v for k, v in spec.items() if k != "outer"}
+    ref_traj, ref_final, _ = simulate_fixed_interval(plain, np)
+    for rank, res in enumerate(results_for(np)):
+        got = res[spec["name"]]
+        torch.testing.assert_close(got["traj"], torch.stack(list(ref_traj[rank])),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["final"], ref_final[rank], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_outer_moves_the_delta_anchor_to_theta0(np):
+    """16-bit deltas are taken from theta0: after finalize()'s outer round (no update follows
+    it) the shared anchor's parameter segments hold exactly the parameters, theta0."""
+    for res in results_for(np):
+        gap = res["outer_fp16_i2_finalize"]["anchor_gap"]
+        assert gap is not None and gap == 0.0, gap
+
+
+def test_outer_rounds_differ_from_plain_averaging():
+    """Guard: the DiLoCo scenarios are not secretly plain averaging."""
+    spec = next(s for s in SCENARIOS if s["name"] == "outer_sgd_momentum_i3")
+    plain = {k: v for k, v in spec.items() if k != "outer"}
+    _, ref_final, _ = simulate_fixed_interval(plain, 2)
+    got = results_for(2)[0][spec["name"]]["final"]
+    assert float((got - ref_final[0]).norm()) > 1e-3 * float(ref_final[0].norm())
+
+
 @pytest.mark.parametrize("np", [3, 4])
 @pytest.mark.parametrize("which", [0, 1])
 def test_heterogeneous_trajectory_matches_float64_simulation(np, which):
     check_against_reference(np, HETEROGENEOUS[np][which])
+
+
+def test_outer_heterogeneous_matches_float64_simulation():
+    check_against_reference(3, HETEROGENEOUS[3][2])
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Mismatched configurations raise the same clear error on every rank instead of hanging."""
 import pytest
+import torch
 
 from hvdrun import run_workers
 
@@ -23,6 +24,8 @@ def test_agreeing_ranks_construct_fine(results):
     ("compression", ["compression differs", "ranks [1]: 'fp16'", "ranks [0, 2]: None"]),
     ("optimizer", ["optimizer differs", "ranks [1]: 'Adam'", "ranks [0, 2]: 'SGD'"]),
     ("average_state", ["average_state differs", "ranks [1]: True", "ranks [0, 2]: False"]),
+    ("outer_lr", ["outer optimizer differs", "'lr': 0.6", "'lr': 0.7", "ranks [1]"]),
+    ("outer_missing", ["outer optimizer differs", "ranks [1]: None", "'nesterov': True"]),
 ])
 def test_mismatch_is_reported_on_every_rank(results, case, words):
     messages = [r[case] for r in results]
@@ -30,3 +33,14 @@ def test_mismatch_is_reported_on_every_rank(results, case, words):
     assert len(set(messages)) == 1, "every rank reports the same difference"
     for w in words:
         assert w in messages[0], f"{w!r} not in: {messages[0]}"
+
+
+def test_broadcast_optimizer_state_carries_theta0_and_the_outer_state(results):
+    for rank, r in enumerate(results):
+        got = r["outer_broadcast"]
+        assert got["started"], f"rank {rank}: theta0 not marked as set"
+        for i, (theta, buf) in enumerate(zip(got["theta"], got["momentum"])):
+            assert torch.allclose(theta, torch.full_like(theta, i + 1 - 0.7 * 1.9)), \
+                f"rank {rank}: theta0[{i}] is not rank 0's"
+            assert buf is not None and torch.equal(buf, torch.ones_like(buf)), \
+                f"rank {rank}: the outer momentum of tensor {i} is not rank 0's"

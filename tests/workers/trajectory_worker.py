@@ -9,7 +9,8 @@ name), resume_at (checkpoint round trip after that step; resume_after_round:
 after the step that completes that round -- with different step counts per rank that is the
 point where all ranks can restart together), lr_step
 ([step_size, gamma] for StepLR), broadcast_state (call hvd.broadcast_optimizer_state),
-extra_steps_per_rank (rank r runs r * that many more steps: uneven data), finalize
+extra_steps_per_rank (rank r runs r * that many more steps: uneven data), outer (SGD
+keyword arguments of an outer optimizer, outer=), finalize
 (train inside ``with opt.local_sgd():``, which ends with finalize()) and model ("mixed":
 common.MixedNet, fp32 + fp16 + bf16 parameters, saved as float32 vectors).
 """
@@ -51,12 +52,21 @@ def build(spec, rank):
                                   warmup_steps=spec.get("warmup", 0), fused=spec.get("fused"),
                                   overlap=spec.get("overlap", True),
                                   compression=spec.get("compression"),
-                                  error_feedback=spec.get("error_feedback", True))
+                                  error_feedback=spec.get("error_feedback", True),
+                                  **_outer(spec))
     sched = None
     if spec.get("lr_step"):
         size, gamma = spec["lr_step"]
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=size, gamma=gamma)
     return model, opt, sched
+
+
+def _outer(spec):
+    """"outer": SGD keyword arguments of an outer optimizer (DiLoCo), if the scenario has one."""
+    if not spec.get("outer"):
+        return {}
+    kwargs = dict(spec["outer"])
+    return {"outer": lambda ps: torch.optim.SGD(ps, **kwargs)}
 
 
 def _process_sets(groups):
@@ -93,7 +103,26 @@ def run(spec, rank):
     return {"traj": torch.stack(traj), "divergence": divergence, "final": flat(model), "local_step": opt.local_step,
             "rounds": opt.rounds, "stats": opt.stats(),
             "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0)))),
-            "device": str(next(model.parameters()).device), "extension": hvd.ops.has_extension()}
+            "device": str(next(model.parameters()).device), "extension": hvd.ops.has_extension(),
+            "anchor_gap": _anchor_gap(opt) if spec.get("outer") else None}
+
+
+def _anchor_gap(opt):
+    """max |anchor - parameter| over the parameters' segments of the whole set's anchor (the
+    16-bit deltas' origin), or None when no anchor is kept."""
+    averager = opt._local_sgd.world.averager
+    layout, anchor = averager.layout, averager.anchor
+    if layout is None or not anchor.kept or not anchor.ready(len(layout.buckets)):
+        return None
+    n = len(opt._local_sgd.contents.params())
+    gap = 0.0
+    for b in layout.buckets:
+        for j, pos in enumerate(b.positions):
+            if pos < n:
+                t = b.tensors[j]
+                seg = anchor.bucket(b.index)[b.offsets[j]:b.offsets[j] + t.numel()]
+                gap = max(gap, float((seg - t.detach().reshape(-1).to(seg.dtype)).abs().max()))
+    return gap
 
 
 def _train(spec, rank, model, opt, sched, traj, divergence):

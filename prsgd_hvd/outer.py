@@ -1,0 +1,247 @@
+"""Outer optimizers (``outer=F``: DiLoCo, Lookahead-style slow steps) as update rules.
+
+The semantics (DESIGN.md section 3, README "Outer optimizers"):
+
+* the anchor theta0 is the model after the last round over the whole process set, initially
+  the parameters at the first ``step()`` (the broadcast x^0);
+* a round over the whole set computes the (weighted) average ybar as every round does, sets the
+  pseudo-gradient ``theta0 - ybar`` as ``.grad`` of the outer optimizer's tensors (which hold
+  theta0), calls the outer optimizer's own ``step()``, and theta0 <- its result; every rank's
+  parameters <- theta0. The pipeline then runs the inner optimizer's own update where the
+  schedule puts one after the round (Algorithm 1: x = theta0 - lr * G);
+* warm-up rounds are plain averages and theta0 follows them; rounds within a ``Hierarchical``
+  group are plain averages of the group and leave theta0 alone (it is the whole set's point);
+* only parameters take the outer step: model buffers and averaged optimizer state are averaged.
+
+The outer optimizer's tensors are per-parameter copies of theta0 on the parameter's device, in
+the round's flat dtype (fp32 for fp16/bf16 parameters), so the outer arithmetic is that of
+``torch.optim`` in fp32. Unfused: the rule averages with the round's write-back kernel, then
+does the outer step with torch ops per tensor (a fused kernel is future work).
+
+With 16-bit deltas the wire encodes ``x_i - anchor`` (prsgd_hvd.anchor): after an outer round
+the rule writes theta0 into the shared anchor's parameter segments, so the deltas are taken
+from theta0, the point every rank restarted from.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .averaging import Round, flat_dtype_for
+from .update_rules import UpdateRule
+
+_EXAMPLE = "outer=lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)"
+
+
+def diloco(lr: float = 0.7, momentum: float = 0.9) -> Callable[[List[torch.Tensor]], torch.optim.Optimizer]:
+    """DiLoCo's outer optimizer (Douillard et al. 2023): SGD with Nesterov momentum on the
+    pseudo-gradient. ``outer=prsgd_hvd.outer.diloco()``."""
+    return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=True)
+
+
+def check_factory(factory: Any) -> None:
+    """``outer=`` must be a callable list_of_tensors -> Optimizer (checked before anything)."""
+    if isinstance(factory, torch.optim.Optimizer):
+        raise TypeError(f"DistributedLocalSGD: 'outer' must be a function that builds the outer "
+                        f"optimizer over the tensors it is given, not an optimizer "
+                        f"({type(factory).__name__}) already built over other tensors; e.g. "
+                        f"{_EXAMPLE}")
+    if not callable(factory):
+        raise TypeError(f"DistributedLocalSGD: 'outer' must be a callable taking a list of "
+                        f"tensors and returning a torch.optim.Optimizer over them, got "
+                        f"{type(factory).__name__}; e.g. {_EXAMPLE}")
+
+
+class OuterOptimizer:
+    """theta0 (one tensor per parameter) and the outer optimizer over it.
+
+    Built at construction: ``factory`` is called once, on the copies, and its result checked,
+    so a bad ``outer=`` raises before the optimizer is wrapped. The factory cannot be changed
+    afterwards (there is no API for it: wrap a fresh optimizer instead)."""
+
+    def __init__(self, factory: Callable, params: List[torch.Tensor]):
+        check_factory(factory)
+        self.params = list(params)
+        with torch.no_grad():
+            self.theta = [p.detach().to(flat_dtype_for(p.dtype), copy=True) for p in self.params]
+        opt = factory(list(self.theta))
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"DistributedLocalSGD: 'outer' returned {type(opt).__name__}, not a "
+                            f"torch.optim.Optimizer; it must build the optimizer over the list of "
+                            f"tensors it is given, e.g. {_EXAMPLE}")
+        held = [p for g in opt.param_groups for p in g["params"]]
+        given = {id(t) for t in self.theta}
+        if len(held) != len(self.theta) or {id(p) for p in held} != given:
+            raise ValueError(
+                f"DistributedLocalSGD: the optimizer 'outer' returned holds other tensors than the "
+                f"{len(self.theta)} it was given ({len(held)} tensors, "
+                f"{sum(1 for p in held if id(p) in given)} of them the given ones). Build it over "
+                f"exactly the list passed in (outer=lambda ps: Optimizer(ps, ...)), not over the "
+                f"model's parameters")
+        if isinstance(opt, torch.optim.LBFGS) or _needs_closure(opt):
+            raise ValueError(
+                f"DistributedLocalSGD: the outer optimizer {type(opt).__name__} needs a closure "
+                f"that re-evaluates the loss in step(); the outer step only has the "
+                f"pseudo-gradient (theta0 - average), so use a gradient-only optimizer "
+                f"(SGD, Adam, ...), e.g. {_EXAMPLE}")
+        self.opt = opt
+        self.started = False   # theta0 holds x^0 (set at the first step or first round)
+        self._checked_layout = None
+
+    # ---- theta0 -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self) -> None:
+        """theta0 <- the parameters now (x^0: called at the first step, before its update)."""
+        for th, p in zip(self.theta, self.params):
+            th.copy_(p)
+        self.started = True
+
+    def describe(self) -> Dict[str, Any]:
+        """What the ranks must agree on: the class and every hyperparameter of every group."""
+        return {"class": type(self.opt).__name__,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                 for g in self.opt.param_groups]}
+
+    def check_layout(self, rnd: Round, n_params: int) -> None:
+        """The round's parameters are the ones theta0 was built for (once per layout)."""
+        if rnd.layout is self._checked_layout:
+            return
+        tensors = rnd.layout.tensors[:n_params]
+        if n_params != len(self.params) or any(a is not b for a, b in zip(tensors, self.params)):
+            raise RuntimeError(
+                "DistributedLocalSGD: the optimizer's parameters changed since it was wrapped "
+                "(add_param_group?); an outer optimizer is built over the parameters at "
+                "construction. Add every param group before wrapping with outer=")
+        self._checked_layout = rnd.layout
+
+    def averages(self, rnd: Round, n_params: int):
+        """(index of the parameter, its average ybar as a view of the summed buffer * scale)."""
+        for b in rnd.buckets:
+            for j, pos in enumerate(b.positions):
+                if pos < n_params:
+                    start = b.offsets[j]
+                    p = b.tensors[j]
+                    yield pos, b.flat[start:start + p.numel()].view(p.shape) * rnd.scale
+
+    @torch.no_grad()
+    def write_anchor(self, rnd: Round, n_params: int) -> None:
+        """theta0 into the parameter segments of the shared anchor (the deltas' origin)."""
+        anchor = rnd.anchor
+        if anchor is None or not anchor.kept or not anchor.ready(len(rnd.buckets)) or \
+                not rnd.is_finite():  # only finite rounds move the anchor (NOTE: [the anchor])
+            return
+        for b in rnd.buckets:
+            flat = anchor.bucket(b.index)
+            for j, pos in enumerate(b.positions):
+                if pos < n_params:
+                    start = b.offsets[j]
+                    flat[start:start + b.tensors[j].numel()].copy_(self.theta[pos].view(-1))
+
+    # ---- the checkpoint entry ----------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {"class": type(self.opt).__name__, "started": self.started,
+                "anchor": [t.detach().clone() for t in self.theta],
+                "optimizer": self.opt.state_dict()}
+
+    def validate_state(self, saved: Any) -> None:
+        """Check a saved :meth:`state_dict` whole, changing nothing."""
+        if not isinstance(saved, dict) or not {"anchor", "optimizer"} <= set(saved):
+            raise ValueError("DistributedLocalSGD: 'local_sgd.outer' must be the dict an outer "
+                             "optimizer's state_dict() saved (with 'anchor' and 'optimizer')")
+        if saved.get("class") != type(self.opt).__name__:
+            raise ValueError(f"DistributedLocalSGD: the checkpoint's outer optimizer is "
+                             f"{saved.get('class')}, this job's is {type(self.opt).__name__}; "
+                             f"wrap with the outer= the checkpoint was saved with")
+        anchor = saved["anchor"]
+        if not isinstance(anchor, (list, tuple)) or len(anchor) != len(self.theta) or any(
+                not torch.is_tensor(a) or a.shape != t.shape for a, t in zip(anchor, self.theta)):
+            raise ValueError(f"DistributedLocalSGD: the checkpoint's outer anchor does not match "
+                             f"this optimizer's {len(self.theta)} parameters (shapes); it was "
+                             f"saved from another model")
+        groups = saved["optimizer"].get("param_groups") if isinstance(saved["optimizer"], dict) else None
+        if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != \
+                [len(g["params"]) for g in self.opt.param_groups]:
+            raise ValueError("DistributedLocalSGD: the checkpoint's outer optimizer state has "
+                             "other param groups than this job's outer optimizer")
+
+    @torch.no_grad()
+    def load_state(self, saved: Dict[str, Any]) -> None:
+        self.opt.load_state_dict(saved["optimizer"])
+        for th, a in zip(self.theta, saved["anchor"]):
+            th.copy_(a)
+        self.started = bool(saved.get("started", True))
+
+
+def _needs_closure(opt: torch.optim.Optimizer) -> bool:
+    """A step(closure) whose closure has no default cannot be called with the gradient alone."""
+    try:
+        param = inspect.signature(type(opt).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+class OuterStep(UpdateRule):
+    """A round over the whole process set with an outer optimizer (the module doc)."""
+
+    def __init__(self, outer: OuterOptimizer, kernels):
+        self.outer, self.kernels = outer, kernels
+        self._n_params = 0
+
+    def apply(self, rnd: Round, measured: int) -> Optional[float]:
+        o = self.outer
+        o.check_layout(rnd, measured)
+        if not o.started:  # a round before the first step (average_now() at once)
+            o.start()
+        # Every tensor to its average (buffers and shared state stay there); the divergence
+        # is measured against the average in the same pass.
+        divergence = rnd.write_back(self.kernels, measured=measured)
+        with torch.no_grad():
+            for pos, ybar in o.averages(rnd, measured):
+                th = o.theta[pos]
+                th.grad = th - ybar  # the pseudo-gradient, in theta0's dtype
+        o.opt.step()
+        with torch.no_grad():
+            for th, p in zip(o.theta, o.params):
+                p.copy_(th)
+                th.grad = None
+        self._n_params = measured
+        return divergence
+
+    def advance_anchor(self, rnd: Round) -> None:
+        """The anchor follows the round (buffers, state), then theta0 replaces the average in
+        the parameters' segments: every rank holds theta0 there."""
+        super().advance_anchor(rnd)
+        self.outer.write_anchor(rnd, self._n_params)
+
+
+class OuterFollows(UpdateRule):
+    """A warm-up round over the whole set: a plain average, and theta0 <- that average."""
+
+    def __init__(self, outer: OuterOptimizer, kernels):
+        self.outer, self.kernels = outer, kernels
+
+    def apply(self, rnd: Round, measured: int) -> Optional[float]:
+        o = self.outer
+        o.check_layout(rnd, measured)
+        divergence = rnd.write_back(self.kernels, measured=measured)
+        with torch.no_grad():
+            for pos, ybar in o.averages(rnd, measured):
+                o.theta[pos].copy_(ybar)
+        o.started = True
+        return divergence
+
+
+class OuterRules:
+    """What the write stage asks: whether a round is over the whole set, and the two rules."""
+
+    def __init__(self, outer: OuterOptimizer, kernels, whole_set_anchor: Callable[[], Any]):
+        self.outer = outer
+        self.step_rule = OuterStep(outer, kernels)
+        self.follow_rule = OuterFollows(outer, kernels)
+        self.whole_set_anchor = whole_set_anchor  # the whole set's averager's anchor, now
+
+    def covers(self, rnd: Round) -> bool:
+        return rnd.anchor is self.whole_set_anchor()
