@@ -5,7 +5,7 @@ line of context on each side so that it matches exactly once) and the tests that
 it, cheapest first. `scripts/mutants.py` applies each to a scratch copy of the checkout and runs
 those tests there; a mutant is *killed* when they fail.
 
-When a feature lands, add the bugs it could plausibly have here (NOTE: [mutants] in the README's
+When a feature lands, add the bugs it could plausibly have here (the README's
 Testing section). When code moves, update ``old``: the runner refuses a mutant whose ``old`` no
 longer matches exactly once, so a stale entry cannot pass silently.
 """
