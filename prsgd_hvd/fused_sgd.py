@@ -49,7 +49,10 @@ class FusedAverageSgd(UpdateRule):
         return True
 
     def runs(self, layout: BucketLayout) -> List[List[Run]]:
-        """Per bucket: consecutive tensors of one param group (or of none), as runs."""
+        """Per bucket: consecutive tensors of one param group (or of none), as runs, the runs
+        of non-parameters (group None) first: with average_state=True they hold the momentum
+        buffers, which must be averaged before the step reads them (the order of "average,
+        then this step's update" that the unfused path has). Built once per layout."""
         if layout is not self._runs_for:
             group_of: Dict[int, int] = {}
             for gi, group in enumerate(self.opt.param_groups):
@@ -64,7 +67,7 @@ class FusedAverageSgd(UpdateRule):
                         runs[-1] = (g, runs[-1][1], i + 1)
                     else:
                         runs.append((g, i, i + 1))
-                self._runs.append(runs)
+                self._runs.append(sorted(runs, key=lambda run: run[0] is not None))
             self._runs_for = layout
         return self._runs
 
@@ -75,10 +78,7 @@ class FusedAverageSgd(UpdateRule):
         divergence = 0.0
         for b, runs in zip(rnd.buckets, self.runs(rnd.layout)):
             acc = torch.zeros(1, dtype=torch.float64, device=b.device)
-            # Tensors that are not parameters first: with average_state=True they hold the
-            # momentum buffers, which must be averaged before the step reads them (the order
-            # of "average, then this step's update" that the unfused path has).
-            for g, first, last in sorted(runs, key=lambda run: run[0] is not None):
+            for g, first, last in runs:  # non-parameters first (see runs())
                 flat, tensors = b.segment(first, last), b.tensors[first:last]
                 if g is None:
                     ops.unflatten_average_(flat, tensors, scale=rnd.scale, align=ALIGN)
