@@ -677,8 +677,11 @@ def orchestrate(args):
                 log.write_text(output)
                 print(output[-3000:])
                 hung = "Timeout (" in output
-                why = ("a variant hung: its watchdog fired (--variant-timeout)" if hung
-                       else f"exit {code}")
+                started = re.findall(r"\[bench worker\] (.*: \S+)\n", output)
+                why = (f"a variant hung: its watchdog fired after --variant-timeout "
+                       f"{args.variant_timeout:g} s" if hung else f"exit {code}")
+                if started:
+                    why += f"; the last variant started: {started[-1]}"
                 print(f"[bench_cluster]   the job at {prof} failed ({why}; {killed} processes "
                       f"left on the hosts were killed); its whole output: {log}", flush=True)
                 failures.append(f"{prof} attempt {attempt}: {why} ({log})")
@@ -746,6 +749,9 @@ def add_latency_args(ap):
                         "of tcp_rmem's, read from /proc here)")
     g.add_argument("--lm-no-slow-start", action="store_true",
                    help="the window survives idle time (net.ipv4.tcp_slow_start_after_idle=0)")
+    g.add_argument("--lm-markdown", action="store_true",
+                   help="one markdown table per link: variants x RTT, steps/s (share of the "
+                        "ceiling) and the round (per fragment)")
 
 
 def _tcp_window_bytes():
@@ -829,6 +835,7 @@ def latency_model(args):
              "max(I x step + F x max(0, round - h x step), F x round), h = delay or 1 (overlap)",
              f"{'link':<8} {'RTT':>6} {'variant':<40} {'round':>9} {'of it RTT':>9} "
              f"{'exposed/interval':>16} {'steps/s':>8} {'of ceiling':>10}"]
+    cells = {}
     for rate, r0 in rounds.items():
         bits = rate_bits(rate)
         for rtt in args.lm_rtt_ms:
@@ -838,9 +845,21 @@ def latency_model(args):
                 rnd, lat = ring_round_ms(nbytes, bits, rtt, n, r0, round0_bytes, window,
                                          slow_start=not args.lm_no_slow_start)
                 per = interval_ms(v, rnd, step_ms)
+                cells[rate, name, rtt] = (f"{v.interval * 1e3 / per:.2f} "
+                                          f"({v.interval * step_ms / per:.0%}), {rnd:.0f} ms")
                 lines.append(f"{rate:<8} {rtt:>4g}ms {v.label:<40} {rnd:>7.0f}ms {lat:>7.0f}ms "
                              f"{per - v.interval * step_ms:>14.0f}ms {v.interval * 1e3 / per:>8.2f} "
                              f"{v.interval * step_ms / per:>10.0%}")
+    if args.lm_markdown:
+        lines = lines[:2]
+        for rate in rounds:
+            lines.append(f"\n{rate}: steps/s (share of the ceiling), one round (per fragment)\n")
+            lines.append("| variant | " + " | ".join(f"RTT {r:g} ms" for r in args.lm_rtt_ms)
+                         + " |")
+            lines.append("|---" * (len(args.lm_rtt_ms) + 1) + "|")
+            for name in args.lm_variants:
+                lines.append(f"| `{name}` | " + " | ".join(
+                    cells[rate, name, r] for r in args.lm_rtt_ms) + " |")
     return "\n".join(lines)
 
 
