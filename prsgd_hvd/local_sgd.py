@@ -38,6 +38,7 @@ from .outer import OuterOptimizer, OuterRules
 from .round_contents import RoundContents
 from .round_stage import RoundStage
 from .schedules import StepPlan
+from .streaming import Streaming
 from .update_rules import PlainAverage, WriteStage
 from .world import World
 from .wrapper_state import WrapperState
@@ -55,7 +56,8 @@ class LocalSGD:
         # before the wrapper changes anything. Its rounds are unfused: no fused SGD rule.
         self.outer = OuterOptimizer(config.outer, self.contents.params()) \
             if config.outer is not None else None
-        outer_rules = OuterRules(self.outer, config.kernels, lambda: self.world.averager.anchor) \
+        outer_rules = OuterRules(self.outer, config.kernels,
+                                 lambda: [a.anchor for a in self.world.whole_set_averagers]) \
             if self.outer is not None else None
         self.write_stage = WriteStage(
             PlainAverage(config.kernels),
@@ -69,6 +71,8 @@ class LocalSGD:
                                        self.description, lambda: self.local_step)
         self.inflight = self.round_stage.inflight
         self.wrapper = WrapperState(global_rank=self.world.global_rank())
+        # delay=/fragments= (NOTE: [streaming]): rounds behind local steps; None: off.
+        self.streaming = Streaming(self) if config.streaming else None
         self.overlap = self._prestarts()
         # Counters (in state_dict) and what stats() reports.
         self.local_step = 0
@@ -94,6 +98,8 @@ class LocalSGD:
             # Not yet with an outer optimizer: finalize() completes a round prestarted for a
             # step no rank takes, which would be one more outer step than without overlap.
             return False
+        if self.config.streaming:  # a delayed round already runs behind the steps
+            return False
         return self.config.overlap and self.world.size > 1 and \
             not self.contents.buffers(self.contents.params())
 
@@ -104,6 +110,8 @@ class LocalSGD:
         """After an elastic reset (prsgd_hvd.elastic): the held round died with the old
         Horovod; the world binds to the new one."""
         self.inflight.forget()
+        if self.streaming is not None:
+            self.streaming.forget()
         self.world.rebind()
         self.overlap = self._prestarts()
 
@@ -124,11 +132,20 @@ class LocalSGD:
                                        self.size, self.schedule)
         if self.outer is not None:  # theta0 and the outer optimizer's state
             local["outer"] = self.outer.state_dict()
+        if self.streaming is not None:  # rounds in flight, settled: their corrections
+            local["in_flight"] = self.streaming.local_state()
         return local
 
     def validate_local_state(self, local: Any) -> Tuple[int, int]:
         counters = checkpoint.validated_counters(local, self.schedule)
         checkpoint.validate_outer(local, self.outer)
+        if self.streaming is not None:
+            self.streaming.validate_state(local.get("in_flight", []), counters[0])
+        elif local.get("in_flight"):
+            raise ValueError("DistributedLocalSGD: this checkpoint has rounds in flight "
+                             "('local_sgd.in_flight': it was saved with delay= or fragments=), "
+                             "but this optimizer does not stream; wrap it with the delay= and "
+                             "fragments= of the job that saved it")
         return counters
 
     def load_local_state(self, local: Dict[str, Any]) -> None:
@@ -141,6 +158,8 @@ class LocalSGD:
             for averager in self.world.averagers:  # the deltas' origin is the loaded theta0 now:
                 averager.anchor.reset()            # the next round goes in full precision and
                 averager.wire.reset()              # sets it
+        if self.streaming is not None:
+            self.streaming.load_state(local.get("in_flight", []))
         self.averaged_step = self.local_step  # a resume starts from one (broadcast) model
         self.finalized = False
 
@@ -160,12 +179,16 @@ class LocalSGD:
         if plan.lr is not None:
             for group in self.opt.param_groups:
                 group["lr"] = plan.lr
+        if self.streaming is not None:
+            self.streaming.step(t, plan, update, skip_update, fusable)
+            self.local_step = t
+            return
         if plan.average_before:
-            self._scheduled_round(t, plan, update, skip_update, fusable)
+            self.scheduled_round(t, plan, update, skip_update, fusable)
         elif not skip_update:
             update()
         if plan.average_after:
-            self._scheduled_round(t, plan, None, skip_update)
+            self.scheduled_round(t, plan, None, skip_update)
             self.averaged_step = t
         self.local_step = t
         self._prestart(t + 1)
@@ -179,10 +202,12 @@ class LocalSGD:
             self.outer.start()  # theta0 = x^0, the (broadcast) parameters before any update
         return self.planner.plan(t, self.clock.elapsed())
 
-    def _scheduled_round(self, t: int, plan: StepPlan, update: Optional[Callable[[], Any]],
-                         skip_update: bool, fusable: bool = False) -> None:
-        """A round the schedule asked for; with ``update`` the update follows the average."""
-        averager = self.world.averager_for(plan)
+    def scheduled_round(self, t: int, plan: StepPlan, update: Optional[Callable[[], Any]],
+                        skip_update: bool, fusable: bool = False,
+                        averager: Optional[Averager] = None) -> bool:
+        """A round the schedule asked for, at once; with ``update`` the update follows the
+        average (returns True: it was applied, fused or not, or skipped as it must be)."""
+        averager = averager or self.world.averager_for(plan)
         waited = averager.wait_seconds
         updates = update is not None and not skip_update
         rnd, excluded, updated = self.run_round(
@@ -193,6 +218,7 @@ class LocalSGD:
         self.planner.on_round(self.clock.report(
             t, averager.wait_seconds - waited, self.world.total("wait_seconds"),
             self.divergence, rnd.agree))
+        return update is not None
 
     def run_round(self, identity: RoundId, averager: Averager, *, t: Optional[int] = None,
                   weight: float = 1.0, active: bool = True, agree: bool = False,
@@ -200,18 +226,25 @@ class LocalSGD:
                   plan: Optional[StepPlan] = None) -> Tuple[Round, bool, bool]:
         """One round through the stages round, check and write, counted; returns it, whether
         this rank was left out of it, and whether its update rule applied the update too."""
+        tensors, n_params = None, lambda: len(self.contents.params())
+        if self.streaming is not None and pending is None:  # a fragment's tensors
+            tensors, n = self.streaming.tensors_for(averager)
+            n_params = lambda: n  # noqa: E731
         rnd, excluded = self.round_stage.run(identity, averager, t=t, weight=weight,
-                                              active=active, agree=agree, pending=pending)
-        updated = self._write_back(rnd, update_follows=update_follows and not excluded, plan=plan)
+                                              active=active, agree=agree, pending=pending,
+                                              tensors=tensors)
+        updated = self._write_back(rnd, n_params, update_follows=update_follows and not excluded,
+                                   plan=plan)
         self.rounds += 1
         return rnd, excluded, updated
 
-    def _write_back(self, rnd: Round, update_follows: bool = False,
+    def _write_back(self, rnd: Round, n_params: Callable[[], int], update_follows: bool = False,
                     plan: Optional[StepPlan] = None) -> bool:
         """Stage 'write': the round's update rule writes every tensor (prsgd_hvd.update_rules)
-        and records this rank's divergence; True when it applied this step's update too."""
+        and records this rank's divergence; True when it applied this step's update too.
+        ``n_params()``: how many of the round's first tensors are parameters."""
         self.divergence, updated = self.write_stage.write(
-            rnd, lambda: len(self.contents.params()), update_follows=update_follows, plan=plan)
+            rnd, n_params, update_follows=update_follows, plan=plan)
         return updated
 
     def _prestart(self, t: int) -> None:
@@ -231,7 +264,10 @@ class LocalSGD:
     def average_now(self) -> None:
         self._refuse_if_finalized("average_now()")
         self.inflight.cancel()  # a prestarted round is dropped on every rank alike
-        self.run_round(RoundId("average_now", self.rounds + 1), self.world.averager)
+        if self.streaming is not None:
+            self.streaming.drain()  # the rounds in flight merge first (NOTE: [streaming])
+        for averager in self.world.whole_set_averagers:  # every fragment
+            self.run_round(RoundId("average_now", self.rounds + 1), averager)
         self.averaged_step = self.local_step
         self._prestart(self.local_step + 1)
 
@@ -243,11 +279,15 @@ class LocalSGD:
 
     def discard_in_flight(self) -> None:
         self.inflight.cancel()
+        if self.streaming is not None:
+            self.streaming.discard()
 
     def abandon_in_flight(self) -> None:
         """Before an elastic restore: a collective failed, so the world the held round was
         started in is gone; drop the round without waiting for it."""
         self.inflight.forget()
+        if self.streaming is not None:
+            self.streaming.forget()
 
     def _refuse_if_finalized(self, what: str) -> None:
         if self.finalized:

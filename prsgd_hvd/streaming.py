@@ -1,0 +1,363 @@
+"""Streaming rounds: a round runs behind local steps (``delay=tau``) over a fragment of the model
+(``fragments=F``). Off (tau=0, F=1) the pipeline of prsgd_hvd.local_sgd runs as it always did.
+
+NOTE: [streaming]
+*Delay.* The round that the schedule makes before the update of step t (Algorithm 1; an epoch
+that ends after step t's update, Algorithms 2 and 3, is "before the update of step t+1") packs
+x_sent -- the same model as without delay -- and starts. The rank applies the updates of steps
+t, ..., t+tau-1 locally without it; before the update of step t+tau it waits for the round and
+merges it, keeping its local progress:
+
+    x <- x + (c - x_sent)     c: the round's common point -- the average ybar, or with an
+                              outer optimizer the new theta0 (the outer step from ybar)
+
+for every tensor the round carries (parameters, model buffers, averaged optimizer state), in
+the flat buffers' dtype (fp32 for fp16/bf16 tensors), rounded once into the tensor. Step t+tau's
+update then applies at the merged point; for ``torch.optim.SGD`` it is fused with the merge (the
+merged point is built in the flat buffer and the fused average+SGD rule writes it, scale 1).
+
+A delayed round has two phases. *Settle*: wait for the sums, check them (identity, layout,
+non-finite policy), compute c -- the outer step, the anchor and the wire format's state move on
+here -- and keep the correction ``c - x_sent`` in the averager's sent buffers; the round is
+counted. *Merge*: flatten x, add the correction, write. Settling happens at the merge, or earlier
+when something needs the round finished: ``state_dict()`` (the checkpoint carries each
+correction and the step it merges at, so a resumed job merges it exactly once), and
+``average_now()`` / ``finalize()``, which merge every round in flight first (the local progress
+is kept) and then take their own rounds at once. The schedule hears of a delayed round when it
+starts (an epoch ends when its round starts), with no measured divergence.
+
+*Fragments.* The parameters are split into F fragments of about equal bytes (whole tensors, in
+param-group order: the same split on every rank), each with its own averager (collective names,
+layout, anchor, wire state; an outer optimizer's state is per tensor). Fragment p is averaged
+before the update of the steps t with (t - p*I/F) mod I == 0, delayed by tau like any round, so
+each fragment is averaged every I steps and the rounds are spread over the interval. Model
+buffers ride with fragment 0, averaged optimizer state with its parameter. Warm-up rounds,
+``average_now()`` and ``finalize()``'s rounds take every fragment, at once. With F > 1 the
+optimizer's own update runs for every parameter (``step()``), never fused into one fragment.
+
+What cannot stream, and why, is refused at construction (prsgd_hvd.validation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .averaging import ALIGN, Averager, PendingRound, Round, RoundId, flat_dtype_for
+from .schedules import AVERAGE_BEFORE, StepPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .local_sgd import LocalSGD
+
+
+@dataclass
+class DelayedRound:
+    """A round started at step ``t`` that merges before the update of step ``merge_at``."""
+
+    fragment: int
+    averager: Averager
+    identity: RoundId
+    t: int
+    merge_at: int
+    plan: StepPlan
+    n_params: int
+    pending: Optional[PendingRound]             # None once settled
+    # From a checkpoint: the correction per tensor key (Streaming.keys), not in sent buffers.
+    saved: Optional[Dict[Tuple, torch.Tensor]] = field(default=None, repr=False)
+
+    @property
+    def settled(self) -> bool:
+        return self.pending is None
+
+
+class Streaming:
+    """The rounds of one optimizer with ``delay`` and/or ``fragments`` (NOTE: [streaming])."""
+
+    def __init__(self, engine: "LocalSGD"):
+        self.e = engine
+        config = engine.config
+        self.delay, self.fragments = config.delay, config.fragments
+        # fragments > 1 is validated to come with a FixedInterval (behind an optional warm-up).
+        self.interval = getattr(config.schedule, "interval", None)
+        self.in_flight: List[DelayedRound] = []
+        self._split_key: Optional[Tuple] = None
+        self._split: List[List[torch.Tensor]] = []
+
+    # ---- fragments ------------------------------------------------------------------------------
+    def split(self) -> List[List[torch.Tensor]]:
+        """The parameters in F fragments of about equal bytes (whole tensors, in order)."""
+        params = self.e.contents.params()
+        key = tuple((id(p), p.numel() * p.element_size()) for p in params)
+        if key != self._split_key:
+            if len(params) < self.fragments:
+                raise ValueError(
+                    f"DistributedLocalSGD: fragments={self.fragments} but the optimizer has only "
+                    f"{len(params)} parameter tensors; a fragment is made of whole tensors. Use "
+                    f"fragments <= {len(params)}")
+            sizes = [nbytes for _, nbytes in key]
+            total, F = sum(sizes), self.fragments
+            out: List[List[torch.Tensor]] = [[] for _ in range(F)]
+            done, p = 0, 0
+            for i, (t, nbytes) in enumerate(zip(params, sizes)):
+                # Close fragment p once it reached its share, keeping a tensor for each of
+                # the fragments still to fill.
+                left = len(params) - i
+                if out[p] and p < F - 1 and (done >= total * (p + 1) / F or left <= F - 1 - p):
+                    p += 1
+                out[p].append(t)
+                done += nbytes
+            self._split, self._split_key = out, key
+        return self._split
+
+    def averager(self, p: int) -> Averager:
+        return self.e.world.fragment_averagers[p]
+
+    def tensors(self, p: int) -> Tuple[List[torch.Tensor], int]:
+        """Fragment p's tensors (its parameters, fragment 0 the model buffers too, then the
+        averaged state of its parameters) and how many are parameters. Collective with
+        ``average_state`` (prsgd_hvd.round_contents)."""
+        e = self.e
+        if self.fragments == 1:
+            return e.contents.tensors(e.world.collectives)
+        return e.contents.tensors(self.averager(p).collectives, params=self.split()[p],
+                                  buffers=(p == 0))
+
+    def tensors_for(self, averager: Averager) -> Tuple[List[torch.Tensor], int]:
+        return self.tensors(self.e.world.fragment_averagers.index(averager))
+
+    def due(self, t: int, plan: StepPlan) -> List[Tuple[int, StepPlan]]:
+        """The rounds before the update of step t: (fragment, plan)."""
+        if plan.warmup:
+            return [(p, plan) for p in range(self.fragments)]
+        if self.fragments == 1:
+            return [(0, plan)] if plan.average_before else []
+        step = self.interval // self.fragments
+        if t % step:
+            return []
+        return [((t // step) % self.fragments, AVERAGE_BEFORE)]
+
+    def rounds_at(self, t: int) -> List[Averager]:
+        """Every round step t makes, in order (the join protocol's walk)."""
+        plan = self.e.planner.plan(t)
+        out = [self.averager(p) for p, _ in self.due(t, plan)]
+        if plan.average_after:
+            out.append(self.averager(0))
+        return out
+
+    # ---- the step ------------------------------------------------------------------------------
+    def unsettled(self) -> int:
+        return sum(1 for r in self.in_flight if not r.settled)
+
+    def step(self, t: int, plan: StepPlan, update: Callable[[], Any], skip_update: bool,
+             fusable: bool) -> None:
+        e = self.e
+        whole = self.fragments == 1
+        updated = False
+        for r in [r for r in self.in_flight if r.merge_at <= t]:
+            follows = whole and fusable and not skip_update and not updated
+            updated = self.merge(r, update_follows=follows) or updated
+        for p, rplan in self.due(t, plan):
+            if rplan.warmup or self.delay == 0:
+                # At once, as without streaming (a warm-up round averages every step).
+                if whole:
+                    updated = e.scheduled_round(t, rplan, update, skip_update, fusable) or updated
+                else:
+                    e.scheduled_round(t, rplan, None, skip_update, averager=self.averager(p))
+            else:
+                self.start(p, rplan, t, merge_at=t + self.delay)
+        if not updated and not skip_update:
+            update()
+        if plan.average_after:  # an epoch ends: the round of "before step t+1's update"
+            self.start(0, plan, t, merge_at=t + 1 + self.delay)
+            e.averaged_step = t
+
+    def start(self, p: int, plan: StepPlan, t: int, merge_at: int) -> None:
+        e = self.e
+        averager = self.averager(p)
+        busy = next((r for r in self.in_flight if r.averager is averager), None)
+        if busy is not None:
+            raise RuntimeError(
+                f"DistributedLocalSGD: delay={self.delay}: the round of step {busy.t} "
+                f"(merging before step {busy.merge_at}) is still in flight when step {t} starts "
+                f"the next round of {'fragment ' + str(p) if self.fragments > 1 else 'the model'}."
+                f" The delay must be smaller than the number of steps between two rounds "
+                f"(every epoch length of a TimeVarying schedule, every rank's interval of a "
+                f"Heterogeneous one); pass a smaller delay")
+        tensors, n_params = self.tensors(p)
+        identity = RoundId("scheduled", e.rounds + self.unsettled() + 1)
+        pending = e.round_stage.start(averager, identity, tensors=tensors, weight=plan.weight,
+                                      agree=plan.agree, keep_sent=True)
+        self.in_flight.append(DelayedRound(p, averager, identity, t, merge_at, plan, n_params,
+                                           pending))
+        # The schedule's epoch ends when its round starts (NOTE above); nothing measured yet.
+        e.planner.on_round(e.clock.report(t, 0.0, e.world.total("wait_seconds"), None, False))
+
+    def settle(self, r: DelayedRound) -> None:
+        """Phase 1: the round's sums arrive and become the correction c - x_sent."""
+        if r.settled:
+            return
+        e = self.e
+        rnd, _ = e.round_stage.run(r.identity, r.averager, t=r.t, weight=r.plan.weight,
+                                   active=True, agree=r.plan.agree, pending=r.pending)
+        r.pending = None
+        e.divergence = self._correction(rnd, r)
+        e.rounds += 1
+
+    @torch.no_grad()
+    def _correction(self, rnd: Round, r: DelayedRound) -> float:
+        """c into the payload, then sent <- c - sent; the anchor, theta0 and the wire state
+        move on as in an immediate round. Returns ||x_sent - ybar||^2 over the parameters."""
+        e = self.e
+        sent = r.averager.sent
+        divergence = 0.0
+        for b, k in zip(rnd.buckets, rnd.layout.leading(r.n_params)):
+            if k:
+                seg = b.segment(0, k)
+                mine = sent[b.index][:seg.numel()]
+                divergence += float(((mine.double() - seg.double() * rnd.scale) ** 2).sum())
+        outer_rules = e.write_stage.outer
+        outer = outer_rules.outer if outer_rules is not None and outer_rules.covers(rnd) else None
+        if outer is not None:
+            outer.step_from(rnd, r.n_params)
+        if rnd.anchor is not None and rnd.anchor.kept:
+            rnd.anchor.follow(rnd)
+            if outer is not None:
+                outer.write_anchor(rnd, r.n_params)
+        for b in rnd.buckets:
+            b.payload.mul_(rnd.scale)
+        if outer is not None:
+            outer.write_theta(rnd, r.n_params, lambda i: rnd.buckets[i].payload)
+        for b in rnd.buckets:
+            torch.sub(b.payload, sent[b.index], out=sent[b.index])
+        rnd.accept()
+        return divergence
+
+    def merge(self, r: DelayedRound, update_follows: bool = False) -> bool:
+        """Phase 2 (settling first if needed): x <- x + (c - x_sent). True when the update
+        rule applied this step's update too (fused SGD)."""
+        self.settle(r)
+        self.in_flight.remove(r)
+        e = self.e
+        if r.saved is not None:
+            self._merge_saved(r)
+            return False
+        layout = r.averager.layout
+        with torch.no_grad():
+            for b, correction in zip(layout.buckets, r.averager.sent):
+                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)
+                b.payload.add_(correction)
+        _, updated = e.write_stage.write(Round.local(layout, r.identity), lambda: 0,
+                                         update_follows=update_follows)
+        return updated
+
+    def drain(self) -> None:
+        """Merge every round in flight now, oldest first (average_now(), finalize())."""
+        while self.in_flight:
+            self.merge(self.in_flight[0])
+
+    def discard(self) -> None:
+        """Before a checkpoint is loaded: every round in flight is waited for (every rank
+        started it) and dropped, merged nowhere; the loaded state brings its own."""
+        for r in self.in_flight:
+            if not r.settled:
+                r.pending.wait()
+        self.in_flight.clear()
+
+    def forget(self) -> None:
+        """The world is gone (elastic): drop without waiting; the restored state has its own."""
+        for r in self.in_flight:
+            if r.pending is not None:
+                r.pending.abandon()
+        self.in_flight.clear()
+
+    # ---- the checkpoint entry ------------------------------------------------------------------
+    def keys(self, tensors: List[torch.Tensor], n_params: int) -> List[Tuple]:
+        """A name for each tensor of a round that a fresh optimizer can resolve without a
+        collective: ("param", i), ("buffer", j) or ("state", i, key)."""
+        contents = self.e.contents
+        params = contents.params()
+        index = {id(p): i for i, p in enumerate(params)}
+        buffers = {id(b): j for j, b in enumerate(contents.buffers(params))}
+        state = {id(v): (index[id(p)], k) for p, st in self.e.opt.state.items()
+                 if id(p) in index for k, v in st.items() if torch.is_tensor(v)}
+        out = []
+        for t in tensors:
+            if id(t) in index:
+                out.append(("param", index[id(t)]))
+            elif id(t) in buffers:
+                out.append(("buffer", buffers[id(t)]))
+            else:
+                out.append(("state", *state[id(t)]))
+        return out
+
+    def resolve(self, key: Tuple) -> Optional[torch.Tensor]:
+        contents = self.e.contents
+        params = contents.params()
+        try:
+            if key[0] == "param":
+                return params[key[1]]
+            if key[0] == "buffer":
+                return contents.buffers(params)[key[1]]
+            if key[0] == "state":
+                return self.e.opt.state[params[key[1]]][key[2]]
+        except (IndexError, KeyError, TypeError):
+            return None
+        return None
+
+    def local_state(self) -> List[Dict[str, Any]]:
+        """Every round in flight, settled, as {fragment, t, merge_at, correction by key}."""
+        out = []
+        for r in self.in_flight:
+            self.settle(r)
+            if r.saved is not None:
+                corrections = {k: v.clone() for k, v in r.saved.items()}
+            else:
+                layout = r.averager.layout
+                keys = self.keys(layout.tensors, r.n_params)
+                corrections = {}
+                for b, sent in zip(layout.buckets, r.averager.sent):
+                    for j, pos in enumerate(b.positions):
+                        seg = sent[b.offsets[j]:b.offsets[j] + b.tensors[j].numel()]
+                        corrections[keys[pos]] = seg.view(b.tensors[j].shape).clone()
+            out.append({"fragment": r.fragment, "t": r.t, "merge_at": r.merge_at,
+                        "number": r.identity.number, "correction": corrections})
+        return out
+
+    def validate_state(self, saved: Any, local_step: int) -> None:
+        """Check a saved :meth:`local_state` whole, changing nothing."""
+        if not isinstance(saved, list):
+            raise ValueError("DistributedLocalSGD: 'local_sgd.in_flight' must be the list a "
+                             "streaming optimizer's state_dict() saved")
+        for entry in saved:
+            ok = isinstance(entry, dict) and isinstance(entry.get("correction"), dict) and \
+                entry.get("fragment") in range(self.fragments) and \
+                isinstance(entry.get("merge_at"), int) and entry["merge_at"] > local_step
+            if not ok:
+                raise ValueError(f"DistributedLocalSGD: 'local_sgd.in_flight' holds a round this "
+                                 f"optimizer (delay={self.delay}, fragments={self.fragments}) "
+                                 f"cannot merge: {str(entry)[:200]}")
+            for key, value in entry["correction"].items():
+                target = self.resolve(key) if isinstance(key, tuple) else None
+                if target is None or not torch.is_tensor(value) or value.shape != target.shape:
+                    raise ValueError(f"DistributedLocalSGD: the checkpoint's round in flight "
+                                     f"names {key!r}, which this optimizer does not have with "
+                                     f"that shape; it was saved from another model or optimizer")
+
+    def load_state(self, saved: List[Dict[str, Any]]) -> None:
+        self.in_flight.clear()
+        for entry in saved:
+            p = entry["fragment"]
+            self.in_flight.append(DelayedRound(
+                p, self.averager(p), RoundId("scheduled", int(entry.get("number", 0))),
+                int(entry.get("t", 0)), entry["merge_at"], AVERAGE_BEFORE, 0, None,
+                saved={k: v for k, v in entry["correction"].items()}))
+
+    @torch.no_grad()
+    def _merge_saved(self, r: DelayedRound) -> None:
+        """A round restored from a checkpoint: the same arithmetic per tensor (x in the flat
+        dtype, plus the correction, rounded once into x)."""
+        for key, correction in r.saved.items():
+            x = self.resolve(key)
+            flat = x.to(flat_dtype_for(x.dtype))
+            x.copy_(flat + correction.to(device=x.device, dtype=flat.dtype))
