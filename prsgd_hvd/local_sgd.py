@@ -128,12 +128,14 @@ class LocalSGD:
 
     # ---- the checkpoint entry -----------------------------------------------------------------
     def local_state(self) -> Dict[str, Any]:
+        # Rounds in flight settle first (they are counted then): the counters below include them.
+        in_flight = self.streaming.local_state() if self.streaming is not None else None
         local = checkpoint.local_state(self.local_step, self.rounds, self.config.warmup_steps,
                                        self.size, self.schedule)
         if self.outer is not None:  # theta0 and the outer optimizer's state
             local["outer"] = self.outer.state_dict()
-        if self.streaming is not None:  # rounds in flight, settled: their corrections
-            local["in_flight"] = self.streaming.local_state()
+        if in_flight is not None:  # rounds in flight, settled: their corrections
+            local["in_flight"] = in_flight
         return local
 
     def validate_local_state(self, local: Any) -> Tuple[int, int]:
