@@ -27,7 +27,8 @@ is kept) and then take their own rounds at once. The schedule hears of a delayed
 starts (an epoch ends when its round starts), with no measured divergence.
 
 *Fragments.* The parameters are split into F fragments of about equal bytes (whole tensors, in
-param-group order: the same split on every rank), each with its own averager (collective names,
+param-group order: the same split on every rank; a tensor opens fragment p+1 when its middle
+byte lies past fragment p's share of the bytes), each with its own averager (collective names,
 layout, anchor, wire state; an outer optimizer's state is per tensor). Fragment p is averaged
 before the update of the steps t with (t - p*I/F) mod I == 0, delayed by tau like any round, so
 each fragment is averaged every I steps and the rounds are spread over the interval. Model
@@ -100,10 +101,11 @@ class Streaming:
             out: List[List[torch.Tensor]] = [[] for _ in range(F)]
             done, p = 0, 0
             for i, (t, nbytes) in enumerate(zip(params, sizes)):
-                # Close fragment p once it reached its share, keeping a tensor for each of
-                # the fragments still to fill.
+                # A tensor opens the next fragment when its middle byte lies past fragment
+                # p's share (total * (p+1) / F), or when each fragment still to fill needs one.
                 left = len(params) - i
-                if out[p] and p < F - 1 and (done >= total * (p + 1) / F or left <= F - 1 - p):
+                if out[p] and p < F - 1 and (done + nbytes / 2 > total * (p + 1) / F or
+                                             left <= F - 1 - p):
                     p += 1
                 out[p].append(t)
                 done += nbytes

@@ -7,8 +7,9 @@ Plain torch only, none of prsgd_hvd's code, from the docstring of ``DistributedL
   point c (the mean, or with an outer optimizer the new theta0 after the outer step from the
   mean); rank r merges it before the update of step t+tau: x_r <- x_r + (c - x_sent_r);
   an epoch that ends after step t's update (Algorithms 2, 3) is "before the update of t+1";
-* fragment p (whole tensors, in order; a fragment closes once it holds its share
-  total*(p+1)/F of the bytes, keeping one tensor for each fragment still to fill) is averaged
+* fragment p (whole tensors, in order; a tensor whose middle byte lies past the share
+  total*(p+1)/F of the fragment being filled opens the next one, and each fragment still to
+  fill keeps at least one tensor) is averaged
   before the update of the steps t with (t - p*I/F) mod I == 0; warm-up rounds average every
   fragment at once, without delay;
 * a rank that has run out of steps merges what it has in flight at once and then answers every
@@ -30,7 +31,8 @@ def fragment_split(params, F):
     total = sum(sizes)
     out, done, k = [[] for _ in range(F)], 0, 0
     for i, size in enumerate(sizes):
-        if out[k] and k < F - 1 and (done >= total * (k + 1) / F or len(params) - i <= F - 1 - k):
+        past_share = done + size / 2 > total * (k + 1) / F
+        if out[k] and k < F - 1 and (past_share or len(params) - i <= F - 1 - k):
             k += 1
         out[k].append(i)
         done += size
