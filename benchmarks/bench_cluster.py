@@ -57,10 +57,9 @@ every thread's stack and exits), torch's process group and Horovod's Gloo have t
 (``--pg-timeout``; ``HOROVOD_GLOO_TIMEOUT_SECONDS``, 120 s unless ``--hvd-env`` sets it), and a
 job past ``--timeout`` is killed with everything it left on the hosts.
 
-``--cycle-times 1 5 20``: every repeat runs every variant once per ``HOROVOD_CYCLE_TIME`` (ms),
-in the same worker processes: ``hvd.shutdown()``, the variable set, ``hvd.init()`` again
-(Horovod reads it in ``init``; an unset variable keeps the previous value, so 1 ms, Horovod's
-default, is set explicitly). The table gives each variant's steps/s by cycle time.
+``--cycle-times 1 5 20``: every repeat runs one job per ``HOROVOD_CYCLE_TIME`` (ms), the start
+rotating, each job one pass over the variants (Horovod reads the variable once, in ``init``;
+1 ms is its default). The table gives each variant's steps/s by cycle time.
 
 ``--latency-model``: what a cross-datacenter round trip does to a ring round and to a round
 hidden behind tau steps (no cluster; see latency_model()).
@@ -364,15 +363,12 @@ def _run_models(args, models, rank, tag="", rotate=0):
 
 def worker(args):
     import datetime
-    import os
 
     import torch
     import torch.distributed as dist
 
     import prsgd_hvd as hvd
 
-    if args.cycle_times:
-        os.environ["HOROVOD_CYCLE_TIME"] = f"{args.cycle_times[0]:g}"
     hvd.init()
     torch.set_num_threads(1)
     rank, size = hvd.rank(), hvd.size()
@@ -382,30 +378,7 @@ def worker(args):
     result = {"size": size, "models": {}}
     if args.yardstick:
         result["yardstick"] = yardstick([25.0, 1.0], args.repeats)
-    if not args.cycle_times:
-        result["models"] = _run_models(args, models, rank)
-    else:
-        # One repeat = every cycle time once (rotating), each with every variant: Horovod reads
-        # HOROVOD_CYCLE_TIME in init(), so shut it down and start it again in between.
-        reps, args.repeats = args.repeats, 1
-        per = {f"{ms:g}": {} for ms in args.cycle_times}
-        keys = list(per)
-        for rep in range(reps):
-            for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
-                hvd.shutdown()
-                os.environ["HOROVOD_CYCLE_TIME"] = key
-                hvd.init()
-                assert (hvd.rank(), hvd.size()) == (rank, size), "ranks moved on re-init"
-                got = _run_models(args, models, rank, tag=f"cycle {key} ms, repeat {rep + 1}: ",
-                                  rotate=rep)
-                for name, res in got.items():
-                    if name not in per[key]:
-                        per[key][name] = res
-                    else:
-                        for v, rs in res["runs"].items():
-                            per[key][name]["runs"][v].extend(rs)
-        args.repeats = reps
-        result["cycle"] = per
+    result["models"] = _run_models(args, models, rank, rotate=args.rotate)
     if rank == 0:
         Path(args.result).write_text(json.dumps(result))
     dist.barrier()
@@ -433,8 +406,10 @@ def summarize(results, hosts):
     for model in next(iter(results.values()))["models"]:
         ref = results[ref_profile]["models"][model]
         curves = {v: _smooth(statistics_median_curve(r)) for v, r in ref["runs"].items()}
-        at = round(0.75 * ref["steps"])
         base = "distopt" if "distopt" in curves else next(iter(curves))
+        # 3/4 of the full-length run (shorter if the reference link's job failed and another
+        # profile, whose runs were cut at --max-seconds, stands in for it)
+        at = round(0.75 * min(ref["steps"], len(curves[base])))
         target = curves[base][at - 1]
         steps_to = {v: next((i + 1 for i, l in enumerate(c) if l <= target), None)
                     for v, c in curves.items()}
@@ -608,6 +583,60 @@ def _check_schedule(args):
                          f"interval {v.interval} and at least two intervals")
 
 
+def _run_job(c, args, prof, *, full, rotate=0, repeats=None, env_extra=None, tag=""):
+    """One horovodrun job on the cluster (every model and variant); its result, or None after
+    two failed attempts, which are appended to args.failures."""
+    out = Path(tempfile.mkdtemp(prefix="prsgd_bench_cluster_")) / "result.json"
+    cmd = c.exec_argv(1, [
+        str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.hosts),
+        "-H", c.hosts_arg(1), "--gloo", "--network-interface", "eth0",
+        sys.executable, str(Path(__file__).resolve()), "--worker", "--result", str(out),
+        "--master", c.host(1), "--models", *args.models, "--steps", *map(str, args.steps),
+        "--repeats", str(repeats or args.repeats), "--variants", *args.variants,
+        "--max-seconds", str(args.max_seconds), "--full-repeats", str(int(full)),
+        "--min-steps", str(args.min_steps), "--lr", str(args.lr),
+        "--variant-timeout", str(args.variant_timeout), "--pg-timeout", str(args.pg_timeout),
+        "--rotate", str(rotate)]
+        + (["--yardstick"] if args.yardstick else []))
+    env = c.env(venv_bin=str(Path(sys.executable).parent))
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="eth0",
+               PYTHONPATH=str(REPO), HOROVOD_GLOO_TIMEOUT_SECONDS="120")
+    for kv in args.hvd_env:
+        k, _, v = kv.partition("=")
+        env[k] = v
+    env.update(env_extra or {})
+    for attempt in (1, 2):  # a job that fails is run once more, then left out
+        t0 = time.time()
+        print(f"[bench_cluster] {args.hosts} hosts at {prof}{tag}: {' '.join(args.models)}"
+              + (" (second attempt)" if attempt == 2 else ""), flush=True)
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=args.timeout)
+            code, output = proc.returncode, proc.stdout
+        except subprocess.TimeoutExpired as exc:
+            code = "timeout"
+            output = (exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes)
+                      else exc.stdout or "")
+            output += f"\n[bench_cluster] killed after --timeout {args.timeout:g} s\n"
+        killed = c.kill_jobs()     # whatever the job left on the hosts
+        if code == 0 and out.exists():
+            print(f"[bench_cluster]   done in {time.time() - t0:.0f} s", flush=True)
+            return json.loads(out.read_text())
+        log = out.parent / f"job-{prof.replace('%', 'pct')}-{attempt}.log"
+        log.write_text(output)
+        print(output[-3000:])
+        hung = "Timeout (" in output
+        started = re.findall(r"\[bench worker\] (.*: \S+)\n", output)
+        why = (f"a variant hung: its watchdog fired after --variant-timeout "
+               f"{args.variant_timeout:g} s" if hung else f"exit {code}")
+        if started:
+            why += f"; the last variant started: {started[-1]}"
+        print(f"[bench_cluster]   the job at {prof}{tag} failed ({why}; {killed} processes left "
+              f"on the hosts were killed); its whole output: {log}", flush=True)
+        args.failures.append(f"{prof}{tag} attempt {attempt}: {why} ({log})")
+    return None
+
+
 def orchestrate(args):
     from cluster import Cluster, format_profile, missing_requirements, parse_profile
 
@@ -624,71 +653,25 @@ def orchestrate(args):
         for extra in (args.loss or [loss]):
             profiles.append(format_profile(r, extra if args.loss else loss))
     profiles = sorted(dict.fromkeys(profiles), key=_profile_key)
-    results, failures = {}, []
+    results, args.failures = {}, []
     with Cluster(args.hosts, None, name="prsgdbench") as c:
         for kv in args.sysctl:
             for i in range(1, args.hosts + 1):
                 subprocess.run(c.exec_argv(i, ["sysctl", "-q", "-w", kv]), check=True)
         for prof in profiles:
             c.apply_profile(prof)   # checks that the loss rule is in place where there is loss
-            out = Path(tempfile.mkdtemp(prefix="prsgd_bench_cluster_")) / "result.json"
-            cmd = c.exec_argv(1, [
-                str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.hosts),
-                "-H", c.hosts_arg(1), "--gloo", "--network-interface", "eth0",
-                sys.executable, str(Path(__file__).resolve()), "--worker", "--result", str(out),
-                "--master", c.host(1), "--models", *args.models, "--steps", *map(str, args.steps),
-                "--repeats", str(args.repeats), "--variants", *args.variants,
-                "--max-seconds", str(args.max_seconds),
-                "--full-repeats", str(1 if prof == profiles[-1] and not args.cycle_times else 0),
-                "--min-steps", str(args.min_steps), "--lr", str(args.lr),
-                "--variant-timeout", str(args.variant_timeout),
-                "--pg-timeout", str(args.pg_timeout)]
-                + (["--yardstick"] if args.yardstick else [])
-                + (["--cycle-times", *map(str, args.cycle_times)] if args.cycle_times else []))
-            env = c.env(venv_bin=str(Path(sys.executable).parent))
-            env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="eth0",
-                       PYTHONPATH=str(REPO), HOROVOD_GLOO_TIMEOUT_SECONDS="120")
-            env.pop("HOROVOD_CYCLE_TIME", None)
-            for kv in args.hvd_env:
-                k, _, v = kv.partition("=")
-                env[k] = v
-            for attempt in (1, 2):  # a job that fails is run once more, then left out
-                t0 = time.time()
-                print(f"[bench_cluster] {args.hosts} hosts at {prof}: {' '.join(args.models)}"
-                      + (" (second attempt)" if attempt == 2 else ""), flush=True)
-                try:
-                    proc = subprocess.run(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True,
-                                          timeout=args.timeout)
-                    code, output = proc.returncode, proc.stdout
-                except subprocess.TimeoutExpired as exc:
-                    code = "timeout"
-                    output = (exc.stdout or b"").decode(errors="replace") if isinstance(
-                        exc.stdout, bytes) else (exc.stdout or "")
-                    output += f"\n[bench_cluster] killed after --timeout {args.timeout:g} s\n"
-                killed = c.kill_jobs()     # whatever the job left on the hosts
-                if code == 0 and out.exists():
-                    results[prof] = json.loads(out.read_text())
-                    if parse_profile(prof)[1]:
-                        results[prof]["loss_counters"] = c.loss_counters()
-                    print(f"[bench_cluster]   done in {time.time() - t0:.0f} s", flush=True)
-                    break
-                log = out.parent / f"job-{prof.replace('%', 'pct')}-{attempt}.log"
-                log.write_text(output)
-                print(output[-3000:])
-                hung = "Timeout (" in output
-                started = re.findall(r"\[bench worker\] (.*: \S+)\n", output)
-                why = (f"a variant hung: its watchdog fired after --variant-timeout "
-                       f"{args.variant_timeout:g} s" if hung else f"exit {code}")
-                if started:
-                    why += f"; the last variant started: {started[-1]}"
-                print(f"[bench_cluster]   the job at {prof} failed ({why}; {killed} processes "
-                      f"left on the hosts were killed); its whole output: {log}", flush=True)
-                failures.append(f"{prof} attempt {attempt}: {why} ({log})")
+            if not args.cycle_times:
+                res = _run_job(c, args, prof, full=prof == profiles[-1])
+            else:
+                res = _cycle_jobs(c, args, prof)
+            if res is not None:
+                if parse_profile(prof)[1]:
+                    res["loss_counters"] = c.loss_counters()
+                results[prof] = res
             if args.json:  # after every profile, so a later failure loses nothing
                 Path(args.json).write_text(json.dumps(results))
         if not results:
-            sys.exit("bench_cluster: every job failed:\n  " + "\n  ".join(failures))
+            sys.exit("bench_cluster: every job failed:\n  " + "\n  ".join(args.failures))
     if args.cycle_times:
         text, problems = summarize_cycles(results, args.hosts)
         rows = None
@@ -704,11 +687,36 @@ def orchestrate(args):
         plot(rows, args.plot, args.hosts)
         print(f"\nplot: {args.plot}")
     lost = [p for p in profiles if p not in results]
-    if failures or problems:
+    if args.failures or problems:
         print("\n[bench_cluster] problems:\n  " + "\n  ".join(
-            failures + problems + [f"{p}: no result (left out of the tables)" for p in lost]))
+            args.failures + problems + [f"{p}: no result (left out of the tables)" for p in lost]))
     if problems or lost:
         sys.exit(1)
+
+
+def _cycle_jobs(c, args, prof):
+    """--cycle-times: one job per repeat and cycle time, interleaved (the cycle time's start
+    and the variants' start rotating), each job one repeat of every variant. Horovod reads
+    HOROVOD_CYCLE_TIME once, in hvd.init(); re-initialising Horovod inside one job to change
+    it crashed (Gloo: "connect [host]: Connection refused" in the 9th re-init of a 3-host job), so
+    each cycle time gets its own processes. Returns {"cycle": {ms: {model: ...}}} or None if
+    every job of a cycle time failed."""
+    keys = [f"{ms:g}" for ms in args.cycle_times]
+    per = {k: {} for k in keys}
+    for rep in range(args.repeats):
+        for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+            res = _run_job(c, args, prof, full=False, rotate=rep, repeats=1,
+                           env_extra={"HOROVOD_CYCLE_TIME": key},
+                           tag=f", HOROVOD_CYCLE_TIME={key}, repeat {rep + 1}/{args.repeats}")
+            for name, m in (res or {}).get("models", {}).items():
+                if name not in per[key]:
+                    per[key][name] = m
+                else:
+                    for v, rs in m["runs"].items():
+                        per[key][name]["runs"][v].extend(rs)
+    if any(not per[k] for k in keys):
+        return None
+    return {"cycle": per}
 
 
 def _bits(rate):
@@ -896,8 +904,9 @@ def main():
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--yardstick", action="store_true", help="also time bare allreduces and rounds")
     ap.add_argument("--cycle-times", type=float, nargs="+", default=None, metavar="MS",
-                    help="run every variant under each HOROVOD_CYCLE_TIME (ms), interleaved in "
-                         "the same workers; the first is the baseline (1 = Horovod's default)")
+                    help="run every variant under each HOROVOD_CYCLE_TIME (ms): one job per "
+                         "repeat and cycle time, interleaved; the first is the baseline (1 = "
+                         "Horovod's default)")
     ap.add_argument("--hvd-env", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Horovod settings for the job, e.g. HOROVOD_CYCLE_TIME=20 "
                          "(HOROVOD_GLOO_TIMEOUT_SECONDS is 120 unless set here)")
@@ -922,6 +931,7 @@ def main():
     ap.add_argument("--master", help=argparse.SUPPRESS)
     ap.add_argument("--data-batches", type=int, default=16, help=argparse.SUPPRESS)
     ap.add_argument("--full-repeats", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--rotate", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     defaults = dict(rates=["100mbit", "1gbit", "none"], models=["mlp6m", "resnet20"],
                     variants=VARIANTS, steps=[48], max_seconds=10.0, cycle_times=None)
