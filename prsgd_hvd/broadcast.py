@@ -48,8 +48,9 @@ def broadcast_optimizer_state(optimizer, root_rank: int, model=None) -> None:
         horovod_broadcast(optimizer, root_rank, model=model)
         return
     ls = optimizer._local_sgd
-    # A round in flight was packed from parameters the broadcast is about to replace.
-    ls.discard_in_flight()
+    # A prestarted round was packed from parameters the broadcast is about to replace; streamed
+    # rounds settle, and the root's travel with its state (NOTE: [streaming]).
+    ls.settle_in_flight()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     kept = [p.detach().clone() for p in params] if not optimizer.state else None
     with no_unaveraged_warning():

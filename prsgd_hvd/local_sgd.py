@@ -279,6 +279,13 @@ class LocalSGD:
             JoinProtocol(self).run()
             self.finalized = True
 
+    def settle_in_flight(self) -> None:
+        """Before a broadcast of the optimizer state: the prestarted round is dropped, streamed
+        rounds settle (the root's are part of the state it sends)."""
+        self.inflight.cancel()
+        if self.streaming is not None:
+            self.streaming.settle_all()
+
     def discard_in_flight(self) -> None:
         self.inflight.cancel()
         if self.streaming is not None:

@@ -177,7 +177,7 @@ class Streaming:
     def start(self, p: int, plan: StepPlan, t: int, merge_at: int) -> None:
         e = self.e
         averager = self.averager(p)
-        busy = next((r for r in self.in_flight if r.averager is averager), None)
+        busy = next((r for r in self.in_flight if r.fragment == p), None)
         if busy is not None:
             raise RuntimeError(
                 f"DistributedLocalSGD: delay={self.delay}: the round of step {busy.t} "
@@ -266,12 +266,24 @@ class Streaming:
                 r.pending.wait()
         self.in_flight.clear()
 
+    def settle_all(self) -> None:
+        """Every round in flight settles (waits); they stay in flight, to merge when due."""
+        for r in self.in_flight:
+            self.settle(r)
+
     def forget(self) -> None:
-        """The world is gone (elastic): drop without waiting; the restored state has its own."""
+        """The world is gone (elastic reset or restore): a round still on the wire is dropped
+        without waiting (the state restored or synced after it brings what was committed);
+        a settled one keeps its correction, out of the old world's buffers."""
+        kept = []
         for r in self.in_flight:
             if r.pending is not None:
                 r.pending.abandon()
-        self.in_flight.clear()
+                continue
+            if r.saved is None:
+                r.saved = self._corrections(r)
+            kept.append(r)
+        self.in_flight = kept
 
     # ---- the checkpoint entry ------------------------------------------------------------------
     def keys(self, tensors: List[torch.Tensor], n_params: int) -> List[Tuple]:
@@ -312,19 +324,22 @@ class Streaming:
         out = []
         for r in self.in_flight:
             self.settle(r)
-            if r.saved is not None:
-                corrections = {k: v.clone() for k, v in r.saved.items()}
-            else:
-                layout = r.averager.layout
-                keys = self.keys(layout.tensors, r.n_params)
-                corrections = {}
-                for b, sent in zip(layout.buckets, r.averager.sent):
-                    for j, pos in enumerate(b.positions):
-                        seg = sent[b.offsets[j]:b.offsets[j] + b.tensors[j].numel()]
-                        corrections[keys[pos]] = seg.view(b.tensors[j].shape).clone()
             out.append({"fragment": r.fragment, "t": r.t, "merge_at": r.merge_at,
-                        "number": r.identity.number, "correction": corrections})
+                        "number": r.identity.number, "correction": self._corrections(r)})
         return out
+
+    def _corrections(self, r: DelayedRound) -> Dict[Tuple, torch.Tensor]:
+        """A settled round's correction per tensor key (a copy)."""
+        if r.saved is not None:
+            return {k: v.clone() for k, v in r.saved.items()}
+        layout = r.averager.layout
+        keys = self.keys(layout.tensors, r.n_params)
+        corrections = {}
+        for b, sent in zip(layout.buckets, r.averager.sent):
+            for j, pos in enumerate(b.positions):
+                seg = sent[b.offsets[j]:b.offsets[j] + b.tensors[j].numel()]
+                corrections[keys[pos]] = seg.view(b.tensors[j].shape).clone()
+        return corrections
 
     def validate_state(self, saved: Any, local_step: int) -> None:
         """Check a saved :meth:`local_state` whole, changing nothing."""

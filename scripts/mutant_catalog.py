@@ -29,6 +29,10 @@ def _traj(scenario: str, np: int = 2) -> str:
     return f"tests/test_trajectories.py::test_trajectory_matches_float64_simulation[{scenario}-{np}]"
 
 
+def _stream(scenario: str, np: int = 2) -> str:
+    return f"tests/test_streaming.py::test_streaming_matches_float64_reference[{scenario}-{np}]"
+
+
 def _hetero(which: int, np: int = 3) -> str:
     """Algorithm 3 scenario ``which`` of test_trajectories.HETEROGENEOUS[np]."""
     return f"tests/test_trajectories.py::test_heterogeneous_trajectory_matches_float64_simulation[{which}-{np}]"
@@ -206,14 +210,57 @@ MUTANTS = [
            (_traj("outer_sgd_momentum_i3"),),
            "Algorithm 1 rounds would be plain averages"),
     Mutant("outer_weights_ignored", "prsgd_hvd/outer.py",
-           "yield pos, b.flat[start:start + p.numel()].view(p.shape) * rnd.scale",
-           "yield pos, b.flat[start:start + p.numel()].view(p.shape) / len(rnd.members)",
+           "yield self._index[id(p)], b.flat[start:start + p.numel()].view(p.shape) * rnd.scale",
+           "yield self._index[id(p)], b.flat[start:start + p.numel()].view(p.shape) / len(rnd.members)",
            ("tests/test_trajectories.py::test_outer_heterogeneous_matches_float64_simulation",),
            "Algorithm 3's weighted averages would lose their weights in the outer step"),
     Mutant("outer_step_on_group_rounds", "prsgd_hvd/outer.py",
-           "return rnd.anchor is self.whole_set_anchor()",
+           "return any(rnd.anchor is a for a in self.whole_set_anchors())",
            "return True",
            ("tests/test_trajectories.py::test_grouped_averaging_matches_float64_simulation"
             "[outer_hierarchical_pairs_every_2_all_every_6]",),
            "Hierarchical group rounds would take outer steps from a theta0 of the whole set"),
+    # ---- streaming rounds (delay=, fragments=) -------------------------------------------------
+    Mutant("delayed_merge_drops_local_progress", "prsgd_hvd/streaming.py",
+           "                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)\n"
+           "                b.payload.add_(correction)",
+           "                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)\n"
+           "                b.payload.zero_().add_(correction)",
+           (_stream("d2_i4_fused_merge"),),
+           "a delayed round would throw away the tau local steps taken while it was in flight"),
+    Mutant("delayed_merge_one_step_early", "prsgd_hvd/streaming.py",
+           "                self.start(p, rplan, t, merge_at=t + self.delay)",
+           "                self.start(p, rplan, t, merge_at=t + self.delay - 1)",
+           (_stream("d2_i4_fused_merge"),),
+           "rounds would merge after tau-1 local steps, not tau"),
+    Mutant("epoch_round_merges_a_step_early", "prsgd_hvd/streaming.py",
+           "self.start(0, plan, t, merge_at=t + 1 + self.delay)",
+           "self.start(0, plan, t, merge_at=t + self.delay)",
+           (_stream("time_varying_d1_finalize"),),
+           "Algorithms 2 and 3 would merge their epoch rounds one local step too early"),
+    Mutant("fragment_offset_wrong", "prsgd_hvd/streaming.py",
+           "        return [((t // step) % self.fragments, AVERAGE_BEFORE)]",
+           "        return [((t // step + 1) % self.fragments, AVERAGE_BEFORE)]",
+           (_stream("f3_d0_i6"),),
+           "fragment p would be averaged at another fragment's offset"),
+    Mutant("correction_sign_flipped", "prsgd_hvd/streaming.py",
+           "            torch.sub(b.payload, sent[b.index], out=sent[b.index])",
+           "            torch.sub(sent[b.index], b.payload, out=sent[b.index])",
+           (_stream("d2_i4_fused_merge"),),
+           "a merge would move the model away from the average"),
+    Mutant("outer_step_skipped_when_streaming", "prsgd_hvd/streaming.py",
+           "        if outer is not None:\n            outer.step_from(rnd, r.n_params)",
+           "        if False:\n            outer.step_from(rnd, r.n_params)",
+           (_stream("f3_d4_i6_outer_uneven_finalize"),),
+           "streamed rounds would be plain averages with outer="),
+    Mutant("checkpoint_drops_rounds_in_flight", "prsgd_hvd/local_sgd.py",
+           "            local[\"in_flight\"] = in_flight",
+           "            local[\"in_flight\"] = []",
+           (_stream("f2_d3_i4_resume_two_in_flight"),),
+           "a resumed job would lose the rounds that were in flight at the checkpoint"),
+    Mutant("finalize_does_not_drain", "prsgd_hvd/join.py",
+           "            e.streaming.drain()",
+           "            e.streaming.in_flight.clear()",
+           (_stream("d2_i4_uneven_finalize"),),
+           "finalize() would drop a finishing rank's rounds in flight"),
 ]
