@@ -148,6 +148,8 @@ def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
                 assert [g[:2] for g in got] == [w[:2] for w in want], f"{what}: rounds in flight"
                 for (m, i, c), (_, _, w) in zip(got, want):
                     torch.testing.assert_close(c.double(), w, **TOL, msg=lambda e: f"{what}: {e}")
+    if stream is not None:  # the point of the streaming run: a restart with rounds in flight
+        assert any(d["in_flight"] for g in groups[1:] for d in g), "no restart had a round in flight"
     last = groups[-1]
     models, _, pending = phase(last, steps)
     with torch.no_grad():
