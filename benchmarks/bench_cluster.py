@@ -877,7 +877,7 @@ def main():
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="defaults for a focused run (explicit flags still win): "
                          + "; ".join(f"{k}: {', '.join(f'{a}={v}' for a, v in d.items())}"
-                                     for k, d in PRESETS.items()))
+                                     for k, d in PRESETS.items()).replace("%", "%%"))
     ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument("--rates", nargs="+", default=None,
                     help="link profiles: tc rates (100mbit, 1gbit), none (unshaped), each with "
