@@ -55,14 +55,14 @@ def broadcast_optimizer_state(optimizer, root_rank: int, model=None) -> None:
     kept = [p.detach().clone() for p in params] if not optimizer.state else None
     with no_unaveraged_warning():
         horovod_broadcast(optimizer, root_rank, model=model)
-        local = ls.local_state() if hvd.rank() == root_rank else None
+        local = ls.checkpoint.local_state() if hvd.rank() == root_rank else None
     if kept is not None:
         with torch.no_grad():
             for p, k in zip(params, kept):
                 p.copy_(k)
     local = hvd.broadcast_object(local, root_rank=root_rank,
                                  name="prsgd_hvd.broadcast_optimizer_state.local_sgd")
-    ls.load_local_state(local)
+    ls.checkpoint.load(local)
 
 
 def _bits(tensor):

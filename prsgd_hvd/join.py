@@ -59,7 +59,7 @@ class JoinProtocol:
         e = self.engine
         fragments = e.world.whole_set_averagers
         while True:
-            for averager in e.streaming.rounds_at(t):
+            for averager in e.streaming.frags.rounds_at(t):
                 if self._join(averager).active_ranks == 0:
                     k = fragments.index(averager)
                     for other in fragments[k + 1:] + fragments[:k]:

@@ -35,6 +35,7 @@ from .fused_sgd import FusedAverageSgd
 from .join import JoinProtocol
 from .nonfinite import NonFinitePolicy
 from .outer import OuterOptimizer, OuterRules
+from .overlap import Prestarts
 from .round_contents import RoundContents
 from .round_stage import RoundStage
 from .schedules import StepPlan
@@ -73,7 +74,8 @@ class LocalSGD:
         self.wrapper = WrapperState(global_rank=self.world.global_rank())
         # delay=/fragments= (NOTE: [streaming]): rounds behind local steps; None: off.
         self.streaming = Streaming(self) if config.streaming else None
-        self.overlap = self._prestarts()
+        self.prestarts = Prestarts(self)  # NOTE: [overlap]
+        self.checkpoint = checkpoint.CheckpointEntry(self)  # the "local_sgd" entry
         # Counters (in state_dict) and what stats() reports.
         self.local_step = 0
         self.rounds = 0
@@ -83,25 +85,17 @@ class LocalSGD:
 
     # ---- the world ----------------------------------------------------------------------------
     @property
+    def overlap(self) -> bool:
+        """Whether rounds start early (stats()["overlap"])."""
+        return self.prestarts.on
+
+    @property
     def size(self) -> int:
         return self.world.size
 
     @property
     def collectives(self):
         return self.world.collectives
-
-    def _prestarts(self) -> bool:
-        """Whether rounds start early (NOTE: [overlap]). Model buffers (BatchNorm statistics)
-        change in the forward pass of the averaging step itself, after a prestarted round
-        packed them: such rounds are not started early."""
-        if self.outer is not None:
-            # Not yet with an outer optimizer: finalize() completes a round prestarted for a
-            # step no rank takes, which would be one more outer step than without overlap.
-            return False
-        if self.config.streaming:  # a delayed round already runs behind the steps
-            return False
-        return self.config.overlap and self.world.size > 1 and \
-            not self.contents.buffers(self.contents.params())
 
     def _describe_params(self):
         return agreement.describe_tensors(self.contents.params(), self.config.names, "param")
@@ -113,7 +107,7 @@ class LocalSGD:
         if self.streaming is not None:
             self.streaming.forget()
         self.world.rebind()
-        self.overlap = self._prestarts()
+        self.prestarts.decide()
 
     def check_ranks_agree(self) -> None:
         agreement.check_ranks_agree(self.description(), self.world.process_set)
@@ -125,45 +119,6 @@ class LocalSGD:
             self.contents, self.config.names, self.opt)
         described["outer optimizer"] = self.outer.describe() if self.outer is not None else None
         return described
-
-    # ---- the checkpoint entry -----------------------------------------------------------------
-    def local_state(self) -> Dict[str, Any]:
-        # Rounds in flight settle first (they are counted then): the counters below include them.
-        in_flight = self.streaming.local_state() if self.streaming is not None else None
-        local = checkpoint.local_state(self.local_step, self.rounds, self.config.warmup_steps,
-                                       self.size, self.schedule)
-        if self.outer is not None:  # theta0 and the outer optimizer's state
-            local["outer"] = self.outer.state_dict()
-        if in_flight is not None:  # rounds in flight, settled: their corrections
-            local["in_flight"] = in_flight
-        return local
-
-    def validate_local_state(self, local: Any) -> Tuple[int, int]:
-        counters = checkpoint.validated_counters(local, self.schedule)
-        checkpoint.validate_outer(local, self.outer)
-        if self.streaming is not None:
-            self.streaming.validate_state(local.get("in_flight", []), counters[0])
-        elif local.get("in_flight"):
-            raise ValueError("DistributedLocalSGD: this checkpoint has rounds in flight "
-                             "('local_sgd.in_flight': it was saved with delay= or fragments=), "
-                             "but this optimizer does not stream; wrap it with the delay= and "
-                             "fragments= of the job that saved it")
-        return counters
-
-    def load_local_state(self, local: Dict[str, Any]) -> None:
-        """Apply a saved ``local_state()``, validated first (all or nothing)."""
-        self.local_step, self.rounds = self.validate_local_state(local)
-        self.schedule.load_state_dict(local.get("schedule") or {})
-        self.clock.restart_at(self.local_step)
-        if self.outer is not None:
-            self.outer.load_state(local["outer"])
-            for averager in self.world.averagers:  # the deltas' origin is the loaded theta0 now:
-                averager.anchor.reset()            # the next round goes in full precision and
-                averager.wire.reset()              # sets it
-        if self.streaming is not None:
-            self.streaming.load_state(local.get("in_flight", []))
-        self.averaged_step = self.local_step  # a resume starts from one (broadcast) model
-        self.finalized = False
 
     # ---- the step pipeline --------------------------------------------------------------------
     def step(self, update: Callable[[], Any], skip_update: bool, fusable: bool = True) -> None:
@@ -193,7 +148,7 @@ class LocalSGD:
             self.scheduled_round(t, plan, None, skip_update)
             self.averaged_step = t
         self.local_step = t
-        self._prestart(t + 1)
+        self.prestarts.prestart(t + 1)
 
     def _plan(self, t: int) -> StepPlan:
         if not self.clock.started:  # the first step: fingerprint x^0 (checked in round 1)
@@ -230,7 +185,7 @@ class LocalSGD:
         this rank was left out of it, and whether its update rule applied the update too."""
         tensors, n_params = None, lambda: len(self.contents.params())
         if self.streaming is not None and pending is None:  # a fragment's tensors
-            tensors, n = self.streaming.tensors_for(averager)
+            tensors, n = self.streaming.frags.tensors_for(averager)
             n_params = lambda: n  # noqa: E731
         rnd, excluded = self.round_stage.run(identity, averager, t=t, weight=weight,
                                               active=active, agree=agree, pending=pending,
@@ -249,19 +204,6 @@ class LocalSGD:
             rnd, n_params, update_follows=update_follows, plan=plan)
         return updated
 
-    def _prestart(self, t: int) -> None:
-        """Start step ``t``'s round now if it averages before its update (NOTE: [overlap])."""
-        if not self.overlap or self.inflight.pending is not None:
-            return
-        try:
-            plan = self.planner.plan(t, self.clock.peek())
-        except Exception:  # noqa: BLE001 - step t asks again and raises where the user sees it
-            return
-        if not plan.average_before:
-            return
-        self.round_stage.prestart(t, self.world.averager_for(plan),
-                                   RoundId("scheduled", self.rounds + 1), plan.weight, plan.agree)
-
     # ---- rounds outside the schedule ----------------------------------------------------------
     def average_now(self) -> None:
         self._refuse_if_finalized("average_now()")
@@ -271,7 +213,7 @@ class LocalSGD:
         for averager in self.world.whole_set_averagers:  # every fragment
             self.run_round(RoundId("average_now", self.rounds + 1), averager)
         self.averaged_step = self.local_step
-        self._prestart(self.local_step + 1)
+        self.prestarts.prestart(self.local_step + 1)
 
     def finalize(self) -> None:
         """Collective: the join protocol (prsgd_hvd.join), then local SGD is over."""

@@ -134,7 +134,7 @@ class _LocalSGDMethods:
     def state_dict(self) -> Dict[str, Any]:
         unaveraged.warn_if_unaveraged(self, "state_dict")
         sd = super(self.__class__, self).state_dict()
-        sd["local_sgd"] = self._local_sgd.local_state()
+        sd["local_sgd"] = self._local_sgd.checkpoint.local_state()
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -142,13 +142,13 @@ class _LocalSGDMethods:
         local = state_dict.pop("local_sgd", None)
         ls: LocalSGD = self._local_sgd
         if local is not None:  # validate before anything is applied (all or nothing)
-            ls.validate_local_state(local)
+            ls.checkpoint.validate(local)
         # A round prestarted from the parameters being replaced is finished and dropped; the
         # next step averages the loaded parameters itself.
         ls.discard_in_flight()
         super(self.__class__, self).load_state_dict(state_dict)
         if local is not None:
-            ls.load_local_state(local)
+            ls.checkpoint.load(local)
 
     # NOTE: [no pickling] The dynamic class cannot be found by name, and the engine holds
     # Horovod handles and process sets that mean nothing in another process. Checkpoints are

@@ -36,40 +36,24 @@ buffers ride with fragment 0, averaged optimizer state with its parameter. Warm-
 ``average_now()`` and ``finalize()``'s rounds take every fragment, at once. With F > 1 the
 optimizer's own update runs for every parameter (``step()``), never fused into one fragment.
 
-What cannot stream, and why, is refused at construction (prsgd_hvd.validation).
+The split and each step's fragment rounds: prsgd_hvd.fragments; the rounds in flight in a
+checkpoint: prsgd_hvd.streaming_checkpoint. What cannot stream, and why, is refused at
+construction (prsgd_hvd.streaming_checks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 import torch
 
-from .averaging import ALIGN, Averager, PendingRound, Round, RoundId, flat_dtype_for
-from .schedules import AVERAGE_BEFORE, StepPlan
+from .averaging import ALIGN, Round, RoundId
+from .delayed_round import DelayedRound
+from .fragments import Fragments
+from .schedules import StepPlan
+from .streaming_checkpoint import InFlightCheckpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from .local_sgd import LocalSGD
-
-
-@dataclass
-class DelayedRound:
-    """A round started at step ``t`` that merges before the update of step ``merge_at``."""
-
-    fragment: int
-    averager: Averager
-    identity: RoundId
-    t: int
-    merge_at: int
-    plan: StepPlan
-    n_params: int
-    pending: Optional[PendingRound]             # None once settled
-    # From a checkpoint: the correction per tensor key (Streaming.keys), not in sent buffers.
-    saved: Optional[Dict[Tuple, torch.Tensor]] = field(default=None, repr=False)
-
-    @property
-    def settled(self) -> bool:
-        return self.pending is None
 
 
 class Streaming:
@@ -77,75 +61,10 @@ class Streaming:
 
     def __init__(self, engine: "LocalSGD"):
         self.e = engine
-        config = engine.config
-        self.delay, self.fragments = config.delay, config.fragments
-        # fragments > 1 is validated to come with a FixedInterval (behind an optional warm-up).
-        self.interval = getattr(config.schedule, "interval", None)
-        self.in_flight: List[DelayedRound] = []
-        self._split_key: Optional[Tuple] = None
-        self._split: List[List[torch.Tensor]] = []
-
-    # ---- fragments ------------------------------------------------------------------------------
-    def split(self) -> List[List[torch.Tensor]]:
-        """The parameters in F fragments of about equal bytes (whole tensors, in order)."""
-        params = self.e.contents.params()
-        key = tuple((id(p), p.numel() * p.element_size()) for p in params)
-        if key != self._split_key:
-            if len(params) < self.fragments:
-                raise ValueError(
-                    f"DistributedLocalSGD: fragments={self.fragments} but the optimizer has only "
-                    f"{len(params)} parameter tensors; a fragment is made of whole tensors. Use "
-                    f"fragments <= {len(params)}")
-            sizes = [nbytes for _, nbytes in key]
-            total, F = sum(sizes), self.fragments
-            out: List[List[torch.Tensor]] = [[] for _ in range(F)]
-            done, p = 0, 0
-            for i, (t, nbytes) in enumerate(zip(params, sizes)):
-                # A tensor opens the next fragment when its middle byte lies past fragment
-                # p's share (total * (p+1) / F), or when each fragment still to fill needs one.
-                left = len(params) - i
-                if out[p] and p < F - 1 and (done + nbytes / 2 > total * (p + 1) / F or
-                                             left <= F - 1 - p):
-                    p += 1
-                out[p].append(t)
-                done += nbytes
-            self._split, self._split_key = out, key
-        return self._split
-
-    def averager(self, p: int) -> Averager:
-        return self.e.world.fragment_averagers[p]
-
-    def tensors(self, p: int) -> Tuple[List[torch.Tensor], int]:
-        """Fragment p's tensors (its parameters, fragment 0 the model buffers too, then the
-        averaged state of its parameters) and how many are parameters. Collective with
-        ``average_state`` (prsgd_hvd.round_contents)."""
-        e = self.e
-        if self.fragments == 1:
-            return e.contents.tensors(e.world.collectives)
-        return e.contents.tensors(self.averager(p).collectives, params=self.split()[p],
-                                  buffers=(p == 0))
-
-    def tensors_for(self, averager: Averager) -> Tuple[List[torch.Tensor], int]:
-        return self.tensors(self.e.world.fragment_averagers.index(averager))
-
-    def due(self, t: int, plan: StepPlan) -> List[Tuple[int, StepPlan]]:
-        """The rounds before the update of step t: (fragment, plan)."""
-        if plan.warmup:
-            return [(p, plan) for p in range(self.fragments)]
-        if self.fragments == 1:
-            return [(0, plan)] if plan.average_before else []
-        step = self.interval // self.fragments
-        if t % step:
-            return []
-        return [((t // step) % self.fragments, AVERAGE_BEFORE)]
-
-    def rounds_at(self, t: int) -> List[Averager]:
-        """Every round step t makes, in order (the join protocol's walk)."""
-        plan = self.e.planner.plan(t)
-        out = [self.averager(p) for p, _ in self.due(t, plan)]
-        if plan.average_after:
-            out.append(self.averager(0))
-        return out
+        self.delay, self.fragments = engine.config.delay, engine.config.fragments
+        self.frags = Fragments(engine)                          # the split, each step's rounds
+        self.checkpoint = InFlightCheckpoint(engine, self.frags)  # the state_dict() entry
+        self.in_flight: List[DelayedRound] = []                 # oldest first
 
     # ---- the step ------------------------------------------------------------------------------
     def unsettled(self) -> int:
@@ -159,13 +78,13 @@ class Streaming:
         for r in [r for r in self.in_flight if r.merge_at <= t]:
             follows = whole and fusable and not skip_update and not updated
             updated = self.merge(r, update_follows=follows) or updated
-        for p, rplan in self.due(t, plan):
+        for p, rplan in self.frags.due(t, plan):
             if rplan.warmup or self.delay == 0:
                 # At once, as without streaming (a warm-up round averages every step).
                 if whole:
                     updated = e.scheduled_round(t, rplan, update, skip_update, fusable) or updated
                 else:
-                    e.scheduled_round(t, rplan, None, skip_update, averager=self.averager(p))
+                    e.scheduled_round(t, rplan, None, skip_update, averager=self.frags.averager(p))
             else:
                 self.start(p, rplan, t, merge_at=t + self.delay)
         if not updated and not skip_update:
@@ -176,7 +95,7 @@ class Streaming:
 
     def start(self, p: int, plan: StepPlan, t: int, merge_at: int) -> None:
         e = self.e
-        averager = self.averager(p)
+        averager = self.frags.averager(p)
         busy = next((r for r in self.in_flight if r.fragment == p), None)
         if busy is not None:
             raise RuntimeError(
@@ -186,7 +105,7 @@ class Streaming:
                 f" The delay must be smaller than the number of steps between two rounds "
                 f"(every epoch length of a TimeVarying schedule, every rank's interval of a "
                 f"Heterogeneous one); pass a smaller delay")
-        tensors, n_params = self.tensors(p)
+        tensors, n_params = self.frags.tensors(p)
         identity = RoundId("scheduled", e.rounds + self.unsettled() + 1)
         pending = e.round_stage.start(averager, identity, tensors=tensors, weight=plan.weight,
                                       agree=plan.agree, keep_sent=True)
@@ -242,7 +161,7 @@ class Streaming:
         self.in_flight.remove(r)
         e = self.e
         if r.saved is not None:
-            self._merge_saved(r)
+            self.checkpoint.merge_saved(r)
             return False
         layout = r.averager.layout
         with torch.no_grad():
@@ -281,100 +200,18 @@ class Streaming:
                 r.pending.abandon()
                 continue
             if r.saved is None:
-                r.saved = self._corrections(r)
+                r.saved = self.checkpoint.corrections(r)
             kept.append(r)
         self.in_flight = kept
 
-    # ---- the checkpoint entry ------------------------------------------------------------------
-    def keys(self, tensors: List[torch.Tensor], n_params: int) -> List[Tuple]:
-        """A name for each tensor of a round that a fresh optimizer can resolve without a
-        collective: ("param", i), ("buffer", j) or ("state", i, key)."""
-        contents = self.e.contents
-        params = contents.params()
-        index = {id(p): i for i, p in enumerate(params)}
-        buffers = {id(b): j for j, b in enumerate(contents.buffers(params))}
-        state = {id(v): (index[id(p)], k) for p, st in self.e.opt.state.items()
-                 if id(p) in index for k, v in st.items() if torch.is_tensor(v)}
-        out = []
-        for t in tensors:
-            if id(t) in index:
-                out.append(("param", index[id(t)]))
-            elif id(t) in buffers:
-                out.append(("buffer", buffers[id(t)]))
-            else:
-                out.append(("state", *state[id(t)]))
-        return out
-
-    def resolve(self, key: Tuple) -> Optional[torch.Tensor]:
-        contents = self.e.contents
-        params = contents.params()
-        try:
-            if key[0] == "param":
-                return params[key[1]]
-            if key[0] == "buffer":
-                return contents.buffers(params)[key[1]]
-            if key[0] == "state":
-                return self.e.opt.state[params[key[1]]][key[2]]
-        except (IndexError, KeyError, TypeError):
-            return None
-        return None
-
+    # ---- the checkpoint entry (prsgd_hvd.streaming_checkpoint) ---------------------------------
     def local_state(self) -> List[Dict[str, Any]]:
-        """Every round in flight, settled, as {fragment, t, merge_at, correction by key}."""
-        out = []
-        for r in self.in_flight:
-            self.settle(r)
-            out.append({"fragment": r.fragment, "t": r.t, "merge_at": r.merge_at,
-                        "number": r.identity.number, "correction": self._corrections(r)})
-        return out
-
-    def _corrections(self, r: DelayedRound) -> Dict[Tuple, torch.Tensor]:
-        """A settled round's correction per tensor key (a copy)."""
-        if r.saved is not None:
-            return {k: v.clone() for k, v in r.saved.items()}
-        layout = r.averager.layout
-        keys = self.keys(layout.tensors, r.n_params)
-        corrections = {}
-        for b, sent in zip(layout.buckets, r.averager.sent):
-            for j, pos in enumerate(b.positions):
-                seg = sent[b.offsets[j]:b.offsets[j] + b.tensors[j].numel()]
-                corrections[keys[pos]] = seg.view(b.tensors[j].shape).clone()
-        return corrections
+        """Every round in flight, settled first."""
+        self.settle_all()
+        return self.checkpoint.entries(self.in_flight)
 
     def validate_state(self, saved: Any, local_step: int) -> None:
-        """Check a saved :meth:`local_state` whole, changing nothing."""
-        if not isinstance(saved, list):
-            raise ValueError("DistributedLocalSGD: 'local_sgd.in_flight' must be the list a "
-                             "streaming optimizer's state_dict() saved")
-        for entry in saved:
-            ok = isinstance(entry, dict) and isinstance(entry.get("correction"), dict) and \
-                entry.get("fragment") in range(self.fragments) and \
-                isinstance(entry.get("merge_at"), int) and entry["merge_at"] > local_step
-            if not ok:
-                raise ValueError(f"DistributedLocalSGD: 'local_sgd.in_flight' holds a round this "
-                                 f"optimizer (delay={self.delay}, fragments={self.fragments}) "
-                                 f"cannot merge: {str(entry)[:200]}")
-            for key, value in entry["correction"].items():
-                target = self.resolve(key) if isinstance(key, tuple) else None
-                if target is None or not torch.is_tensor(value) or value.shape != target.shape:
-                    raise ValueError(f"DistributedLocalSGD: the checkpoint's round in flight "
-                                     f"names {key!r}, which this optimizer does not have with "
-                                     f"that shape; it was saved from another model or optimizer")
+        self.checkpoint.validate(saved, local_step)
 
     def load_state(self, saved: List[Dict[str, Any]]) -> None:
-        self.in_flight.clear()
-        for entry in saved:
-            p = entry["fragment"]
-            self.in_flight.append(DelayedRound(
-                p, self.averager(p), RoundId("scheduled", int(entry.get("number", 0))),
-                int(entry.get("t", 0)), entry["merge_at"], AVERAGE_BEFORE, 0, None,
-                saved={k: v for k, v in entry["correction"].items()}))
-
-    @torch.no_grad()
-    def _merge_saved(self, r: DelayedRound) -> None:
-        """A round restored from a checkpoint: the same arithmetic per tensor (x in the flat
-        dtype, plus the correction, rounded once into x)."""
-        for key, correction in r.saved.items():
-            x = self.resolve(key)
-            flat = x.to(flat_dtype_for(x.dtype))
-            x.copy_(flat + correction.to(device=x.device, dtype=flat.dtype))
+        self.in_flight = self.checkpoint.rounds(saved)

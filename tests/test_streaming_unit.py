@@ -49,7 +49,7 @@ def test_fragments_split_whole_tensors_in_order_about_equal_bytes():
     model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(10, 1))
     opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.1), interval=4,
                                   fragments=2, delay=1)
-    split = opt._local_sgd.streaming.split()
+    split = opt._local_sgd.streaming.frags.split()
     params = list(model.parameters())
     assert [t for frag in split for t in frag] == params  # whole tensors, in order
     sizes = [sum(t.numel() for t in frag) for frag in split]
