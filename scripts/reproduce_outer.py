@@ -1,6 +1,6 @@
 """Outer optimizers on real data: does DiLoCo's outer Nesterov close the non-IID gap? (issue 20)
 
-    python scripts/reproduce_outer.py            # `make reproduce-outer`: about 30-40 min, 2 cores
+    python scripts/reproduce_outer.py            # `make reproduce-outer`: 51 min on 2 shared cores
     python scripts/reproduce_outer.py --quick    # a smoke run of every configuration kind (~3 min)
 
 Two problems made by nobody here:
@@ -414,7 +414,8 @@ def main():
               flush=True)
         seconds = launch(a.np, jobs, a, raw)
         meta = {"seconds": time.perf_counter() - t0, "launch_seconds": seconds, "argv": argv,
-                "args": vars(a), "jobs": jobs}
+                "args": vars(a), "jobs": jobs, "nice": os.nice(0),
+                "load": "%.1f / %.1f / %.1f (1 / 5 / 15 min) at the end" % os.getloadavg()}
         old = raw / "meta.json"
         if old.exists():          # a resumed run: the wall time is that of all its launches
             meta["seconds"] += json.loads(old.read_text()).get("seconds", 0.0)
