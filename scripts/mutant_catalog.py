@@ -185,9 +185,9 @@ MUTANTS = [
            "warm-up rounds would take outer steps (momentum built on every step)"),
     Mutant("outer_step_skipped_in_finalize", "prsgd_hvd/update_rules.py",
            "            return self.outer.follow_rule if plan is not None and plan.warmup \\\n"
-           "                else self.outer.step_rule",
+           "                else self.outer.rule_for(rnd, update_follows)",
            "            return self.outer.follow_rule if plan is None or plan.warmup \\\n"
-           "                else self.outer.step_rule",
+           "                else self.outer.rule_for(rnd, update_follows)",
            (_traj("outer_adam_warmup2_i3_finalize"),),
            "the final model would be the plain average, not the outer-updated one"),
     Mutant("outer_state_not_in_checkpoint", "prsgd_hvd/outer.py",
@@ -205,6 +205,16 @@ MUTANTS = [
            "        if self.outer is not None and self.outer.covers(rnd) and not update_follows:",
            (_traj("outer_sgd_momentum_i3"),),
            "Algorithm 1 rounds would be plain averages"),
+    # ---- the fused outer round (prsgd_hvd/fused_outer.py) ------------------------------------
+    Mutant("fused_outer_drops_nesterov", "prsgd_hvd/fused_outer.py",
+           'outer_nesterov=bool(group["nesterov"])', "outer_nesterov=False",
+           (_traj("outer_sgd_momentum_i3"),),
+           "DiLoCo's Nesterov outer step would silently be heavy-ball momentum"),
+    Mutant("fused_outer_anchor_not_moved_to_theta0", "prsgd_hvd/fused_outer.py",
+           "        super().advance_anchor(rnd)\n        self.outer.write_anchor(rnd, self._n_params)",
+           "        super().advance_anchor(rnd)",
+           ("tests/test_trajectories.py::test_outer_moves_the_delta_anchor_to_theta0[2]",),
+           "16-bit deltas would be taken from the average, not from theta0 where ranks restarted"),
     Mutant("outer_weights_ignored", "prsgd_hvd/outer.py",
            "yield pos, b.flat[start:start + p.numel()].view(p.shape) * rnd.scale",
            "yield pos, b.flat[start:start + p.numel()].view(p.shape) / len(rnd.members)",
