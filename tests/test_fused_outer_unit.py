@@ -191,3 +191,58 @@ def test_inner_adam_fuses_the_outer_round_only():
     assert o1.stats()["fused_outer_rounds"] == 2 and o1.stats()["fused_outer_updates"] == 0
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_averaged_inner_state_is_averaged_before_the_fused_step():
+    """average_state=True puts the inner momentum buffers in the round, after the parameters:
+    the fused rule must average them first and step with the averaged buffers (and not touch
+    them as parameters). One round written by the rule, against plain torch doing the unfused
+    order: average everything, the outer SGD step, the inner SGD step."""
+    from prsgd_hvd.anchor import Anchor
+    from prsgd_hvd.averaging import BucketLayout, Round, RoundId
+    from prsgd_hvd.fused_outer import FusedOuterSgd
+    from prsgd_hvd.fused_sgd import FusedAverageSgd
+    from prsgd_hvd.outer import OuterOptimizer
+
+    m, (x, y) = model(), batches(1)[0]
+    inner = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    loss_step(m, inner, x, y)  # creates the inner momentum buffers
+    params = list(m.parameters())
+    bufs = [inner.state[p]["momentum_buffer"] for p in params]
+    outer = OuterOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True),
+                           params)
+    outer.start()
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    layout = BucketLayout(params + bufs, 1)
+    b = layout.buckets[0]
+    b.payload.copy_(torch.randn(b.payload.shape, generator=torch.Generator().manual_seed(1)))
+    layout.write_record(0, (2.0, 1.0, 1.0, 1.0, 0.0, 0.0, float(layout.checksum)))  # weight 2
+    rnd = Round(layout, RoundId("scheduled", 1), layout.read_records(), members=[0],
+                anchor=Anchor(kept=False))
+    averages = [b.flat[o:o + t.numel()].view(t.shape) * 0.5 for o, t in zip(b.offsets, b.tensors)]
+    # plain torch, on copies
+    want_p = [nn.Parameter(a.clone()) for a in averages[:len(params)]]
+    want_theta = [p.detach().clone() for p in params]  # theta0 = x^0 = the params now
+    want_outer = torch.optim.SGD(want_theta, lr=0.7, momentum=0.9, nesterov=True)
+    for th, a in zip(want_theta, want_p):
+        th.grad = th - a.detach()
+    want_outer.step()
+    want_inner = torch.optim.SGD(want_p, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    with torch.no_grad():
+        for wp, th, a, g in zip(want_p, want_theta, averages[len(params):], grads):
+            wp.copy_(th)
+            wp.grad = g.clone()
+            want_inner.state[wp]["momentum_buffer"] = a.clone()
+    want_inner.step()
+    counted = []
+    rule = FusedOuterSgd(outer, FusedAverageSgd(inner), counted.append)
+    assert rule.applies(rnd) and rule.fuses_update
+    rule.write(rnd, len(params))
+    assert counted == [True]
+    for p, w, buf, wp in zip(params, want_p, bufs, want_p):
+        torch.testing.assert_close(p.detach(), w.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(buf, want_inner.state[wp]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+    for th, w in zip(outer.theta, want_theta):
+        torch.testing.assert_close(th, w, rtol=1e-5, atol=1e-6)
