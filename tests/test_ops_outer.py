@@ -275,13 +275,24 @@ def test_errors(device, gen):
 
 
 @needs_ext
-def test_opcheck():
-    """The schema says what the op mutates (torch.library.opcheck: schema, fake, dispatch)."""
+@pytest.mark.parametrize("buffers", ["all", "some None"])
+def test_opcheck(buffers):
+    """The schema says what the op mutates (torch.library.opcheck: schema, autograd
+    registration, fake, and torch.compile's functionalization where every buffer is a tensor:
+    NOTE: [opcheck and None buffers] in tests/test_ops.py)."""
     g = torch.Generator().manual_seed(0)
-    p = [torch.rand(5, generator=g), torch.rand(3, generator=g)]
-    args = (torch.rand(8, generator=g), p, [x.clone() for x in p], [torch.rand(5), torch.rand(3)],
-            [True, False], [torch.rand(5), None], [torch.rand(5), None], [False, False], 0.5, 0.7,
-            0.9, 0.0, 0.0, True, False, 0.1, 0.9, 0.0, 0.0, False, False,
-            torch.zeros(1, dtype=torch.float64), 1)
-    torch.library.opcheck(torch.ops.prsgd_hvd.unflatten_average_outer_sgd_.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    p = [torch.rand(5, generator=g), torch.rand(3, generator=g), torch.rand(0)]
+    bufs = [torch.rand(5, generator=g), torch.rand(3, generator=g), torch.rand(0)]
+    grads = [torch.rand(5, generator=g), torch.rand(3, generator=g), torch.rand(0)]
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")
+    if buffers == "some None":
+        grads[1] = bufs[1] = None
+        utils = utils[:-1]
+    for div in (None, torch.zeros(1, dtype=torch.float64)):
+        outer_bufs = [torch.rand(5, generator=g), torch.rand(3, generator=g), torch.rand(0)]
+        args = (ref.flatten(p, align=16), [x.clone() for x in p], [x.clone() for x in p],
+                outer_bufs, [True, False, False], grads, bufs, [False, True, False], 0.5, 0.7,
+                0.9, 0.0, 0.0, True, False, 0.1, 0.9, 0.0, 1e-2, False, False, div, 16)
+        torch.library.opcheck(torch.ops.prsgd_hvd.unflatten_average_outer_sgd_.default, args,
+                              test_utils=utils)
