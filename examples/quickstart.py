@@ -33,16 +33,19 @@ def make_model(dim=32, classes=10, width=256):
                          nn.Linear(width, classes))
 
 
-def train(interval, steps, batch, lr):
-    """interval=None: hvd.DistributedOptimizer (allreduce every step); else local SGD."""
+def train(interval, steps, batch, lr, stream=None):
+    """interval=None: hvd.DistributedOptimizer (allreduce every step); else local SGD, with
+    streaming rounds when ``stream`` = (fragments, delay)."""
     x, y = make_data(steps * batch, seed=hvd.rank())
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     if interval is None:
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
     else:
+        fragments, delay = stream or (1, 0)
         opt = hvd.DistributedLocalSGD(opt, interval=interval,                 # <-- local SGD
-                                      named_parameters=model.named_parameters())
+                                      named_parameters=model.named_parameters(),
+                                      fragments=fragments, delay=delay)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
@@ -67,23 +70,31 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--intervals", type=int, nargs="+", default=[4, 16, 64])
+    ap.add_argument("--stream", type=int, nargs=3, metavar=("I", "F", "DELAY"), default=[16, 4, 8],
+                    help="also run streaming rounds: interval I, F fragments, each merged DELAY "
+                         "steps after it starts (I=0: no streaming row)")
     args = ap.parse_args()
 
     hvd.init()
     torch.set_num_threads(1)
     rows = []
-    for interval in [None] + args.intervals:
+    runs = [(None, None)] + [(i, None) for i in args.intervals]
+    if args.stream[0]:
+        runs.append((args.stream[0], tuple(args.stream[1:])))
+    for interval, stream in runs:
         name = "hvd.DistributedOptimizer" if interval is None else f"DistributedLocalSGD(I={interval})"
+        if stream:
+            name = f"DistributedLocalSGD(I={interval},F={stream[0]},delay={stream[1]})"
         if hvd.rank() == 0:
             print(f"training with {name} ...", flush=True)
-        rows.append((name, *train(interval, args.steps, args.batch, args.lr)))
+        rows.append((name, *train(interval, args.steps, args.batch, args.lr, stream)))
     if hvd.rank() == 0:
         base_rounds, base_time = rows[0][2], rows[0][3]
         print(f"\n{hvd.size()} ranks, {args.steps} steps of batch {args.batch} per rank, "
               f"SGD lr={args.lr} momentum=0.9")
-        print(f"{'optimizer':<30} {'test loss':>9} {'allreduce rounds':>17} {'wall s':>7} {'speed-up':>8}")
+        print(f"{'optimizer':<38} {'test loss':>9} {'allreduce rounds':>17} {'wall s':>7} {'speed-up':>8}")
         for name, loss, rounds, seconds in rows:
-            print(f"{name:<30} {loss:>9.4f} {rounds:>8d} ({rounds / base_rounds:>5.0%}) "
+            print(f"{name:<38} {loss:>9.4f} {rounds:>8d} ({rounds / base_rounds:>5.0%}) "
                   f"{seconds:>7.2f} {base_time / seconds:>7.2f}x")
 
 

@@ -178,6 +178,9 @@ class Averager:
         self.anchor = Anchor(kept=keep_anchor or (self.wire.needs_anchor and self.size > 1))
         self.layout: Optional[BucketLayout] = None
         self.pending: Optional[PendingRound] = None
+        # What this rank sent in its last round, per bucket (``keep_sent``): a delayed merge
+        # (prsgd_hvd.streaming) needs x_sent after the sum has overwritten the send buffer.
+        self.sent: List[torch.Tensor] = []
         # Telemetry, read by DistributedLocalSGD.stats().
         self.bytes_sent = 0
         self.comm_seconds = 0.0
@@ -193,16 +196,24 @@ class Averager:
             self.layout = BucketLayout(tensors, self.size)
             self.anchor.reset()
             self.wire.reset()
+            self.sent = []
         return self.layout
+
+    def sent_buffers(self, layout: BucketLayout) -> List[torch.Tensor]:
+        """One flat buffer per bucket, shaped like its payload (made once per layout)."""
+        if not self.sent:
+            self.sent = [torch.empty_like(b.payload) for b in layout.buckets]
+        return self.sent
 
     @torch.no_grad()
     def start(self, tensors: Sequence[torch.Tensor], identity: RoundId, *, weight: float = 1.0,
               active: bool = True, contribute: bool = True, agree: bool = False,
-              fingerprint: int = 0) -> "PendingRound":
+              fingerprint: int = 0, keep_sent: bool = False) -> "PendingRound":
         """Pack ``tensors`` (times ``weight``) and start summing them across ranks.
 
         ``contribute=False`` sends zeros and weight 0 (a rank left out of the average still
-        takes part in the collective)."""
+        takes part in the collective). ``keep_sent``: copy the packed tensors (unweighted)
+        into :meth:`sent_buffers` before they are encoded."""
         if self.pending is not None:
             raise RuntimeError(f"{self.pending.identity} is still in flight; wait() for it first")
         layout = self.layout_for(tensors)
@@ -219,6 +230,8 @@ class Averager:
                 b.payload.zero_()
             else:
                 self.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)
+            if keep_sent:
+                self.sent_buffers(layout)[b.index].copy_(b.payload)
             if b.index == 0:
                 layout.write_record(self.rank, record)
             messages += wire.messages(b, weight, contribute, self.anchor)
@@ -337,6 +350,13 @@ class Round:
         self.weight_sum = sum(self._field("weight"))       # the divisor of the mean
         self.active_ranks = int(round(sum(self._field("active"))))  # ranks still training
         self.agree = any(self._field("agree"))             # a schedule agrees after this round
+
+    @classmethod
+    def local(cls, layout: BucketLayout, identity: RoundId) -> "Round":
+        """A round of this rank alone, whose payload is what to write (scale 1, no anchor):
+        how a delayed merge (prsgd_hvd.streaming) hands its merged point to the update rules."""
+        record = (1.0, 1.0, float(KINDS.index(identity.kind) + 1), 0.0, 0.0, 0.0, 0.0)
+        return cls(layout, identity, [record])
 
     def _field(self, name: str) -> Tuple[float, ...]:
         return self._columns[name]

@@ -48,20 +48,21 @@ def broadcast_optimizer_state(optimizer, root_rank: int, model=None) -> None:
         horovod_broadcast(optimizer, root_rank, model=model)
         return
     ls = optimizer._local_sgd
-    # A round in flight was packed from parameters the broadcast is about to replace.
-    ls.discard_in_flight()
+    # A prestarted round was packed from parameters the broadcast is about to replace; streamed
+    # rounds settle, and the root's travel with its state (NOTE: [streaming]).
+    ls.settle_in_flight()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     kept = [p.detach().clone() for p in params] if not optimizer.state else None
     with no_unaveraged_warning():
         horovod_broadcast(optimizer, root_rank, model=model)
-        local = ls.local_state() if hvd.rank() == root_rank else None
+        local = ls.checkpoint.local_state() if hvd.rank() == root_rank else None
     if kept is not None:
         with torch.no_grad():
             for p, k in zip(params, kept):
                 p.copy_(k)
     local = hvd.broadcast_object(local, root_rank=root_rank,
                                  name="prsgd_hvd.broadcast_optimizer_state.local_sgd")
-    ls.load_local_state(local)
+    ls.checkpoint.load(local)
 
 
 def _bits(tensor):

@@ -5,10 +5,13 @@ Validated whole before anything is applied, so a corrupted or foreign entry chan
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 from .checks import int_at_least
 from .schedules import Schedule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .local_sgd import LocalSGD
 
 
 def local_state(local_step: int, rounds: int, warmup_steps: int, world_size: int,
@@ -50,3 +53,53 @@ def validate_outer(local: Dict[str, Any], outer) -> None:
                          "by loading the checkpoint with its 'local_sgd' entry removed")
     if outer is not None:
         outer.validate_state(saved)
+
+
+class CheckpointEntry:
+    """One optimizer's ``"local_sgd"`` entry: what it saves, checks and applies. The engine's
+    counters, theta0 and the outer state (prsgd_hvd.outer), the rounds in flight
+    (prsgd_hvd.streaming_checkpoint)."""
+
+    def __init__(self, engine: "LocalSGD"):
+        self.e = engine
+
+    def local_state(self) -> Dict[str, Any]:
+        e = self.e
+        # Rounds in flight settle first (they are counted then): the counters below include them.
+        in_flight = e.streaming.local_state() if e.streaming is not None else None
+        local = local_state(e.local_step, e.rounds, e.config.warmup_steps, e.size, e.schedule)
+        if e.outer is not None:  # theta0 and the outer optimizer's state
+            local["outer"] = e.outer.state_dict()
+        if in_flight is not None:  # rounds in flight, settled: their corrections
+            local["in_flight"] = in_flight
+        return local
+
+    def validate(self, local: Any) -> Tuple[int, int]:
+        """Check a saved entry whole, changing nothing; returns its counters."""
+        e = self.e
+        counters = validated_counters(local, e.schedule)
+        validate_outer(local, e.outer)
+        if e.streaming is not None:
+            e.streaming.validate_state(local.get("in_flight", []), counters[0])
+        elif local.get("in_flight"):
+            raise ValueError("DistributedLocalSGD: this checkpoint has rounds in flight "
+                             "('local_sgd.in_flight': it was saved with delay= or fragments=), "
+                             "but this optimizer does not stream; wrap it with the delay= and "
+                             "fragments= of the job that saved it")
+        return counters
+
+    def load(self, local: Dict[str, Any]) -> None:
+        """Apply a saved entry, validated first (all or nothing)."""
+        e = self.e
+        e.local_step, e.rounds = self.validate(local)
+        e.schedule.load_state_dict(local.get("schedule") or {})
+        e.clock.restart_at(e.local_step)
+        if e.outer is not None:
+            e.outer.load_state(local["outer"])
+            for averager in e.world.averagers:  # the deltas' origin is the loaded theta0 now:
+                averager.anchor.reset()          # the next round goes in full precision and
+                averager.wire.reset()            # sets it
+        if e.streaming is not None:
+            e.streaming.load_state(local.get("in_flight", []))
+        e.averaged_step = e.local_step  # a resume starts from one (broadcast) model
+        e.finalized = False

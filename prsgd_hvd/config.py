@@ -32,6 +32,13 @@ class LocalSGDConfig:
     optimizer_name: str = ""
     outer: Optional[Callable] = None          # outer=F (prsgd_hvd.outer); agreed on by its
                                               # optimizer's description (LocalSGD.description)
+    delay: int = 0                            # rounds merge this many steps later (streaming)
+    fragments: int = 1                        # rounds of 1/F of the model, staggered (streaming)
+
+    @property
+    def streaming(self) -> bool:
+        """Rounds run behind local steps (prsgd_hvd.streaming); off: today's pipeline as is."""
+        return self.delay > 0 or self.fragments > 1
 
     @property
     def kernels(self):
@@ -49,4 +56,5 @@ class LocalSGDConfig:
         return {"warmup_steps": self.warmup_steps, "average_state": self.average_state,
                 "model": self.model is not None, "overlap": self.overlap,
                 "nonfinite": self.nonfinite, "compression": self.compression,
-                "error_feedback": bool(self.error_feedback), "optimizer": self.optimizer_name}
+                "error_feedback": bool(self.error_feedback), "optimizer": self.optimizer_name,
+                "delay": self.delay, "fragments": self.fragments}

@@ -111,7 +111,7 @@ class FusedOuterSgd(UpdateRule):
             for b in layout.buckets:
                 runs: List[Run] = []
                 for i, (t, pos) in enumerate(zip(b.tensors, b.positions)):
-                    key = (outer_group[id(self.outer.theta[pos])], inner_group.get(id(t))) \
+                    key = (outer_group[id(self._theta_of(t))], inner_group.get(id(t))) \
                         if pos < n_params else (None, None)
                     if runs and runs[-1][:2] == key:
                         runs[-1] = (*key, runs[-1][2], i + 1)
@@ -135,16 +135,21 @@ class FusedOuterSgd(UpdateRule):
                 if og is None:
                     ops.unflatten_average_(flat, tensors, scale=rnd.scale, align=ALIGN)
                 else:
-                    self._step_run(og, ig, flat, tensors, b.positions[first:last], rnd.scale, acc)
+                    self._step_run(og, ig, flat, tensors, rnd.scale, acc)
             divergence += float(acc)
         self._n_params = measured
         self._counted(self.fuses_update)
         return divergence
 
-    def _step_run(self, og: int, ig: Optional[int], flat, params, positions, scale, acc) -> None:
+    def _theta_of(self, param: torch.Tensor) -> torch.Tensor:
+        """theta0 of a parameter, by identity: a round may carry some parameters only
+        (fragments=, prsgd_hvd.streaming), so positions in it are not positions in theta."""
+        return self.outer.theta[self.outer._index[id(param)]]
+
+    def _step_run(self, og: int, ig: Optional[int], flat, params, scale, acc) -> None:
         o = self.outer
         group = o.opt.param_groups[og]
-        thetas = [o.theta[pos] for pos in positions]
+        thetas = [self._theta_of(p) for p in params]
         outer_bufs, outer_firsts = _momentum_buffers(o.opt, group, thetas, thetas)
         grads, bufs, firsts, inner_kw = None, None, False, {}
         if self.inner is not None and ig is not None:
@@ -194,9 +199,9 @@ class FusedOuterRules(OuterRules):
     """OuterRules whose outer rounds take the fused rule where it applies (with the inner
     update where that follows and can be fused), the unfused OuterStep otherwise."""
 
-    def __init__(self, outer: OuterOptimizer, kernels, whole_set_anchor: Callable[[], Any],
+    def __init__(self, outer: OuterOptimizer, kernels, whole_set_anchors: Callable[[], Any],
                  inner: Optional[FusedAverageSgd]):
-        super().__init__(outer, kernels, whole_set_anchor)
+        super().__init__(outer, kernels, whole_set_anchors)
         self.fused_rounds = 0    # outer rounds the fused rule wrote (stats())
         self.fused_updates = 0   # of which it applied the inner update too
         self.fused_step = FusedOuterSgd(outer, None, self._count)
@@ -216,10 +221,10 @@ class FusedOuterRules(OuterRules):
         return self.step_rule
 
 
-def outer_rules(outer: OuterOptimizer, kernels, whole_set_anchor: Callable[[], Any],
+def outer_rules(outer: OuterOptimizer, kernels, whole_set_anchors: Callable[[], Any],
                 fused: bool, inner: Optional[FusedAverageSgd]) -> OuterRules:
     """The write stage's rules for ``outer=``: fused where the compiled kernels are in use
     (``fused=False`` keeps every round on the unfused reference path)."""
     if fused and ops.has_extension():
-        return FusedOuterRules(outer, kernels, whole_set_anchor, inner)
-    return OuterRules(outer, kernels, whole_set_anchor)
+        return FusedOuterRules(outer, kernels, whole_set_anchors, inner)
+    return OuterRules(outer, kernels, whole_set_anchors)

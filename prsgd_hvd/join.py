@@ -27,12 +27,16 @@ class JoinProtocol:
 
     def run(self) -> None:
         e = self.engine
+        if e.streaming is not None:  # this rank's delayed rounds merge first (NOTE: [streaming])
+            e.streaming.drain()
         pending = e.inflight.release()
         if pending is not None:
             # Prestarted for a step this rank will not take; the other ranks may take it, so
             # join it like any of their rounds.
             self._join(pending.averager, pending=pending, identity=pending.identity)
-        if len(e.world.averagers) > 1:
+        if e.streaming is not None and e.streaming.fragments > 1:
+            self._follow_the_fragments(e.local_step + 1)
+        elif len(e.world.averagers) > 1:
             # A prestarted round belonged to the next step: the walk starts after it.
             self._follow_the_plan(e.local_step + (2 if pending else 1))
         else:
@@ -47,6 +51,21 @@ class JoinProtocol:
         if rnd.agree:  # a training rank's schedule agrees after this round: answer it
             e.planner.on_round(RoundReport(t=e.local_step, kind="join", agree=True))
         return rnd
+
+    def _follow_the_fragments(self, t: int) -> None:
+        """fragments=F: answer the fragment rounds each step from ``t`` on makes; once a round
+        finds no rank still training, every rank takes one round of each other fragment, so
+        every fragment ends averaged over the final models."""
+        e = self.engine
+        fragments = e.world.whole_set_averagers
+        while True:
+            for averager in e.streaming.frags.rounds_at(t):
+                if self._join(averager).active_ranks == 0:
+                    k = fragments.index(averager)
+                    for other in fragments[k + 1:] + fragments[:k]:
+                        self._join(other)
+                    return
+            t += 1
 
     def _follow_the_plan(self, t: int) -> None:
         """Answer each round the plan makes from step ``t`` on -- the group's and the whole

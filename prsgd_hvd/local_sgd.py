@@ -35,9 +35,11 @@ from .fused_sgd import FusedAverageSgd
 from .join import JoinProtocol
 from .nonfinite import NonFinitePolicy
 from .outer import OuterOptimizer
+from .overlap import Prestarts
 from .round_contents import RoundContents
 from .round_stage import RoundStage
 from .schedules import StepPlan
+from .streaming import Streaming
 from .update_rules import PlainAverage, WriteStage
 from .world import World
 from .wrapper_state import WrapperState
@@ -58,8 +60,8 @@ class LocalSGD:
             if config.outer is not None else None
         fused = FusedAverageSgd(opt) if config.fuse_step else None
         outer_rules = fused_outer.outer_rules(
-            self.outer, config.kernels, lambda: self.world.averager.anchor, config.use_kernels,
-            fused) if self.outer is not None else None
+            self.outer, config.kernels, lambda: [a.anchor for a in self.world.whole_set_averagers],
+            config.use_kernels, fused) if self.outer is not None else None
         self.write_stage = WriteStage(PlainAverage(config.kernels), fused, outer=outer_rules)
         self.policy = NonFinitePolicy(config.nonfinite)
         self.clock = ScheduleClock()
@@ -69,7 +71,10 @@ class LocalSGD:
                                        self.description, lambda: self.local_step)
         self.inflight = self.round_stage.inflight
         self.wrapper = WrapperState(global_rank=self.world.global_rank())
-        self.overlap = self._prestarts()
+        # delay=/fragments= (NOTE: [streaming]): rounds behind local steps; None: off.
+        self.streaming = Streaming(self) if config.streaming else None
+        self.prestarts = Prestarts(self)  # NOTE: [overlap]
+        self.checkpoint = checkpoint.CheckpointEntry(self)  # the "local_sgd" entry
         # Counters (in state_dict) and what stats() reports.
         self.local_step = 0
         self.rounds = 0
@@ -79,23 +84,17 @@ class LocalSGD:
 
     # ---- the world ----------------------------------------------------------------------------
     @property
+    def overlap(self) -> bool:
+        """Whether rounds start early (stats()["overlap"])."""
+        return self.prestarts.on
+
+    @property
     def size(self) -> int:
         return self.world.size
 
     @property
     def collectives(self):
         return self.world.collectives
-
-    def _prestarts(self) -> bool:
-        """Whether rounds start early (NOTE: [overlap]). Model buffers (BatchNorm statistics)
-        change in the forward pass of the averaging step itself, after a prestarted round
-        packed them: such rounds are not started early."""
-        if self.outer is not None:
-            # Not yet with an outer optimizer: finalize() completes a round prestarted for a
-            # step no rank takes, which would be one more outer step than without overlap.
-            return False
-        return self.config.overlap and self.world.size > 1 and \
-            not self.contents.buffers(self.contents.params())
 
     def _describe_params(self):
         return agreement.describe_tensors(self.contents.params(), self.config.names, "param")
@@ -104,8 +103,10 @@ class LocalSGD:
         """After an elastic reset (prsgd_hvd.elastic): the held round died with the old
         Horovod; the world binds to the new one."""
         self.inflight.forget()
+        if self.streaming is not None:
+            self.streaming.forget()
         self.world.rebind()
-        self.overlap = self._prestarts()
+        self.prestarts.decide()
 
     def check_ranks_agree(self) -> None:
         agreement.check_ranks_agree(self.description(), self.world.process_set)
@@ -117,32 +118,6 @@ class LocalSGD:
             self.contents, self.config.names, self.opt)
         described["outer optimizer"] = self.outer.describe() if self.outer is not None else None
         return described
-
-    # ---- the checkpoint entry -----------------------------------------------------------------
-    def local_state(self) -> Dict[str, Any]:
-        local = checkpoint.local_state(self.local_step, self.rounds, self.config.warmup_steps,
-                                       self.size, self.schedule)
-        if self.outer is not None:  # theta0 and the outer optimizer's state
-            local["outer"] = self.outer.state_dict()
-        return local
-
-    def validate_local_state(self, local: Any) -> Tuple[int, int]:
-        counters = checkpoint.validated_counters(local, self.schedule)
-        checkpoint.validate_outer(local, self.outer)
-        return counters
-
-    def load_local_state(self, local: Dict[str, Any]) -> None:
-        """Apply a saved ``local_state()``, validated first (all or nothing)."""
-        self.local_step, self.rounds = self.validate_local_state(local)
-        self.schedule.load_state_dict(local.get("schedule") or {})
-        self.clock.restart_at(self.local_step)
-        if self.outer is not None:
-            self.outer.load_state(local["outer"])
-            for averager in self.world.averagers:  # the deltas' origin is the loaded theta0 now:
-                averager.anchor.reset()            # the next round goes in full precision and
-                averager.wire.reset()              # sets it
-        self.averaged_step = self.local_step  # a resume starts from one (broadcast) model
-        self.finalized = False
 
     # ---- the step pipeline --------------------------------------------------------------------
     def step(self, update: Callable[[], Any], skip_update: bool, fusable: bool = True) -> None:
@@ -160,15 +135,19 @@ class LocalSGD:
         if plan.lr is not None:
             for group in self.opt.param_groups:
                 group["lr"] = plan.lr
+        if self.streaming is not None:
+            self.streaming.step(t, plan, update, skip_update, fusable)
+            self.local_step = t
+            return
         if plan.average_before:
-            self._scheduled_round(t, plan, update, skip_update, fusable)
+            self.scheduled_round(t, plan, update, skip_update, fusable)
         elif not skip_update:
             update()
         if plan.average_after:
-            self._scheduled_round(t, plan, None, skip_update)
+            self.scheduled_round(t, plan, None, skip_update)
             self.averaged_step = t
         self.local_step = t
-        self._prestart(t + 1)
+        self.prestarts.prestart(t + 1)
 
     def _plan(self, t: int) -> StepPlan:
         if not self.clock.started:  # the first step: fingerprint x^0 (checked in round 1)
@@ -179,10 +158,12 @@ class LocalSGD:
             self.outer.start()  # theta0 = x^0, the (broadcast) parameters before any update
         return self.planner.plan(t, self.clock.elapsed())
 
-    def _scheduled_round(self, t: int, plan: StepPlan, update: Optional[Callable[[], Any]],
-                         skip_update: bool, fusable: bool = False) -> None:
-        """A round the schedule asked for; with ``update`` the update follows the average."""
-        averager = self.world.averager_for(plan)
+    def scheduled_round(self, t: int, plan: StepPlan, update: Optional[Callable[[], Any]],
+                        skip_update: bool, fusable: bool = False,
+                        averager: Optional[Averager] = None) -> bool:
+        """A round the schedule asked for, at once; with ``update`` the update follows the
+        average (returns True: it was applied, fused or not, or skipped as it must be)."""
+        averager = averager or self.world.averager_for(plan)
         waited = averager.wait_seconds
         updates = update is not None and not skip_update
         rnd, excluded, updated = self.run_round(
@@ -193,6 +174,7 @@ class LocalSGD:
         self.planner.on_round(self.clock.report(
             t, averager.wait_seconds - waited, self.world.total("wait_seconds"),
             self.divergence, rnd.agree))
+        return update is not None
 
     def run_round(self, identity: RoundId, averager: Averager, *, t: Optional[int] = None,
                   weight: float = 1.0, active: bool = True, agree: bool = False,
@@ -200,40 +182,37 @@ class LocalSGD:
                   plan: Optional[StepPlan] = None) -> Tuple[Round, bool, bool]:
         """One round through the stages round, check and write, counted; returns it, whether
         this rank was left out of it, and whether its update rule applied the update too."""
+        tensors, n_params = None, lambda: len(self.contents.params())
+        if self.streaming is not None and pending is None:  # a fragment's tensors
+            tensors, n = self.streaming.frags.tensors_for(averager)
+            n_params = lambda: n  # noqa: E731
         rnd, excluded = self.round_stage.run(identity, averager, t=t, weight=weight,
-                                              active=active, agree=agree, pending=pending)
-        updated = self._write_back(rnd, update_follows=update_follows and not excluded, plan=plan)
+                                              active=active, agree=agree, pending=pending,
+                                              tensors=tensors)
+        updated = self._write_back(rnd, n_params, update_follows=update_follows and not excluded,
+                                   plan=plan)
         self.rounds += 1
         return rnd, excluded, updated
 
-    def _write_back(self, rnd: Round, update_follows: bool = False,
+    def _write_back(self, rnd: Round, n_params: Callable[[], int], update_follows: bool = False,
                     plan: Optional[StepPlan] = None) -> bool:
         """Stage 'write': the round's update rule writes every tensor (prsgd_hvd.update_rules)
-        and records this rank's divergence; True when it applied this step's update too."""
+        and records this rank's divergence; True when it applied this step's update too.
+        ``n_params()``: how many of the round's first tensors are parameters."""
         self.divergence, updated = self.write_stage.write(
-            rnd, lambda: len(self.contents.params()), update_follows=update_follows, plan=plan)
+            rnd, n_params, update_follows=update_follows, plan=plan)
         return updated
-
-    def _prestart(self, t: int) -> None:
-        """Start step ``t``'s round now if it averages before its update (NOTE: [overlap])."""
-        if not self.overlap or self.inflight.pending is not None:
-            return
-        try:
-            plan = self.planner.plan(t, self.clock.peek())
-        except Exception:  # noqa: BLE001 - step t asks again and raises where the user sees it
-            return
-        if not plan.average_before:
-            return
-        self.round_stage.prestart(t, self.world.averager_for(plan),
-                                   RoundId("scheduled", self.rounds + 1), plan.weight, plan.agree)
 
     # ---- rounds outside the schedule ----------------------------------------------------------
     def average_now(self) -> None:
         self._refuse_if_finalized("average_now()")
         self.inflight.cancel()  # a prestarted round is dropped on every rank alike
-        self.run_round(RoundId("average_now", self.rounds + 1), self.world.averager)
+        if self.streaming is not None:
+            self.streaming.drain()  # the rounds in flight merge first (NOTE: [streaming])
+        for averager in self.world.whole_set_averagers:  # every fragment
+            self.run_round(RoundId("average_now", self.rounds + 1), averager)
         self.averaged_step = self.local_step
-        self._prestart(self.local_step + 1)
+        self.prestarts.prestart(self.local_step + 1)
 
     def finalize(self) -> None:
         """Collective: the join protocol (prsgd_hvd.join), then local SGD is over."""
@@ -241,13 +220,24 @@ class LocalSGD:
             JoinProtocol(self).run()
             self.finalized = True
 
+    def settle_in_flight(self) -> None:
+        """Before a broadcast of the optimizer state: the prestarted round is dropped, streamed
+        rounds settle (the root's are part of the state it sends)."""
+        self.inflight.cancel()
+        if self.streaming is not None:
+            self.streaming.settle_all()
+
     def discard_in_flight(self) -> None:
         self.inflight.cancel()
+        if self.streaming is not None:
+            self.streaming.discard()
 
     def abandon_in_flight(self) -> None:
         """Before an elastic restore: a collective failed, so the world the held round was
         started in is gone; drop the round without waiting for it."""
         self.inflight.forget()
+        if self.streaming is not None:
+            self.streaming.forget()
 
     def _refuse_if_finalized(self, what: str) -> None:
         if self.finalized:

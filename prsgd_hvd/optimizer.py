@@ -134,7 +134,7 @@ class _LocalSGDMethods:
     def state_dict(self) -> Dict[str, Any]:
         unaveraged.warn_if_unaveraged(self, "state_dict")
         sd = super(self.__class__, self).state_dict()
-        sd["local_sgd"] = self._local_sgd.local_state()
+        sd["local_sgd"] = self._local_sgd.checkpoint.local_state()
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -142,13 +142,13 @@ class _LocalSGDMethods:
         local = state_dict.pop("local_sgd", None)
         ls: LocalSGD = self._local_sgd
         if local is not None:  # validate before anything is applied (all or nothing)
-            ls.validate_local_state(local)
+            ls.checkpoint.validate(local)
         # A round prestarted from the parameters being replaced is finished and dropped; the
         # next step averages the loaded parameters itself.
         ls.discard_in_flight()
         super(self.__class__, self).load_state_dict(state_dict)
         if local is not None:
-            ls.load_local_state(local)
+            ls.checkpoint.load(local)
 
     # NOTE: [no pickling] The dynamic class cannot be found by name, and the engine holds
     # Horovod handles and process sets that mean nothing in another process. Checkpoints are
@@ -172,7 +172,8 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                         overlap: bool = True, nonfinite: str = "raise", compression=None,
                         error_feedback: bool = True, backward_passes_per_step: int = 1,
                         op=None, gradient_predivide_factor: float = 1.0, num_groups: int = 0,
-                        groups=None, sparse_as_dense: bool = False, outer=None):
+                        groups=None, sparse_as_dense: bool = False, outer=None,
+                        delay: int = 0, fragments: int = 1):
     """Wrap ``optimizer`` for Parallel Restarted SGD (local SGD with periodic model averaging).
 
     Takes every argument of ``hvd.DistributedOptimizer`` (docs/migrating.md), so swapping the
@@ -245,6 +246,22 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
             It cannot be changed after wrapping (wrap a new optimizer). Not yet: overlap (no
             round starts early with ``outer``) and a fused kernel (the inner SGD update runs
             as ``SGD.step()``).
+        delay: streaming rounds (``0 <= delay < interval``). The round made before the update
+            of step t packs the model as usual and starts; the rank applies the updates of
+            steps t, ..., t+delay-1 without it and, before the update of step t+delay, merges
+            it keeping its local progress: ``x <- x + (c - x_sent)``, c the round's average
+            (with ``outer``, the new theta0), for every tensor the round carries. An epoch
+            end (Algorithms 2 and 3) counts as "before the update of the next step". 0: the
+            round is waited for where it starts (the paper). ``state_dict()`` carries the
+            rounds in flight; ``average_now()`` and ``finalize()`` merge them first. Replaces
+            ``overlap``. Not with ``Hierarchical``, ``Adaptive``, ``by_speed``/
+            ``every_seconds`` or ``nonfinite="exclude"`` (each refused, saying why).
+        fragments: split the parameters into this many fragments of about equal bytes
+            (whole tensors, in order); fragment p is averaged at the steps t with
+            ``(t - p*interval/fragments) % interval == 0``, each delayed by ``delay``: the
+            rounds spread over the interval, the peak bandwidth drops F-fold. Needs an int
+            interval that it divides. Warm-up, ``average_now()`` and ``finalize()`` rounds
+            take every fragment. 1: the whole model at once.
 
     ``synchronize()`` and ``skip_synchronize()`` are there for Horovod's gradient-clipping and
     AMP loops; ``hvd.broadcast_optimizer_state`` carries the local-SGD counters.
@@ -254,7 +271,8 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
         average_state, overlap, nonfinite, compression, error_feedback,
         backward_passes_per_step=backward_passes_per_step, op=op,
         gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
-        groups=groups, sparse_as_dense=sparse_as_dense, outer=outer)
+        groups=groups, sparse_as_dense=sparse_as_dense, outer=outer, delay=delay,
+        fragments=fragments)
     engine = LocalSGD(optimizer, args.config, args.process_set)
     # Before the class swap: a mismatch leaves the optimizer as it was. Under Horovod's elastic
     # launcher a worker that joins builds its optimizer while the others are already in

@@ -89,6 +89,9 @@ class OuterOptimizer:
         self.opt = opt
         self.started = False   # theta0 holds x^0 (set at the first step or first round)
         self._checked_layout = None
+        # A round may carry some of the parameters only (fragments=F, prsgd_hvd.streaming):
+        # its tensors are found by identity, not by position.
+        self._index = {id(p): i for i, p in enumerate(self.params)}
 
     # ---- theta0 -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -109,7 +112,7 @@ class OuterOptimizer:
         if rnd.layout is self._checked_layout:
             return
         tensors = rnd.layout.tensors[:n_params]
-        if n_params != len(self.params) or any(a is not b for a, b in zip(tensors, self.params)):
+        if any(id(t) not in self._index for t in tensors) or len(set(map(id, tensors))) != n_params:
             raise RuntimeError(
                 "DistributedLocalSGD: the optimizer's parameters changed since it was wrapped "
                 "(add_param_group?); an outer optimizer is built over the parameters at "
@@ -123,7 +126,30 @@ class OuterOptimizer:
                 if pos < n_params:
                     start = b.offsets[j]
                     p = b.tensors[j]
-                    yield pos, b.flat[start:start + p.numel()].view(p.shape) * rnd.scale
+                    yield self._index[id(p)], b.flat[start:start + p.numel()].view(p.shape) * rnd.scale
+
+    @torch.no_grad()
+    def step_from(self, rnd: Round, n_params: int) -> None:
+        """The outer step of a round over the whole set: ``theta0 - ybar`` as the ``.grad`` of
+        the round's parameters' theta0 (the others keep none, so torch's optimizers skip
+        them), then the outer optimizer's own ``step()``. Changes theta0, not the model."""
+        self.check_layout(rnd, n_params)
+        if not self.started:  # a round before the first step (average_now() at once)
+            self.start()
+        for pos, ybar in self.averages(rnd, n_params):
+            th = self.theta[pos]
+            th.grad = th - ybar  # the pseudo-gradient, in theta0's dtype
+        self.opt.step()
+        for th in self.theta:
+            th.grad = None
+
+    @torch.no_grad()
+    def follow(self, rnd: Round, n_params: int) -> None:
+        """A warm-up round: theta0 <- the round's average (its parameters)."""
+        self.check_layout(rnd, n_params)
+        for pos, ybar in self.averages(rnd, n_params):
+            self.theta[pos].copy_(ybar)
+        self.started = True
 
     @torch.no_grad()
     def write_anchor(self, rnd: Round, n_params: int) -> None:
@@ -132,12 +158,19 @@ class OuterOptimizer:
         if anchor is None or not anchor.kept or not anchor.ready(len(rnd.buckets)) or \
                 not rnd.is_finite():  # only finite rounds move the anchor (NOTE: [the anchor])
             return
+        self.write_theta(rnd, n_params, anchor.bucket)
+
+    @torch.no_grad()
+    def write_theta(self, rnd: Round, n_params: int, flat_of: Callable[[int], torch.Tensor]) -> None:
+        """theta0 into the parameter segments of ``flat_of(bucket index)``, flat buffers laid
+        out as the round's (the anchor; a delayed round's common point, prsgd_hvd.streaming)."""
         for b in rnd.buckets:
-            flat = anchor.bucket(b.index)
+            flat = flat_of(b.index)
             for j, pos in enumerate(b.positions):
                 if pos < n_params:
                     start = b.offsets[j]
-                    flat[start:start + b.tensors[j].numel()].copy_(self.theta[pos].view(-1))
+                    theta = self.theta[self._index[id(b.tensors[j])]]
+                    flat[start:start + b.tensors[j].numel()].copy_(theta.view(-1))
 
     # ---- the checkpoint entry ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -193,20 +226,17 @@ class OuterStep(UpdateRule):
     def apply(self, rnd: Round, measured: int) -> Optional[float]:
         o = self.outer
         o.check_layout(rnd, measured)
-        if not o.started:  # a round before the first step (average_now() at once)
+        if not o.started:  # a round before the first step (average_now() at once): x^0 first
             o.start()
         # Every tensor to its average (buffers and shared state stay there); the divergence
         # is measured against the average in the same pass.
         divergence = rnd.write_back(self.kernels, measured=measured)
+        o.step_from(rnd, measured)
         with torch.no_grad():
-            for pos, ybar in o.averages(rnd, measured):
-                th = o.theta[pos]
-                th.grad = th - ybar  # the pseudo-gradient, in theta0's dtype
-        o.opt.step()
-        with torch.no_grad():
-            for th, p in zip(o.theta, o.params):
-                p.copy_(th)
-                th.grad = None
+            for b in rnd.buckets:  # the round's parameters <- theta0
+                for j, pos in enumerate(b.positions):
+                    if pos < measured:
+                        b.tensors[j].copy_(o.theta[o._index[id(b.tensors[j])]])
         self._n_params = measured
         return divergence
 
@@ -224,27 +254,23 @@ class OuterFollows(UpdateRule):
         self.outer, self.kernels = outer, kernels
 
     def apply(self, rnd: Round, measured: int) -> Optional[float]:
-        o = self.outer
-        o.check_layout(rnd, measured)
         divergence = rnd.write_back(self.kernels, measured=measured)
-        with torch.no_grad():
-            for pos, ybar in o.averages(rnd, measured):
-                o.theta[pos].copy_(ybar)
-        o.started = True
+        self.outer.follow(rnd, measured)
         return divergence
 
 
 class OuterRules:
     """What the write stage asks: whether a round is over the whole set, and the two rules."""
 
-    def __init__(self, outer: OuterOptimizer, kernels, whole_set_anchor: Callable[[], Any]):
+    def __init__(self, outer: OuterOptimizer, kernels, whole_set_anchors: Callable[[], Any]):
         self.outer = outer
         self.step_rule = OuterStep(outer, kernels)
         self.follow_rule = OuterFollows(outer, kernels)
-        self.whole_set_anchor = whole_set_anchor  # the whole set's averager's anchor, now
+        # The anchors of the averagers over the whole set, now (one, or one per fragment).
+        self.whole_set_anchors = whole_set_anchors
 
     def covers(self, rnd: Round) -> bool:
-        return rnd.anchor is self.whole_set_anchor()
+        return any(rnd.anchor is a for a in self.whole_set_anchors())
 
     def rule_for(self, rnd: Round, update_follows: bool) -> UpdateRule:
         """The rule of an outer (non-warm-up) round; prsgd_hvd.fused_outer's FusedOuterRules

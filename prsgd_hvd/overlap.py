@@ -20,9 +20,12 @@ restore or reset), the held round is *forgotten*: dropped without waiting.
 """
 from __future__ import annotations
 
-from typing import Hashable, Optional
+from typing import TYPE_CHECKING, Hashable, Optional
 
-from .averaging import PendingRound
+from .averaging import PendingRound, RoundId
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .local_sgd import LocalSGD
 
 
 class InFlight:
@@ -58,3 +61,42 @@ class InFlight:
         pending = self.release()
         if pending is not None:
             pending.abandon()
+
+
+class Prestarts:
+    """Whether one optimizer's rounds start early, and starting them (the pipeline's stage
+    'prestart')."""
+
+    def __init__(self, engine: "LocalSGD"):
+        self.e = engine
+        self.on = self.decide()
+
+    def decide(self) -> bool:
+        """Model buffers (BatchNorm statistics) change in the forward pass of the averaging
+        step itself, after a prestarted round packed them: such rounds are not started early.
+        Decided again after an elastic reset (the world size may have changed)."""
+        e = self.e
+        if e.outer is not None:
+            # Not yet with an outer optimizer: finalize() completes a round prestarted for a
+            # step no rank takes, which would be one more outer step than without overlap.
+            self.on = False
+        elif e.config.streaming:  # a delayed round already runs behind the steps
+            self.on = False
+        else:
+            self.on = e.config.overlap and e.world.size > 1 and \
+                not e.contents.buffers(e.contents.params())
+        return self.on
+
+    def prestart(self, t: int) -> None:
+        """Start step ``t``'s round now if it averages before its update."""
+        e = self.e
+        if not self.on or e.inflight.pending is not None:
+            return
+        try:
+            plan = e.planner.plan(t, e.clock.peek())
+        except Exception:  # noqa: BLE001 - step t asks again and raises where the user sees it
+            return
+        if not plan.average_before:
+            return
+        e.round_stage.prestart(t, e.world.averager_for(plan),
+                               RoundId("scheduled", e.rounds + 1), plan.weight, plan.agree)

@@ -44,11 +44,14 @@ class RoundContents:
         ids = {id(p) for p in params}
         return [b for b in self.model.buffers() if b.is_floating_point() and id(b) not in ids]
 
-    def tensors(self, collectives: SetCollectives) -> Tuple[List[torch.Tensor], int]:
+    def tensors(self, collectives: SetCollectives, params: Optional[List[torch.Tensor]] = None,
+                buffers: bool = True) -> Tuple[List[torch.Tensor], int]:
         """(params + buffers + shared state, number of params). Collective only with
-        ``average_state=True`` (see NOTE: [state layout])."""
-        params = self.params()
-        out = params + self.buffers(params)
+        ``average_state=True`` (see NOTE: [state layout]). ``params``: some of the parameters
+        only (a fragment, prsgd_hvd.streaming), with the model buffers or without."""
+        everything = self.params()
+        params = everything if params is None else list(params)
+        out = params + (self.buffers(everything) if buffers else [])
         if self.average_state:
             out += self.agree_on_state_entries(params, collectives)
         return out, len(params)

@@ -35,9 +35,11 @@ class RoundStage:
         self.inflight = InFlight()
         self.fingerprint = 0            # of the initial parameters, sent in round 1
 
-    def start(self, averager: Averager, identity: RoundId, **kwargs) -> PendingRound:
+    def start(self, averager: Averager, identity: RoundId, tensors=None, **kwargs) -> PendingRound:
+        """Start a round over ``tensors`` (default: everything the optimizer averages)."""
         self.world.claim_name()
-        tensors, _ = self.contents.tensors(self.world.collectives)
+        if tensors is None:
+            tensors, _ = self.contents.tensors(self.world.collectives)
         fingerprint = self.fingerprint if identity.number == 1 else 0
         return averager.start(tensors, identity, fingerprint=fingerprint, **kwargs)
 
@@ -48,14 +50,16 @@ class RoundStage:
         self.inflight.hold(pending, round_key(t, identity, averager, weight, agree))
 
     def run(self, identity: RoundId, averager: Averager, *, t: Optional[int], weight: float,
-            active: bool, agree: bool, pending: Optional[PendingRound]) -> Tuple[Round, bool]:
+            active: bool, agree: bool, pending: Optional[PendingRound],
+            tensors=None) -> Tuple[Round, bool]:
         """Run one round (or finish ``pending``) and check it; returns it and whether this rank
         was left out of it (``nonfinite="exclude"``)."""
         key = round_key(t, identity, averager, weight, agree)
         if pending is None:
             pending = self.inflight.take(key)
         if pending is None:
-            pending = self.start(averager, identity, weight=weight, active=active, agree=agree)
+            pending = self.start(averager, identity, tensors=tensors, weight=weight,
+                                 active=active, agree=agree)
         self.inflight.hold(pending, key)  # an interrupted wait resumes from here
         try:
             rnd = pending.wait()

@@ -28,4 +28,8 @@ def stats(ls: "LocalSGD") -> Dict[str, Any]:
         "excluded": [dict(e) for e in ls.policy.excluded],
         "schedule": repr(ls.schedule),
         "world_size": ls.size,
+        # Streaming rounds (NOTE: [streaming]): the options and the rounds not merged yet.
+        "delay": ls.config.delay,
+        "fragments": ls.config.fragments,
+        "in_flight": len(ls.streaming.in_flight) if ls.streaming is not None else 0,
     }

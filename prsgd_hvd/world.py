@@ -62,6 +62,12 @@ class World:
         self.planner.bind(self.rank, self.size,
                           lambda obj: self.collectives.allgather(obj, "schedule"),
                           host_local_size(process_set))
+        # fragments=F (prsgd_hvd.streaming): fragment p's rounds on their own averager over
+        # the whole set -- its own layout, anchor and wire state, and its own names, so the
+        # rounds of several fragments may be in flight at once. Fragment 0 uses self.averager.
+        self.fragment_averagers: List[Averager] = [self.averager] + [
+            self._averager(process_set, f"{name}.f{p}")
+            for p in range(1, self.config.fragments)]
         # Averagers over groups of ranks, for schedules that average within groups too; the
         # whole process set uses self.averager.
         self.group_averagers: Dict[int, Averager] = {}
@@ -87,6 +93,8 @@ class World:
         _names_in_use[base] = k + 1
         self.name = base if k == 0 else f"{base}.{k}"
         self.averager.rename(self.name)
+        for p, averager in enumerate(self.fragment_averagers[1:], start=1):
+            averager.rename(f"{self.name}.f{p}")
         for g, averager in self.group_averagers.items():
             averager.rename(f"{self.name}.g{g}")
 
@@ -95,8 +103,13 @@ class World:
         return horovod().rank()
 
     @property
+    def whole_set_averagers(self) -> List[Averager]:
+        """The averagers whose rounds are over the whole process set (one per fragment)."""
+        return self.fragment_averagers
+
+    @property
     def averagers(self) -> List[Averager]:
-        return [self.averager, *self.group_averagers.values()]
+        return [*self.fragment_averagers, *self.group_averagers.values()]
 
     def averager_for(self, plan: StepPlan) -> Averager:
         return self.averager if plan.group is None else self.group_averagers[plan.group]

@@ -5,6 +5,8 @@ address, hostname and sshd, and a ``tbf`` rate limit on both ends of every link,
 
     scripts/cluster.sh up N [RATE]      # RATE: 100mbit, 1gbit, ... or none (default: none)
     scripts/cluster.sh shape RATE|none  # change every link's rate
+    scripts/cluster.sh loss P           # drop a fraction P (0.001 = 0.1%) of every host's
+                                        # incoming packets at random; 0 removes the rule
     scripts/cluster.sh exec I CMD...    # run CMD on host I (1-based)
     scripts/cluster.sh hvd I CMD...     # the same with the launcher's environment (ssh wrapper,
                                         # HOME, the venv on PATH): e.g. CMD = horovodrun -H ...
@@ -24,6 +26,11 @@ Layout, for cluster NAME (default ``prsgd``):
 * shaping: ``tbf`` on the host's ``eth0`` (its upload) and on the bridge's port to it (its
   download). The bucket holds about 2 ms of line rate and at least 64 KiB: smaller buckets
   fall well short of the rate (2 kB gave 117 Mbit/s of 1 Gbit/s).
+* loss (optional): an nftables table ``prsgdloss`` in every host's namespace whose input hook
+  counts the packets arriving on ``eth0`` and drops a random fraction of them (``numgen random``;
+  a drop on the *output* hook is not loss: the sender's send fails with EPERM). Its counters
+  say how many were dropped (``loss_counters()``, ``status``). Needs ``nft`` (package nftables).
+  A link profile says both: ``100mbit+loss0.1%`` (``parse_profile``).
 * sshd: one per host, started by absolute path under ``unshare --uts`` with the host's name
   (``ip netns exec`` alone would share the machine's hostname), with a host key, config and
   authorized key of the cluster's own; nothing under ``~/.ssh`` is read or written. Names
@@ -36,7 +43,8 @@ State lives in /tmp/prsgd_cluster/NAME (cluster.json says N and the rate). ``dow
 trust it: it sweeps every namespace called NAME-br / NAME-h<digits>, kills the processes inside
 (``ip netns pids``) before deleting it, and removes /etc/netns/<ns> and the state directory.
 
-Needs root, ``ip``/``tc`` (iproute2), ``unshare`` and openssh-server (``make setup-cluster``).
+Needs root, ``ip``/``tc`` (iproute2), ``unshare`` and openssh-server (``make setup-cluster``;
+it also installs nftables, needed only for loss).
 Standard library only, so it runs with any python3.
 """
 from __future__ import annotations
@@ -100,15 +108,51 @@ def rate_bits(rate: str) -> float:
     return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
 
 
+LOSS_TABLE = "prsgdloss"      # the nftables table (inet family) of the loss rule, one per host
+LOSS_SCALE = 1_000_000        # numgen's modulus: loss fractions down to 1e-6
+
+
+def parse_profile(profile: Optional[str]):
+    """A link profile -> (rate or None, loss fraction): '100mbit' -> ('100mbit', 0.0),
+    '100mbit+loss0.1%' -> ('100mbit', 0.001), 'none+loss1%' -> (None, 0.01), None -> (None, 0)."""
+    if profile in (None, "", "none"):
+        return None, 0.0
+    m = re.fullmatch(r"([^+]+?)(?:\+loss(\d+(?:\.\d+)?)%)?", profile.strip().lower())
+    if not m:
+        raise ValueError(f"link profile must look like 100mbit, none or 100mbit+loss0.1%, "
+                         f"not {profile!r}")
+    rate = None if m.group(1) == "none" else m.group(1)
+    if rate is not None:
+        rate_bits(rate)   # validates
+    loss = float(m.group(2)) / 100 if m.group(2) else 0.0
+    _check_loss(loss)
+    return rate, loss
+
+
+def format_profile(rate: Optional[str], loss: float) -> str:
+    """The inverse of parse_profile: ('100mbit', 0.001) -> '100mbit+loss0.1%'."""
+    return (rate or "none") + (f"+loss{loss * 100:g}%" if loss else "")
+
+
+def _check_loss(loss: float) -> None:
+    if not 0.0 <= loss < 1.0:
+        raise ValueError(f"loss must be a fraction in [0, 1), not {loss!r} (0.001 = 0.1%)")
+    if loss and round(loss * LOSS_SCALE) == 0:
+        raise ValueError(f"loss {loss!r} is below the rule's resolution 1/{LOSS_SCALE}")
+
+
 class Cluster:
     """N hosts on one machine. ``up()``/``down()``, or use as a context manager."""
 
-    def __init__(self, n: int = 3, rate: Optional[str] = None, name: str = "prsgd"):
+    def __init__(self, n: int = 3, rate: Optional[str] = None, name: str = "prsgd",
+                 loss: float = 0.0):
         if not re.fullmatch(r"[a-z][a-z0-9]{0,11}", name):
             raise ValueError("cluster name: a lowercase letter, then up to 11 letters/digits")
         if not 1 <= n <= 200:
             raise ValueError("1 <= n <= 200 hosts")
         self.n, self.rate, self.name = n, (None if rate in (None, "none") else rate), name
+        _check_loss(loss)
+        self.loss = loss
         self.state = STATE_ROOT / name
 
     # ---- names -------------------------------------------------------------------------------
@@ -177,6 +221,8 @@ class Cluster:
             self._make_ssh()
             if self.rate:
                 self.shape(self.rate)
+            if self.loss:
+                self.set_loss(self.loss)
             self._wait_for_ssh()
         except BaseException:
             self.down()
@@ -218,7 +264,8 @@ class Cluster:
             time.sleep(0.1)
 
     def _write_state(self) -> None:
-        (self.state / "cluster.json").write_text(json.dumps({"n": self.n, "rate": self.rate}))
+        (self.state / "cluster.json").write_text(json.dumps({"n": self.n, "rate": self.rate,
+                                                             "loss": self.loss}))
 
     @classmethod
     def load(cls, name: str = "prsgd") -> "Cluster":
@@ -227,7 +274,7 @@ class Cluster:
         if not path.exists():
             raise ClusterError(f"no cluster '{name}' is up (no {path})")
         info = json.loads(path.read_text())
-        return cls(info["n"], info["rate"], name)
+        return cls(info["n"], info["rate"], name, info.get("loss", 0.0))
 
     # ---- network -----------------------------------------------------------------------------
     def _make_network(self) -> None:
@@ -268,6 +315,86 @@ class Cluster:
         self.rate = rate
         if self.state.exists():
             self._write_state()
+
+    def apply_profile(self, profile: Optional[str]) -> None:
+        """Rate and loss from a profile such as '100mbit+loss0.1%' (see parse_profile)."""
+        rate, loss = parse_profile(profile)
+        self.shape(rate)
+        self.set_loss(loss)
+
+    def set_loss(self, loss: float) -> None:
+        """Drop a random fraction ``loss`` of the packets arriving on every host's eth0 (the
+        input hook: real loss, which TCP retransmits), counting both; 0 removes the rule. The
+        table is made anew, so its counters start at zero; the rule is checked to be in place."""
+        _check_loss(loss)
+        if loss and shutil.which("nft") is None:
+            raise ClusterError("packet loss needs 'nft' (apt-get install nftables; "
+                               "make setup-cluster installs it)")
+        for i in range(1, self.n + 1):
+            ns = self.ns(i)
+            if shutil.which("nft") is not None:
+                _run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", LOSS_TABLE],
+                     check=False)   # absent is fine
+            if not loss:
+                continue
+            ruleset = (
+                f"table inet {LOSS_TABLE} {{\n"
+                "  chain input {\n"
+                "    type filter hook input priority 0; policy accept;\n"
+                '    iifname "eth0" counter comment "seen"\n'
+                f'    iifname "eth0" numgen random mod {LOSS_SCALE} < {round(loss * LOSS_SCALE)} '
+                'counter drop comment "dropped"\n'
+                "  }\n}\n")
+            _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=ruleset)
+        self.loss = loss
+        if self.state.exists():
+            self._write_state()
+        if loss:
+            self.loss_counters()   # raises unless every host has the rule
+
+    def loss_counters(self) -> Dict[str, Dict[str, int]]:
+        """{host: {"seen": packets arriving on eth0, "dropped": of those}} from the rule's
+        counters; raises if a host lacks the rule."""
+        out = {}
+        for i in range(1, self.n + 1):
+            proc = _run(["ip", "netns", "exec", self.ns(i), "nft", "-j", "list", "table", "inet",
+                         LOSS_TABLE], check=False)
+            counts = {}
+            if proc.returncode == 0:
+                for item in json.loads(proc.stdout).get("nftables", []):
+                    rule = item.get("rule")
+                    if not rule or rule.get("comment") not in ("seen", "dropped"):
+                        continue
+                    counter = next((e["counter"] for e in rule["expr"] if "counter" in e), None)
+                    if counter is not None:
+                        counts[rule["comment"]] = int(counter["packets"])
+            if set(counts) != {"seen", "dropped"}:
+                raise ClusterError(f"the loss rule is not in place on {self.host(i)} "
+                                   f"({proc.stderr.strip() or 'no counters'})")
+            out[self.host(i)] = counts
+        return out
+
+    def kill_jobs(self) -> int:
+        """SIGKILL everything on the hosts but their sshd (workers of a job that hung or failed,
+        which a timeout on the launcher alone leaves behind). Returns how many were killed."""
+        keep = set()
+        for i in range(1, self.n + 1):
+            pid_file = self.state / f"sshd_{i}.pid"
+            if pid_file.exists():
+                keep.add(int(pid_file.read_text().split()[0]))
+        killed = 0
+        for _ in range(50):
+            pids = [p for i in range(1, self.n + 1) for p in self.pids(i) if p not in keep]
+            if not pids:
+                return killed
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        raise ClusterError("processes on the hosts survived SIGKILL")
 
     # ---- ssh ---------------------------------------------------------------------------------
     def _make_ssh(self) -> None:
@@ -375,7 +502,8 @@ class Cluster:
 
     def status(self) -> str:
         lines = [f"cluster '{self.name}': {self.n} hosts, rate {self.rate or 'unshaped'}, "
-                 f"state {self.state}"]
+                 + (f"loss {self.loss:.4%} on every host's input, " if self.loss else "")
+                 + f"state {self.state}"]
         for i in range(1, self.n + 1):
             ns = self.ns(i)
             addr = _run(["ip", "-n", ns, "-br", "addr", "show", "eth0"], check=False).stdout.split()
@@ -384,6 +512,11 @@ class Cluster:
             sshd_up = (self.state / f"sshd_{i}.pid").exists()
             lines.append(f"  {self.host(i):<8} ns {ns:<12} {' '.join(addr[2:3]) or '-':<16} "
                          f"sshd {'up' if sshd_up else 'down'}  {qdisc[0] if qdisc else '-'}")
+        if self.loss:
+            for host, c in self.loss_counters().items():
+                lines.append(f"  {host:<8} loss rule: dropped {c['dropped']} of {c['seen']} "
+                             f"packets arriving on eth0"
+                             + (f" ({c['dropped'] / c['seen']:.3%})" if c["seen"] else ""))
         return "\n".join(lines)
 
 
@@ -400,8 +533,12 @@ def main(argv: Sequence[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("up")
     p.add_argument("n", type=int)
-    p.add_argument("rate", nargs="?", default=None)
-    sub.add_parser("shape").add_argument("rate")
+    p.add_argument("rate", nargs="?", default=None, help="100mbit, none, or 100mbit+loss0.1%%")
+    p.add_argument("--loss", type=float, default=None, help="fraction of packets dropped")
+    p = sub.add_parser("shape")
+    p.add_argument("rate", help="100mbit, none, or 100mbit+loss0.1%% (loss kept unless given)")
+    p.add_argument("--loss", type=float, default=None)
+    sub.add_parser("loss").add_argument("fraction", type=float, help="0.001 = 0.1%%; 0 removes")
     for name in ("exec", "hvd"):
         p = sub.add_parser(name)
         p.add_argument("host", type=int)
@@ -412,7 +549,8 @@ def main(argv: Sequence[str]) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "up":
-        c = Cluster(args.n, args.rate, args.name).up()
+        rate, loss = parse_profile(args.rate)
+        c = Cluster(args.n, rate, args.name, loss if args.loss is None else args.loss).up()
         print(c.status())
         return 0
     if args.cmd == "down":
@@ -421,7 +559,13 @@ def main(argv: Sequence[str]) -> int:
         return 0
     c = Cluster.load(args.name)
     if args.cmd == "shape":
-        c.shape(args.rate)
+        rate, loss = parse_profile(args.rate)
+        c.shape(rate)
+        if args.loss is not None or "+loss" in args.rate:
+            c.set_loss(loss if args.loss is None else args.loss)
+        print(c.status())
+    elif args.cmd == "loss":
+        c.set_loss(args.fraction)
         print(c.status())
     elif args.cmd == "status":
         print(c.status())

@@ -29,6 +29,10 @@ def _traj(scenario: str, np: int = 2) -> str:
     return f"tests/test_trajectories.py::test_trajectory_matches_float64_simulation[{scenario}-{np}]"
 
 
+def _stream(scenario: str, np: int = 2) -> str:
+    return f"tests/test_streaming.py::test_streaming_matches_float64_reference[{scenario}-{np}]"
+
+
 def _hetero(which: int, np: int = 3) -> str:
     """Algorithm 3 scenario ``which`` of test_trajectories.HETEROGENEOUS[np]."""
     return f"tests/test_trajectories.py::test_heterogeneous_trajectory_matches_float64_simulation[{which}-{np}]"
@@ -110,9 +114,9 @@ MUTANTS = [
            "self._runs.append(runs)",
            ("tests/test_robustness.py::test_average_state_averages_the_state_every_rank_has",),
            "average_state=True with fused SGD: the step would use this rank's own momentum"),
-    Mutant("overlap_prestarts_model_buffers", "prsgd_hvd/local_sgd.py",
-           "        return self.config.overlap and self.world.size > 1 and \\\n",
-           "        return self.config.overlap and self.world.size > 1 or \\\n",
+    Mutant("overlap_prestarts_model_buffers", "prsgd_hvd/overlap.py",
+           "            self.on = e.config.overlap and e.world.size > 1 and \\\n",
+           "            self.on = e.config.overlap and e.world.size > 1 or \\\n",
            ("tests/test_robustness.py::test_model_buffers_are_averaged_across_ranks",),
            "BatchNorm statistics of the averaging step's forward pass would be overwritten"),
     # ---- 16-bit deltas ----------------------------------------------------------------------
@@ -135,9 +139,9 @@ MUTANTS = [
            "if len(training) > 1:",
            ("tests/test_averaging_unit.py::test_identity_checks",
             "tests/test_misuse.py::test_resume_on_rank_0_only_is_caught_at_the_next_round")),
-    Mutant("overlap_prestarts_epoch_end_rounds", "prsgd_hvd/local_sgd.py",
-           "        if not plan.average_before:\n            return\n        self.round_stage.prestart(",
-           "        if not plan.averages:\n            return\n        self.round_stage.prestart(",
+    Mutant("overlap_prestarts_epoch_end_rounds", "prsgd_hvd/overlap.py",
+           "        if not plan.average_before:\n            return\n        e.round_stage.prestart(",
+           "        if not plan.averages:\n            return\n        e.round_stage.prestart(",
            ("tests/test_trajectories.py",),
            "Algorithms 2-3 average x^t after step t's update; a round packed before it is stale"),
     Mutant("excluded_rank_still_updates", "prsgd_hvd/local_sgd.py",
@@ -157,9 +161,9 @@ MUTANTS = [
            ("tests/test_averaging_unit.py::test_forgetting_a_round_collects_what_completed_and_never_waits",),
            "the round of a world that is gone would stay in flight: the next round refuses to "
            "start, or waits on handles Horovod has dropped"),
-    Mutant("checkpoint_forgets_schedule_position", "prsgd_hvd/local_sgd.py",
-           "        self.schedule.load_state_dict(local.get(\"schedule\") or {})\n        self.clock.restart_at",
-           "        self.clock.restart_at",
+    Mutant("checkpoint_forgets_schedule_position", "prsgd_hvd/checkpoint.py",
+           "        e.schedule.load_state_dict(local.get(\"schedule\") or {})\n        e.clock.restart_at",
+           "        e.clock.restart_at",
            ("tests/test_optimizer_unit.py::test_checkpoint_mid_epoch_resumes_time_varying_where_it_stood",)),
     Mutant("bf16_broadcast_left_to_horovod", "prsgd_hvd/broadcast.py",
            "if torch.is_tensor(tensor) and tensor.dtype == torch.bfloat16:",
@@ -221,14 +225,57 @@ MUTANTS = [
            ("tests/test_trajectories.py::test_outer_moves_the_delta_anchor_to_theta0[2]",),
            "16-bit deltas would be taken from the average, not from theta0 where ranks restarted"),
     Mutant("outer_weights_ignored", "prsgd_hvd/outer.py",
-           "yield pos, b.flat[start:start + p.numel()].view(p.shape) * rnd.scale",
-           "yield pos, b.flat[start:start + p.numel()].view(p.shape) / len(rnd.members)",
+           "yield self._index[id(p)], b.flat[start:start + p.numel()].view(p.shape) * rnd.scale",
+           "yield self._index[id(p)], b.flat[start:start + p.numel()].view(p.shape) / len(rnd.members)",
            ("tests/test_trajectories.py::test_outer_heterogeneous_matches_float64_simulation",),
            "Algorithm 3's weighted averages would lose their weights in the outer step"),
     Mutant("outer_step_on_group_rounds", "prsgd_hvd/outer.py",
-           "return rnd.anchor is self.whole_set_anchor()",
+           "return any(rnd.anchor is a for a in self.whole_set_anchors())",
            "return True",
            ("tests/test_trajectories.py::test_grouped_averaging_matches_float64_simulation"
             "[outer_hierarchical_pairs_every_2_all_every_6]",),
            "Hierarchical group rounds would take outer steps from a theta0 of the whole set"),
+    # ---- streaming rounds (delay=, fragments=) -------------------------------------------------
+    Mutant("delayed_merge_drops_local_progress", "prsgd_hvd/streaming.py",
+           "                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)\n"
+           "                b.payload.add_(correction)",
+           "                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)\n"
+           "                b.payload.zero_().add_(correction)",
+           (_stream("d2_i4_fused_merge"),),
+           "a delayed round would throw away the tau local steps taken while it was in flight"),
+    Mutant("delayed_merge_one_step_early", "prsgd_hvd/streaming.py",
+           "                self.start(p, rplan, t, merge_at=t + self.delay)",
+           "                self.start(p, rplan, t, merge_at=t + self.delay - 1)",
+           (_stream("d2_i4_fused_merge"),),
+           "rounds would merge after tau-1 local steps, not tau"),
+    Mutant("epoch_round_merges_a_step_early", "prsgd_hvd/streaming.py",
+           "self.start(0, plan, t, merge_at=t + 1 + self.delay)",
+           "self.start(0, plan, t, merge_at=t + self.delay)",
+           (_stream("time_varying_d1_finalize"),),
+           "Algorithms 2 and 3 would merge their epoch rounds one local step too early"),
+    Mutant("fragment_offset_wrong", "prsgd_hvd/fragments.py",
+           "        return [((t // step) % self.fragments, AVERAGE_BEFORE)]",
+           "        return [((t // step + 1) % self.fragments, AVERAGE_BEFORE)]",
+           (_stream("f3_d0_i6"),),
+           "fragment p would be averaged at another fragment's offset"),
+    Mutant("correction_sign_flipped", "prsgd_hvd/streaming.py",
+           "            torch.sub(b.payload, sent[b.index], out=sent[b.index])",
+           "            torch.sub(sent[b.index], b.payload, out=sent[b.index])",
+           (_stream("d2_i4_fused_merge"),),
+           "a merge would move the model away from the average"),
+    Mutant("outer_step_skipped_when_streaming", "prsgd_hvd/streaming.py",
+           "        if outer is not None:\n            outer.step_from(rnd, r.n_params)",
+           "        if False:\n            outer.step_from(rnd, r.n_params)",
+           (_stream("f3_d4_i6_outer_uneven_finalize"),),
+           "streamed rounds would be plain averages with outer="),
+    Mutant("checkpoint_drops_rounds_in_flight", "prsgd_hvd/checkpoint.py",
+           "            local[\"in_flight\"] = in_flight",
+           "            local[\"in_flight\"] = []",
+           (_stream("f2_d3_i4_resume_two_in_flight"),),
+           "a resumed job would lose the rounds that were in flight at the checkpoint"),
+    Mutant("finalize_does_not_drain", "prsgd_hvd/join.py",
+           "            e.streaming.drain()",
+           "            e.streaming.in_flight.clear()",
+           (_stream("d2_i4_uneven_finalize"),),
+           "finalize() would drop a finishing rank's rounds in flight"),
 ]

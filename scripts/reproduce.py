@@ -695,7 +695,12 @@ def write_report(results, meta, out, a):
               "- Statistical spread: one seed per configuration by default (`--seeds` adds more); "
               "with common random numbers the comparisons within one N are paired, but the "
               "iterations-to-target in part 1 move by a few evaluation intervals between seeds.\n")
-    (out / "REPRODUCTION.md").write_text("\n".join(md))
+    doc, text = out / "REPRODUCTION.md", "\n".join(md)
+    # keep the outer-optimizer section that scripts/reproduce_outer.py appended (its own run)
+    kept = doc.read_text() if doc.exists() else ""
+    if "<!-- reproduce_outer.py: begin" in kept:
+        text = text.rstrip("\n") + "\n\n" + kept[kept.index("<!-- reproduce_outer.py: begin"):]
+    doc.write_text(text)
     print(f"wrote {out / 'REPRODUCTION.md'} and {len(list(out.glob('repro_*.png')))} plots")
 
 

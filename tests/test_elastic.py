@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference import simulate_rounds
+from reference_streaming import fragment_split
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = dict(rtol=1e-4, atol=1e-5)  # hundreds of fp32 steps against float64
@@ -54,6 +55,46 @@ def _phase(starts, until, interval):
     return models, opts
 
 
+@torch.no_grad()
+def _stream_phase(starts, until, interval, fragments, delay):
+    """_phase with streaming rounds (tests/reference_streaming.py's rules): each worker starts
+    from its snapshot's rounds in flight too; fragment p's round starts before the update of
+    step t with (t - p*I/F) mod I == 0 and merges before the update of step t + delay.
+    Returns the models, optimizers and each worker's rounds still in flight at ``until``."""
+    s = starts[0]["step"]
+    models = [_example_model() for _ in starts]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    pending = []
+    for m, o, snap in zip(models, opts, starts):
+        for p, v, buf in zip(m.parameters(), snap["params"], snap["momentum"]):
+            p.copy_(v)
+            if buf is not None:
+                o.state[p]["momentum_buffer"] = buf.double().clone()
+        pending.append([(e["merge_at"], {k[1]: c.double() for k, c in e["correction"].items()})
+                        for e in snap["in_flight"]])
+    params = [list(m.parameters()) for m in models]
+    split = fragment_split(list(_example_model().float().parameters()), fragments)
+    gap = interval // fragments
+    for t in range(s + 1, until + 1):
+        for r, (m, o) in enumerate(zip(models, opts)):
+            x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1000 * r + t - 1))
+            o.zero_grad()
+            with torch.enable_grad():
+                F.mse_loss(m(x.double()), x[:, :1].sin().double()).backward()
+            for merge_at, corr in [e for e in pending[r] if e[0] <= t]:
+                for i, c in corr.items():
+                    params[r][i].add_(c)
+            pending[r] = [e for e in pending[r] if e[0] > t]
+        if t % gap == 0:
+            frag = split[(t // gap) % fragments]
+            mean = {i: torch.stack([ps[i] for ps in params]).mean(0) for i in frag}
+            for r in range(len(models)):
+                pending[r].append((t + delay, {i: mean[i] - params[r][i] for i in frag}))
+        for o in opts:
+            o.step()
+    return models, opts, pending
+
+
 def _close(snap, model, opt=None, what=""):
     """A snapshot's parameters (and momentum, given the reference optimizer) against a model."""
     for i, (got, buf, p) in enumerate(zip(snap["params"], snap["momentum"], model.parameters())):
@@ -63,14 +104,20 @@ def _close(snap, model, opt=None, what=""):
                                        msg=lambda m: f"{what}, momentum {i}: {m}")
 
 
-def check_elastic_run(out: Path, steps: int, interval: int):
+def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
     """Every (re)start of the job, and its end, against the float64 reference.
 
     The workers of one (re)start hold the same step and world size. A (re)start's values must be
     those the reference reaches from the previous (re)start: after a sync every worker holds what
     the new rank 0 held at its last commit (its reference model under its old rank); the final
     models are the average of the last phase's reference models (finalize()). Returns the
-    (step, size) of each (re)start."""
+    (step, size) of each (re)start. ``stream``: (fragments, delay) of a streaming run; the
+    rounds in flight at each (re)start are held to the reference's too."""
+    def phase(starts, until):
+        if stream is None:
+            return (*_phase(starts, until, interval), None)
+        return _stream_phase(starts, until, interval, *stream)
+
     snaps = [torch.load(p, weights_only=False) for p in out.glob("start-*.pt")]
     snaps.sort(key=lambda d: (d["step"], d["pid"], d["host"]))
     groups = []
@@ -84,7 +131,7 @@ def check_elastic_run(out: Path, steps: int, interval: int):
     for d in groups[0]:
         _close(d, init, what="the first start")
     for prev, nxt in zip(groups, groups[1:]):
-        models, opts = _phase(prev, nxt[0]["step"], interval)
+        models, opts, pending = phase(prev, nxt[0]["step"])
         old_rank = {(d["host"], d["pid"]): d["rank"] for d in prev}
         synced = all(all(torch.equal(a, b) for a, b in zip(d["params"], nxt[0]["params"])) for d in nxt)
         for d in nxt:
@@ -94,9 +141,23 @@ def check_elastic_run(out: Path, steps: int, interval: int):
             j = old_rank[(src["host"], src["pid"])]
             what = f"restart at step {d['step']}, size {d['size']}, rank {d['rank']} (old rank {j})"
             _close(d, models[j], opts[j], what=what)
+            if pending is not None:  # the rounds in flight travel with the state
+                got = sorted((e["merge_at"], k[1], c) for e in d["in_flight"]
+                             for k, c in e["correction"].items())
+                want = sorted((m, i, c) for m, corr in pending[j] for i, c in corr.items())
+                assert [g[:2] for g in got] == [w[:2] for w in want], f"{what}: rounds in flight"
+                for (m, i, c), (_, _, w) in zip(got, want):
+                    torch.testing.assert_close(c.double(), w, **TOL, msg=lambda e: f"{what}: {e}")
+    if stream is not None:  # the point of the streaming run: a restart with rounds in flight
+        assert any(d["in_flight"] for g in groups[1:] for d in g), "no restart had a round in flight"
     last = groups[-1]
-    models, _ = _phase(last, steps, interval)
+    models, _, pending = phase(last, steps)
     with torch.no_grad():
+        for m, in_flight in zip(models, pending or []):  # finalize() merges what is in flight
+            ps = list(m.parameters())
+            for _, corr in in_flight:
+                for i, c in corr.items():
+                    ps[i].add_(c)
         mean = [torch.stack(ps).mean(0) for ps in zip(*(m.parameters() for m in models))]
     finals = [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
     assert len(finals) == last[0]["size"]
@@ -107,7 +168,9 @@ def check_elastic_run(out: Path, steps: int, interval: int):
 
 
 # "torch": Horovod's own hvd.elastic.TorchState, as Horovod's elastic examples use it.
-@pytest.mark.parametrize("state", ["localsgd", "torch"])
+# "stream": streaming rounds (fragments=2, delay=3 at interval 4: the commit after each merge
+# has the next fragment's round in flight, so the grow happens with a round in flight).
+@pytest.mark.parametrize("state", ["localsgd", "torch", "stream"])
 def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
     tmp = Path(tempfile.mkdtemp(prefix="prsgd_elastic_"))
     slots, record = tmp / "slots", tmp / "record"
@@ -119,7 +182,9 @@ def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
     cmd = ["horovodrun", "--network-interface", "lo", "-np", "2", "--min-np", "1", "--max-np", "3",
            "--host-discovery-script", str(REPO / "examples" / "discover_hosts.sh"),
            sys.executable, str(REPO / "examples" / "elastic.py"), "--steps", "300",
-           "--step-ms", "20", "--record", str(record), "--state", state, "--out", str(out)]
+           "--step-ms", "20", "--record", str(record), "--out", str(out),
+           *(["--state", "localsgd", "--fragments", "2", "--delay", "3"] if state == "stream"
+             else ["--state", state])]
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -141,5 +206,5 @@ def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
     assert steps == sorted(steps), "the schedule resumed from the last commit, never went back"
     assert "done: 300 steps" in output and "final size 3" in output
     assert "counters agree: True" in output, output[-4000:]
-    restarts = check_elastic_run(out, 300, 4)
+    restarts = check_elastic_run(out, 300, 4, stream=(2, 3) if state == "stream" else None)
     assert [size for _, size in restarts] == [2, 3], restarts

@@ -26,6 +26,8 @@ def test_agreeing_ranks_construct_fine(results):
     ("average_state", ["average_state differs", "ranks [1]: True", "ranks [0, 2]: False"]),
     ("outer_lr", ["outer optimizer differs", "'lr': 0.6", "'lr': 0.7", "ranks [1]"]),
     ("outer_missing", ["outer optimizer differs", "ranks [1]: None", "'nesterov': True"]),
+    ("delay", ["delay differs", "ranks [1]: 2", "ranks [0, 2]: 0"]),
+    ("fragments", ["fragments differs", "ranks [1]: 2", "ranks [0, 2]: 1"]),
 ])
 def test_mismatch_is_reported_on_every_rank(results, case, words):
     messages = [r[case] for r in results]

@@ -25,7 +25,8 @@ def case(name, rank):
     # Options documented (docs/robustness.md) as compared across ranks: rank 1 flips one.
     options = {"overlap": {"overlap": False},
                "compression": {"compression": hvd.Compression.fp16},
-               "average_state": {"average_state": True}}
+               "average_state": {"average_state": True},
+               "delay": {"delay": 2}, "fragments": {"fragments": 2}}
     extra = options.get(name, {}) if differs else {}
     if name == "outer_lr":  # every rank has an outer optimizer; rank 1's learning rate differs
         extra = {"outer": diloco(lr=0.6 if differs else 0.7)}
@@ -69,7 +70,7 @@ def main():
     out = {name: case(name, hvd.rank())
            for name in ["agree", "interval", "shape", "warmup", "schedule_kind", "overlap",
                         "compression", "optimizer", "average_state", "outer_lr",
-                        "outer_missing"]}
+                        "outer_missing", "delay", "fragments"]}
     out["outer_broadcast"] = outer_broadcast(hvd.rank())
     torch.save(out, f"{args.out}/rank{hvd.rank()}.pt")
 

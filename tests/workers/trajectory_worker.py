@@ -10,7 +10,7 @@ after the step that completes that round -- with different step counts per rank 
 point where all ranks can restart together), lr_step
 ([step_size, gamma] for StepLR), broadcast_state (call hvd.broadcast_optimizer_state),
 extra_steps_per_rank (rank r runs r * that many more steps: uneven data), outer (SGD
-keyword arguments of an outer optimizer, outer=), finalize
+keyword arguments of an outer optimizer, outer=), delay and fragments (streaming rounds), finalize
 (train inside ``with opt.local_sgd():``, which ends with finalize()) and model ("mixed":
 common.MixedNet, fp32 + fp16 + bf16 parameters, saved as float32 vectors).
 """
@@ -53,6 +53,7 @@ def build(spec, rank):
                                   overlap=spec.get("overlap", True),
                                   compression=spec.get("compression"),
                                   error_feedback=spec.get("error_feedback", True),
+                                  delay=spec.get("delay", 0), fragments=spec.get("fragments", 1),
                                   **_outer(spec))
     sched = None
     if spec.get("lr_step"):
