@@ -224,7 +224,13 @@ class FusedOuterRules(OuterRules):
 def outer_rules(outer: OuterOptimizer, kernels, whole_set_anchors: Callable[[], Any],
                 fused: bool, inner: Optional[FusedAverageSgd]) -> OuterRules:
     """The write stage's rules for ``outer=``: fused where the compiled kernels are in use
-    (``fused=False`` keeps every round on the unfused reference path)."""
+    (``fused=False`` keeps every round on the unfused reference path).
+
+    LocalSGD passes ``fused=False`` for streaming jobs (``delay=``/``fragments=``): there a
+    training rank takes a delayed round's outer step in Streaming's correction, with torch's
+    ``step()``, while a rank in ``finalize()`` answers the same round through the write stage;
+    both must compute theta0 with the same arithmetic, or finalize() would leave the ranks a few
+    ulps apart (the kernel rounds ``a + alpha * b`` twice where torch's CPU ``add`` fuses it)."""
     if fused and ops.has_extension():
         return FusedOuterRules(outer, kernels, whole_set_anchors, inner)
     return OuterRules(outer, kernels, whole_set_anchors)

@@ -61,7 +61,7 @@ class LocalSGD:
         fused = FusedAverageSgd(opt) if config.fuse_step else None
         outer_rules = fused_outer.outer_rules(
             self.outer, config.kernels, lambda: [a.anchor for a in self.world.whole_set_averagers],
-            config.use_kernels, fused) if self.outer is not None else None
+            config.use_kernels and not config.streaming, fused) if self.outer is not None else None
         self.write_stage = WriteStage(PlainAverage(config.kernels), fused, outer=outer_rules)
         self.policy = NonFinitePolicy(config.nonfinite)
         self.clock = ScheduleClock()
