@@ -8,6 +8,14 @@ below; no torchvision), SGD with momentum 0.9 and weight decay, the allreduce it
   unfused  torch.cat([p.reshape(-1)]) ; flat /= N ; torch._foreach_copy_(params, views) ;
            torch.optim.SGD(foreach=True).step()
 
+The fused outer round (``outer=torch.optim.SGD``, DiLoCo's Nesterov momentum, with the inner
+SGD restart fused in) is measured beside it in the same run, interleaved with the plain fused
+round: ``ops.unflatten_average_outer_sgd_`` reads flat, theta0, the outer buffer, the grad and
+the inner buffer and writes theta0, the outer buffer, the param and the inner buffer: 36 B/elem
+(16 more than avg+step), 44 with the pack. Printed: its time, its fraction of the copy_
+ceiling, and the time ratio outer/plain (bytes alone predict 1.8x for the kernel, 1.57x for
+the round).
+
 With divergence telemetry (``divergence=`` on the fused avg+step: the kernel also reads each
 param before overwriting it, +4 B/elem fp32, so 24 B/elem) the avg+step time is measured
 again in the same run, interleaved with the plain one; the "div ms" column and "+div" ratio.
@@ -65,6 +73,9 @@ FUSED_BYTES = 8 + 20        # the performance model in docs/benchmarks.md
 STEP_DIV_BYTES = 20 + 4     # avg+step with divergence: the old param is read too
 UNFUSED_BYTES_DESIGN = 44   # the performance model in docs/benchmarks.md ("about 44")
 UNFUSED_BYTES_COUNTED = 8 + 8 + 8 + 44
+OUTER_STEP_BYTES = 20 + 16    # + theta0 and the outer buffer, each read and written
+OUTER_ROUND_BYTES = 8 + OUTER_STEP_BYTES
+OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9  # DiLoCo
 
 LR, MOMENTUM, WEIGHT_DECAY, WORLD = 0.1, 0.9, 5e-4, 4
 
@@ -135,6 +146,20 @@ def bench_model(name, device, repeats, gen):
         pack()
         avg_step()
 
+    # the fused outer round: theta0 and the outer momentum buffer besides the params
+    thetas = [p.clone() for p in init]
+    outer_bufs = [torch.zeros_like(p) for p in init]
+
+    def outer_step():
+        ops.unflatten_average_outer_sgd_(
+            flat, params, thetas, outer_bufs, grads, bufs, scale=scale, outer_lr=OUTER_LR,
+            outer_momentum=OUTER_MOMENTUM, outer_nesterov=True, lr=LR, momentum=MOMENTUM,
+            weight_decay=WEIGHT_DECAY)
+
+    def fused_outer():
+        pack()
+        outer_step()
+
     # unfused: what one writes with plain torch
     tparams = [torch.nn.Parameter(p.clone()) for p in init]
     for p, g in zip(tparams, grads):
@@ -165,8 +190,18 @@ def bench_model(name, device, repeats, gen):
         tf.append(median_time(fused, device, max(1, repeats // 3)))
         tu.append(median_time(unfused, device, max(1, repeats // 3)))
     t_fused, t_unfused = min(tf), min(tu)
+    # the fused outer round against the plain fused round (kernel alone, and with the pack),
+    # interleaved
+    tp, to, rp, ro = [], [], [], []
+    for _ in range(3):
+        tp.append(median_time(avg_step, device, max(1, repeats // 3)))
+        to.append(median_time(outer_step, device, max(1, repeats // 3)))
+        rp.append(median_time(fused, device, max(1, repeats // 3)))
+        ro.append(median_time(fused_outer, device, max(1, repeats // 3)))
     return dict(model=name, numel=numel, tensors=len(shapes), t_pack=t_pack, t_step=t_step,
-                t_step_div=t_step_div, t_fused=t_fused, t_unfused=t_unfused)
+                t_step_div=t_step_div, t_fused=t_fused, t_unfused=t_unfused,
+                t_plain_step=min(tp), t_outer_step=min(to), t_plain_round=min(rp),
+                t_outer_round=min(ro))
 
 
 def main():
@@ -198,6 +233,7 @@ def main():
            f"{'unfused ms':>10} {'GB/s':>6} {'%copy':>6} | {'speedup':>7}")
     print(hdr)
     print("-" * len(hdr))
+    outer_rows = []
     for name in args.models.split(","):
         r = bench_model(name, args.device, args.repeats, gen)
         n = r["numel"]
@@ -212,6 +248,24 @@ def main():
               f"{100 * fused_gbs / copy_gbs:5.0f}% | {r['t_unfused'] * 1e3:10.3f} "
               f"{unfused_gbs:6.1f} {100 * unfused_gbs / copy_gbs:5.0f}% | "
               f"{r['t_unfused'] / r['t_fused']:6.2f}x")
+        outer_rows.append(r)
+    print()
+    print(f"fused outer round (outer=SGD lr {OUTER_LR}, momentum {OUTER_MOMENTUM}, Nesterov; inner "
+          f"SGD fused): bytes/elem kernel {OUTER_STEP_BYTES} vs avg+step 20, round "
+          f"{OUTER_ROUND_BYTES} vs {FUSED_BYTES}; %copy = GB/s over the copy_ ceiling")
+    hdr = (f"{'model':9} | {'avg+step ms':>11} {'%copy':>6} | {'outer ms':>8} {'%copy':>6} "
+           f"{'ratio':>6} | {'round ms':>8} {'%copy':>6} | {'outer rnd':>9} {'%copy':>6} {'ratio':>6}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in outer_rows:
+        n = r["numel"]
+        pct = lambda b, t: 100 * b * n / t / 1e9 / copy_gbs  # noqa: E731
+        print(f"{r['model']:9} | {r['t_plain_step'] * 1e3:11.3f} {pct(20, r['t_plain_step']):5.0f}% | "
+              f"{r['t_outer_step'] * 1e3:8.3f} {pct(OUTER_STEP_BYTES, r['t_outer_step']):5.0f}% "
+              f"{r['t_outer_step'] / r['t_plain_step']:5.2f}x | "
+              f"{r['t_plain_round'] * 1e3:8.3f} {pct(FUSED_BYTES, r['t_plain_round']):5.0f}% | "
+              f"{r['t_outer_round'] * 1e3:9.3f} {pct(OUTER_ROUND_BYTES, r['t_outer_round']):5.0f}% "
+              f"{r['t_outer_round'] / r['t_plain_round']:5.2f}x")
 
 
 if __name__ == "__main__":

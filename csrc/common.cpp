@@ -101,8 +101,8 @@ double* check_divergence(const char* op, const at::Tensor& flat,
 void check_sgd(const at::Tensor& flat, at::TensorList params,
                const c10::List<c10::optional<at::Tensor>>& grads,
                const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
-               const c10::List<bool>& first_step, double momentum) {
-  const char* op = "unflatten_average_sgd_";
+               const c10::List<bool>& first_step, double momentum,
+               const char* op = "unflatten_average_sgd_") {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && momentum_buffers.size() == n, op,
                     ": 'params', 'grads' and 'momentum_buffers' must have the same length, got ",
@@ -136,6 +136,42 @@ void check_sgd(const at::Tensor& flat, at::TensorList params,
                       b->sizes(), " but params[", i, "] has ", p.sizes());
     TORCH_CHECK_VALUE(b->is_contiguous(), op, ": momentum_buffers[", i,
                       "] must be contiguous (it is written in place)");
+  }
+}
+
+// The outer part of unflatten_average_outer_sgd_: theta0 and the outer buffers.
+void check_outer(const at::Tensor& flat, at::TensorList params, at::TensorList anchors,
+                 const c10::List<c10::optional<at::Tensor>>& outer_buffers,
+                 const c10::List<bool>& outer_first_step, double outer_momentum) {
+  const char* op = "unflatten_average_outer_sgd_";
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(anchors.size() == n && outer_buffers.size() == n &&
+                        outer_first_step.size() == n,
+                    op, ": 'anchors', 'outer_buffers' and 'outer_first_step' must have one entry "
+                    "per param (", n, "), got ", anchors.size(), ", ", outer_buffers.size(), ", ",
+                    outer_first_step.size());
+  // Each role against flat: its dtype (theta0 and its buffer are the outer optimizer's
+  // tensors, fp32 for fp16/bf16 params), the param's shape, dense (written in place).
+  auto check = [&](const at::Tensor& t, const char* name, size_t i) {
+    TORCH_CHECK_VALUE(t.device() == flat.device(), op, ": ", name, "[", i, "] is on ",
+                      t.device(), " but 'flat' is on ", flat.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == flat.scalar_type(), op, ": ", name, "[", i,
+                     "] has dtype ", t.scalar_type(), " but 'flat' has ", flat.scalar_type(),
+                     " (theta0 and the outer momentum are held in the flat buffer's dtype)");
+    TORCH_CHECK_VALUE(t.sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ",
+                      t.sizes(), " but params[", i, "] has ", params[i].sizes());
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, "[", i,
+                      "] must be contiguous (it is written in place)");
+  };
+  for (size_t i = 0; i < n; ++i) {
+    check(anchors[i], "anchors", i);
+    if (outer_momentum == 0.0) continue;
+    const c10::optional<at::Tensor> b = outer_buffers.get(i);
+    TORCH_CHECK_VALUE(b.has_value() && b->defined(), op,
+                      ": 'outer_buffers' needs a tensor for every param when outer_momentum != 0 "
+                      "(pass outer_first_step=True to initialise it); outer_buffers[", i,
+                      "] is None");
+    check(*b, "outer_buffers", i);
   }
 }
 
@@ -197,6 +233,35 @@ UnflattenCall prepare_unflatten_average_sgd(
     if (has_grad && options.momentum != 0.0) buf = momentum_buffers.get(i)->data_ptr();
     call.segments.push_back({p.data_ptr(), has_grad ? g->const_data_ptr() : nullptr, buf,
                              offsets[i], p.numel(), p.scalar_type(), first_step.get(i)});
+  }
+  return call;
+}
+
+OuterUnflattenCall prepare_unflatten_average_outer_sgd(
+    const at::Tensor& flat, at::TensorList params, at::TensorList anchors,
+    const c10::List<c10::optional<at::Tensor>>& outer_buffers,
+    const c10::List<bool>& outer_first_step,
+    const c10::List<c10::optional<at::Tensor>>& grads,
+    const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
+    const c10::List<bool>& first_step, const SgdOptions& outer, const SgdOptions& inner,
+    const c10::optional<at::Tensor>& divergence, int64_t align) {
+  const char* op = "unflatten_average_outer_sgd_";
+  const auto offsets = check_unflatten(op, flat, params, align);
+  check_outer(flat, params, anchors, outer_buffers, outer_first_step, outer.momentum);
+  check_sgd(flat, params, grads, momentum_buffers, first_step, inner.momentum, op);
+  OuterUnflattenCall call{{}, outer, inner, check_divergence(op, flat, divergence)};
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;
+    const c10::optional<at::Tensor> g = grads.get(i);
+    const bool has_grad = g.has_value() && g->defined();
+    void* buf = nullptr;
+    if (has_grad && inner.momentum != 0.0) buf = momentum_buffers.get(i)->data_ptr();
+    void* outer_buf = outer.momentum != 0.0 ? outer_buffers.get(i)->data_ptr() : nullptr;
+    call.segments.push_back(
+        {{p.data_ptr(), has_grad ? g->const_data_ptr() : nullptr, buf, offsets[i], p.numel(),
+          p.scalar_type(), has_grad && buf != nullptr && first_step.get(i)},
+         anchors[i].data_ptr(), outer_buf, outer_buf != nullptr && outer_first_step.get(i)});
   }
   return call;
 }

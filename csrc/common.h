@@ -73,6 +73,33 @@ UnflattenCall prepare_unflatten_average_sgd(
     const c10::List<bool>& first_step, const SgdOptions& options,
     const c10::optional<at::Tensor>& divergence, int64_t align);
 
+// ---- unflatten_average_outer_sgd_ ---------------------------------------------------------
+
+// One non-empty param of an outer round: the inner part as for unflatten_average_sgd_ (grad
+// nullptr: no inner update), plus theta0 and the outer momentum buffer, both in flat's dtype.
+struct OuterParamSegment {
+  ParamSegment inner;
+  void* anchor;
+  void* outer_buf;  // nullptr when the outer momentum is 0
+  bool outer_first;
+};
+
+struct OuterUnflattenCall {
+  std::vector<OuterParamSegment> segments;  // in flat order
+  SgdOptions outer;                         // outer.scale: the round's scale
+  SgdOptions inner;
+  double* divergence;
+};
+
+OuterUnflattenCall prepare_unflatten_average_outer_sgd(
+    const at::Tensor& flat, at::TensorList params, at::TensorList anchors,
+    const c10::List<c10::optional<at::Tensor>>& outer_buffers,
+    const c10::List<bool>& outer_first_step,
+    const c10::List<c10::optional<at::Tensor>>& grads,
+    const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
+    const c10::List<bool>& first_step, const SgdOptions& outer, const SgdOptions& inner,
+    const c10::optional<at::Tensor>& divergence, int64_t align);
+
 // NOTE: [Divergence] Both unflatten ops take an optional `divergence`, a 1-element float64
 // tensor on flat's device, and add to it sum over all elements of all params of
 // (old param - flat * scale)^2: the squared distance of this rank's model from the average
@@ -90,6 +117,7 @@ UnflattenCall prepare_unflatten_average_sgd(
 // The ops as registered (schemas in ops.cpp) for a device whose `Kernels` has
 //   static void flatten(FlattenCall& call);
 //   static void unflatten(const at::Tensor& flat, UnflattenCall& call);
+//   static void unflatten_outer(const at::Tensor& flat, OuterUnflattenCall& call);
 // (both may consume the call's segments).
 template <typename Kernels>
 struct DeviceOps {
@@ -124,12 +152,33 @@ struct DeviceOps {
     Kernels::unflatten(flat, call);
   }
 
+  static void unflatten_average_outer_sgd(
+      const at::Tensor& flat, at::TensorList params, at::TensorList anchors,
+      const c10::List<c10::optional<at::Tensor>>& outer_buffers,
+      const c10::List<bool>& outer_first_step, const c10::List<c10::optional<at::Tensor>>& grads,
+      const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
+      const c10::List<bool>& first_step, double scale, double outer_lr, double outer_momentum,
+      double outer_dampening, double outer_weight_decay, bool outer_nesterov,
+      bool outer_maximize, double lr, double momentum, double dampening, double weight_decay,
+      bool nesterov, bool maximize, const c10::optional<at::Tensor>& divergence,
+      int64_t align) {
+    OuterUnflattenCall call = prepare_unflatten_average_outer_sgd(
+        flat, params, anchors, outer_buffers, outer_first_step, grads, momentum_buffers,
+        first_step,
+        SgdOptions{scale, outer_lr, outer_momentum, outer_dampening, outer_weight_decay,
+                   outer_nesterov, outer_maximize},
+        SgdOptions{scale, lr, momentum, dampening, weight_decay, nesterov, maximize}, divergence,
+        align);
+    Kernels::unflatten_outer(flat, call);
+  }
+
   // For TORCH_LIBRARY_IMPL(prsgd_hvd, <dispatch key>, m).
   static void register_impls(torch::Library& m) {
     m.impl("flatten", &flatten);
     m.impl("flatten_into", &flatten_into);
     m.impl("unflatten_average_", &unflatten_average);
     m.impl("unflatten_average_sgd_", &unflatten_average_sgd);
+    m.impl("unflatten_average_outer_sgd_", &unflatten_average_outer_sgd);
   }
 };
 

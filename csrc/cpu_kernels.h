@@ -44,6 +44,21 @@ struct SgdSegment {
   bool first;
 };
 
+// unflatten_average_outer_sgd_: one param's segment of an outer round (common.h,
+// OuterUnflattenCall); all contiguous, numel elements.
+struct OuterSegment {
+  const void* flat;  // this segment's first element in flat
+  void* param;
+  void* anchor;      // theta0, flat's dtype: read and written
+  void* outer_buf;   // flat's dtype; nullptr when the outer momentum is 0
+  const void* grad;  // nullptr: no inner update (param = the new theta0)
+  void* buf;         // inner momentum buffer; nullptr unless inner momentum != 0 and a grad
+  int64_t numel;
+  c10::ScalarType param_type;
+  bool outer_first;  // initialise outer_buf instead of reading it
+  bool first;        // the same for buf
+};
+
 #define PRSGD_DECLARE_CPU_KERNELS(NS)                                                      \
   namespace NS {                                                                           \
   void flatten(const std::vector<CastSegment>& segs, c10::ScalarType dst_type);            \
@@ -51,6 +66,10 @@ struct SgdSegment {
   /* *divergence += sum of (old param - average)^2 (NOTE: [Divergence] in common.h).   */ \
   void average_sgd(const std::vector<SgdSegment>& segs, c10::ScalarType flat_type,         \
                    const SgdOptions& o, double* divergence);                               \
+  /* The outer round: `outer` (its scale is the round's) and the `inner` SGD options. */   \
+  void average_outer_sgd(const std::vector<OuterSegment>& segs, c10::ScalarType flat_type, \
+                         const SgdOptions& outer, const SgdOptions& inner,                 \
+                         double* divergence);                                              \
   }
 
 PRSGD_DECLARE_CPU_KERNELS(default_cpu)

@@ -334,6 +334,76 @@ double dispatch_average_sgd(c10::ScalarType flat_type, c10::ScalarType param_typ
   return result;
 }
 
+// ---- unflatten_average_outer_sgd_ ---------------------------------------------------------
+
+// One piece of one param of an outer round (ops_reference.unflatten_average_outer_sgd_):
+// ybar = flat * scale; theta0 <- SGD(theta0, theta0 - ybar) with the outer constants `oc`,
+// written to the anchor (flat_t) and its buffer; then, with a grad, the inner SGD of the new
+// theta0 (`ic`); the param gets the result, rounded once. kDivergence: as average_sgd_piece,
+// the distance of the old param from ybar.
+template <bool kDivergence, typename flat_t, typename param_t>
+double average_outer_sgd_piece(const flat_t* flat, param_t* param, flat_t* anchor,
+                               flat_t* obuf, const param_t* grad, param_t* buf, bool ofirst,
+                               bool first, int64_t n, const SgdOptions& oo,
+                               const SgdOptions& io) {
+  using op_t = opmath_t<param_t>;
+  using Vec = Vectorized<op_t>;
+  const auto ov = SgdConsts<Vec>::template make<op_t>(oo);
+  const auto os = SgdConsts<op_t>::template make<op_t>(oo);
+  const auto iv = SgdConsts<Vec>::template make<op_t>(io);
+  const auto is = SgdConsts<op_t>::template make<op_t>(io);
+  const bool read_obuf = os.has_momentum && !ofirst;
+  const bool read_buf = grad != nullptr && is.has_momentum && !first;
+  const bool write_buf = grad != nullptr && is.has_momentum;
+  [[maybe_unused]] SquareSum<op_t> div;
+  int64_t i = 0;
+  for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
+    Vec y0, y1, t0, t1, ob0, ob1;
+    load2<flat_t>(flat + i, y0, y1);
+    load2<flat_t>(anchor + i, t0, t1);
+    if (read_obuf) load2<flat_t>(obuf + i, ob0, ob1);
+    y0 = y0 * ov.scale;
+    y1 = y1 * ov.scale;
+    if constexpr (kDivergence) {  // the distance is to the average
+      Vec p0, p1;
+      load2<param_t>(param + i, p0, p1);
+      div.add(p0, p1, y0, y1);
+    }
+    t0 = sgd_math(t0, t0 - y0, ob0, ofirst, ov);
+    t1 = sgd_math(t1, t1 - y1, ob1, ofirst, ov);
+    store2<flat_t>(anchor + i, t0, t1);
+    if (os.has_momentum) store2<flat_t>(obuf + i, ob0, ob1);
+    if (grad != nullptr) {
+      Vec g0, g1, b0, b1;
+      load2<param_t>(grad + i, g0, g1);
+      if (read_buf) load2<param_t>(buf + i, b0, b1);
+      t0 = sgd_math(t0, g0, b0, first, iv);
+      t1 = sgd_math(t1, g1, b1, first, iv);
+      if (write_buf) store2<param_t>(buf + i, b0, b1);
+    }
+    store2<param_t>(param + i, t0, t1);
+  }
+  for (; i < n; ++i) {
+    const op_t y = static_cast<op_t>(flat[i]) * os.scale;
+    if constexpr (kDivergence) div.add(static_cast<op_t>(param[i]), y);
+    op_t t = static_cast<op_t>(anchor[i]);
+    op_t ob = read_obuf ? static_cast<op_t>(obuf[i]) : op_t(0);
+    t = sgd_math(t, t - y, ob, ofirst, os);
+    anchor[i] = static_cast<flat_t>(t);
+    if (os.has_momentum) obuf[i] = static_cast<flat_t>(ob);
+    if (grad != nullptr) {
+      op_t b = read_buf ? static_cast<op_t>(buf[i]) : op_t(0);
+      t = sgd_math(t, static_cast<op_t>(grad[i]), b, first, is);
+      if (write_buf) buf[i] = static_cast<param_t>(b);
+    }
+    param[i] = static_cast<param_t>(t);
+  }
+  if constexpr (kDivergence) {
+    return div.sum();
+  } else {
+    return 0.0;
+  }
+}
 
 }  // namespace
 
@@ -371,6 +441,48 @@ void average_sgd(const std::vector<SgdSegment>& segs, c10::ScalarType flat_type,
         static_cast<char*>(g.param) + off,
         g.grad ? static_cast<const char*>(g.grad) + off : nullptr,
         g.buf ? static_cast<char*>(g.buf) + off : nullptr, g.first, n, o);
+  };
+  if (divergence == nullptr) {
+    parallel_segments(offsets, [&](int64_t s, int64_t begin, int64_t n) {
+      piece(std::false_type{}, s, begin, n);
+    });
+  } else {
+    *divergence += parallel_segments_sum(offsets, [&](int64_t s, int64_t begin, int64_t n) {
+      return piece(std::true_type{}, s, begin, n);
+    });
+  }
+}
+
+void average_outer_sgd(const std::vector<OuterSegment>& segs, c10::ScalarType flat_type,
+                       const SgdOptions& outer, const SgdOptions& inner, double* divergence) {
+  std::vector<int64_t> offsets(segs.size() + 1, 0);
+  for (size_t i = 0; i < segs.size(); ++i) offsets[i + 1] = offsets[i] + segs[i].numel;
+  const int64_t flat_size = c10::elementSize(flat_type);
+  auto piece = [&](auto divergence_tag, int64_t s, int64_t begin, int64_t n) {
+    const OuterSegment& g = segs[s];
+    const int64_t off = begin * c10::elementSize(g.param_type);
+    const int64_t flat_off = begin * flat_size;
+    double result = 0.0;
+    dispatch_pair(flat_type, g.param_type, [&](auto flat_tag, auto param_tag) {
+      using flat_t = decltype(flat_tag);
+      using param_t = decltype(param_tag);
+      if constexpr (std::is_same_v<flat_t, param_t> ||
+                    (std::is_same_v<flat_t, float> && is_reduced_v<param_t>)) {
+        result = average_outer_sgd_piece<decltype(divergence_tag)::value, flat_t, param_t>(
+            reinterpret_cast<const flat_t*>(static_cast<const char*>(g.flat) + flat_off),
+            reinterpret_cast<param_t*>(static_cast<char*>(g.param) + off),
+            reinterpret_cast<flat_t*>(static_cast<char*>(g.anchor) + flat_off),
+            g.outer_buf ? reinterpret_cast<flat_t*>(static_cast<char*>(g.outer_buf) + flat_off)
+                        : nullptr,
+            g.grad ? reinterpret_cast<const param_t*>(static_cast<const char*>(g.grad) + off)
+                   : nullptr,
+            g.buf ? reinterpret_cast<param_t*>(static_cast<char*>(g.buf) + off) : nullptr,
+            g.outer_first, g.first, n, outer, inner);
+      } else {
+        TORCH_CHECK(false, "prsgd_hvd: internal error: dtype pair not checked");
+      }
+    });
+    return result;
   };
   if (divergence == nullptr) {
     parallel_segments(offsets, [&](int64_t s, int64_t begin, int64_t n) {

@@ -41,6 +41,14 @@ void run_average_sgd(const std::vector<cpu::SgdSegment>& segs, c10::ScalarType f
   cpu::default_cpu::average_sgd(segs, flat_type, o, divergence);
 }
 
+void run_average_outer_sgd(const std::vector<cpu::OuterSegment>& segs, c10::ScalarType flat_type,
+                           const SgdOptions& outer, const SgdOptions& inner, double* divergence) {
+#if PRSGD_HAVE_AVX2_KERNELS
+  if (use_avx2()) return cpu::avx2::average_outer_sgd(segs, flat_type, outer, inner, divergence);
+#endif
+  cpu::default_cpu::average_outer_sgd(segs, flat_type, outer, inner, divergence);
+}
+
 // The CPU kernels of every op (DeviceOps in common.h): the call's segments as pointers.
 struct CpuKernels {
   static void flatten(FlattenCall& call) {
@@ -66,6 +74,20 @@ struct CpuKernels {
                       s.numel, s.param_type, s.first_step});
     }
     run_average_sgd(segs, flat.scalar_type(), call.options, call.divergence);
+  }
+
+  static void unflatten_outer(const at::Tensor& flat, OuterUnflattenCall& call) {
+    const char* flat_base = static_cast<const char*>(flat.const_data_ptr());
+    const int64_t flat_size = flat.element_size();
+    std::vector<cpu::OuterSegment> segs;
+    segs.reserve(call.segments.size());
+    for (const OuterParamSegment& o : call.segments) {
+      const ParamSegment& s = o.inner;
+      segs.push_back({flat_base + s.flat_offset * flat_size, s.param, o.anchor, o.outer_buf,
+                      s.grad, s.momentum_buf, s.numel, s.param_type, o.outer_first,
+                      s.first_step});
+    }
+    run_average_outer_sgd(segs, flat.scalar_type(), call.outer, call.inner, call.divergence);
   }
 };
 

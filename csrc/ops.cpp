@@ -47,4 +47,16 @@ TORCH_LIBRARY(prsgd_hvd, m) {
       "Tensor(b!)?[] momentum_buffers, bool[] first_step, float scale, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "Tensor(c!)? divergence=None, int align=1) -> ()");
+  // An outer round (outer=torch.optim.SGD): theta0 (`anchors`, flat's dtype) takes SGD's
+  // step on the pseudo-gradient theta0 - flat[segment_i] * scale with the outer_* options
+  // and `outer_buffers`; params[i] = the new theta0, or its inner SGD step where grads[i] is
+  // given (inner options, momentum_buffers). `divergence` as above (old params to the average).
+  m.def(
+      "unflatten_average_outer_sgd_(Tensor flat, Tensor(a!)[] params, Tensor(b!)[] anchors, "
+      "Tensor(c!)?[] outer_buffers, bool[] outer_first_step, Tensor?[] grads, "
+      "Tensor(d!)?[] momentum_buffers, bool[] first_step, float scale, float outer_lr, "
+      "float outer_momentum, float outer_dampening, float outer_weight_decay, "
+      "bool outer_nesterov, bool outer_maximize, float lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, Tensor(e!)? divergence=None, "
+      "int align=1) -> ()");
 }

@@ -92,8 +92,15 @@ struct Segment {
   // Zero elements that follow the segment in `flat` (NOTE: [Segment layout]); flatten writes
   // them, the unflatten ops ignore them. 0 in the packed layout.
   int32_t flat_pad;
+  // unflatten_average_outer_sgd_ only (nullptr / 0 for every other op): theta0, in flat's
+  // dtype (read and written); the outer momentum buffer (flat's dtype; read unless
+  // outer_first_step, written), nullptr when the outer momentum is 0.
+  void* anchor;
+  void* outer_buf;
+  int32_t outer_first_step;
+  int32_t reserved;  // 0: no padding bytes, so that tables compare with memcmp
 };
-static_assert(sizeof(Segment) == 56, "Segment must have no padding");
+static_assert(sizeof(Segment) == 80, "Segment must have no padding");
 
 inline int64_t chunks_of(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
 
@@ -121,6 +128,19 @@ struct SegmentGroup {
     s.flat_pad = static_cast<int32_t>(pad);
     segments.push_back(s);
     chunks += chunks_of(numel);
+  }
+
+  // A param of an outer round: add()'s fields (grad nullptr: no inner update) plus theta0 and
+  // the outer buffer; outer_first_step normalised like first_step.
+  void add_outer(void* param, const void* grad, void* momentum_buf, void* anchor,
+                 void* outer_buf, int64_t flat_offset, int64_t numel, bool first_step,
+                 bool outer_first_step) {
+    if (numel == 0) return;
+    add(param, grad, momentum_buf, flat_offset, numel, 0, first_step);
+    Segment& s = segments.back();
+    s.anchor = anchor;
+    s.outer_buf = outer_buf;
+    s.outer_first_step = (outer_buf != nullptr && outer_first_step) ? 1 : 0;
   }
 };
 

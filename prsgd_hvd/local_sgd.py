@@ -27,14 +27,14 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import agreement, checkpoint, telemetry
+from . import agreement, checkpoint, fused_outer, telemetry
 from .averaging import Averager, PendingRound, Round, RoundId
 from .clock import ScheduleClock
 from .config import LocalSGDConfig
 from .fused_sgd import FusedAverageSgd
 from .join import JoinProtocol
 from .nonfinite import NonFinitePolicy
-from .outer import OuterOptimizer, OuterRules
+from .outer import OuterOptimizer
 from .overlap import Prestarts
 from .round_contents import RoundContents
 from .round_stage import RoundStage
@@ -54,16 +54,15 @@ class LocalSGD:
         self.planner = config.planner()
         self.contents = RoundContents(opt, config.model, config.average_state)
         # outer=F: theta0 and the outer optimizer (prsgd_hvd.outer), built and checked here,
-        # before the wrapper changes anything. Its rounds are unfused: no fused SGD rule.
+        # before the wrapper changes anything. Its rounds over the whole set are the outer
+        # rules' (fused for torch.optim.SGD: prsgd_hvd.fused_outer), the others' the usual.
         self.outer = OuterOptimizer(config.outer, self.contents.params()) \
             if config.outer is not None else None
-        outer_rules = OuterRules(self.outer, config.kernels,
-                                 lambda: [a.anchor for a in self.world.whole_set_averagers]) \
-            if self.outer is not None else None
-        self.write_stage = WriteStage(
-            PlainAverage(config.kernels),
-            FusedAverageSgd(opt) if config.fuse_step and self.outer is None else None,
-            outer=outer_rules)
+        fused = FusedAverageSgd(opt) if config.fuse_step else None
+        outer_rules = fused_outer.outer_rules(
+            self.outer, config.kernels, lambda: [a.anchor for a in self.world.whole_set_averagers],
+            config.use_kernels and not config.streaming, fused) if self.outer is not None else None
+        self.write_stage = WriteStage(PlainAverage(config.kernels), fused, outer=outer_rules)
         self.policy = NonFinitePolicy(config.nonfinite)
         self.clock = ScheduleClock()
         self.world = World(process_set, self.planner, config, self._describe_params,

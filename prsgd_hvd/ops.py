@@ -1,6 +1,7 @@
 """The fused averaging kernels, with their pure-torch references beside them.
 
-``flatten``, ``unflatten_average_`` and ``unflatten_average_sgd_`` dispatch to the compiled
+``flatten``, ``unflatten_average_``, ``unflatten_average_sgd_`` and
+``unflatten_average_outer_sgd_`` dispatch to the compiled
 extension (``prsgd_hvd._C``, CPU and, where built, CUDA) when it is loaded, and to
 :mod:`prsgd_hvd.ops_reference` otherwise. ``has_extension()`` says which. The semantics are the
 reference's; see its docstrings.
@@ -14,7 +15,7 @@ import torch
 from . import ops_reference as _reference
 
 __all__ = ["has_extension", "extension_error", "segment_layout", "flatten", "unflatten_average_",
-           "unflatten_average_sgd_", "PADDED"]
+           "unflatten_average_sgd_", "unflatten_average_outer_sgd_", "PADDED"]
 
 # NOTE: [Segment layout] (csrc/segment_table.h). Every op takes `align` (bytes): 1, the default,
 # packs the segments back to back; PADDED (16) starts every segment on a 16-byte boundary, which
@@ -67,6 +68,19 @@ if _C is not None:
                                     momentum, dampening, weight_decay, nesterov, maximize,
                                     divergence=None, align=1):
         _check_devices("unflatten_average_sgd_", "flat", flat.device, params=params, grads=grads,
+                       momentum_buffers=momentum_buffers, divergence=[divergence])
+
+
+if _C is not None:
+    @torch.library.register_fake("prsgd_hvd::unflatten_average_outer_sgd_")
+    def _unflatten_average_outer_sgd_fake(flat, params, anchors, outer_buffers, outer_first_step,
+                                          grads, momentum_buffers, first_step, scale, outer_lr,
+                                          outer_momentum, outer_dampening, outer_weight_decay,
+                                          outer_nesterov, outer_maximize, lr, momentum,
+                                          dampening, weight_decay, nesterov, maximize,
+                                          divergence=None, align=1):
+        _check_devices("unflatten_average_outer_sgd_", "flat", flat.device, params=params,
+                       anchors=anchors, outer_buffers=outer_buffers, grads=grads,
                        momentum_buffers=momentum_buffers, divergence=[divergence])
 
 
@@ -157,3 +171,65 @@ def unflatten_average_sgd_(
             flat, params, list(grads), list(momentum_buffers), firsts, float(scale), float(lr),
             float(momentum), float(dampening), float(weight_decay), bool(nesterov),
             bool(maximize), divergence, int(align))
+
+
+def _flags(name: str, value: Union[bool, Sequence[bool]], n: int):
+    if isinstance(value, bool):
+        return [value] * n
+    flags = [bool(f) for f in value]
+    if len(flags) != n:
+        raise ValueError(f"'{name}' must be a bool or have one entry per param ({n}), got {len(flags)}")
+    return flags
+
+
+def unflatten_average_outer_sgd_(
+    flat: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    outer_buffers: Sequence[Optional[torch.Tensor]],
+    grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    momentum_buffers: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    *,
+    scale: float,
+    outer_lr: float,
+    outer_momentum: float = 0.0,
+    outer_dampening: float = 0.0,
+    outer_weight_decay: float = 0.0,
+    outer_nesterov: bool = False,
+    outer_maximize: bool = False,
+    outer_first_step: Union[bool, Sequence[bool]] = False,
+    lr: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: Union[bool, Sequence[bool]] = False,
+    divergence: Optional[torch.Tensor] = None,
+    align: int = 1,
+) -> None:
+    """One pass of an outer round (``outer=torch.optim.SGD``): average, the outer SGD step of
+    theta0 (``anchors``) on the pseudo-gradient ``theta0 - average``, and the params set to
+    the new theta0 or, with ``grads``, to its inner SGD step. Semantics: the reference's
+    (:func:`prsgd_hvd.ops_reference.unflatten_average_outer_sgd_`)."""
+    n = len(params)
+    grads = [None] * n if grads is None else list(grads)
+    momentum_buffers = [None] * n if momentum_buffers is None else list(momentum_buffers)
+    kw = dict(scale=scale, outer_lr=outer_lr, outer_momentum=outer_momentum,
+              outer_dampening=outer_dampening, outer_weight_decay=outer_weight_decay,
+              outer_nesterov=outer_nesterov, outer_maximize=outer_maximize, lr=lr,
+              momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize)
+    if _C is None or not all(_dense(ts) for ts in (params, anchors, outer_buffers, grads,
+                                                      momentum_buffers)):
+        return _reference.unflatten_average_outer_sgd_(
+            flat, params, anchors, outer_buffers, grads, momentum_buffers,
+            outer_first_step=outer_first_step, first_step=first_step, divergence=divergence,
+            align=align, **kw)
+    with torch.no_grad():
+        torch.ops.prsgd_hvd.unflatten_average_outer_sgd_(
+            flat, list(params), list(anchors), list(outer_buffers),
+            _flags("outer_first_step", outer_first_step, n), grads, momentum_buffers,
+            _flags("first_step", first_step, n), *(float(kw[k]) if not isinstance(kw[k], bool)
+                                                   else kw[k] for k in kw),
+            divergence, int(align))

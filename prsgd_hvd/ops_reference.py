@@ -10,7 +10,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["segment_layout", "flatten", "unflatten_average_", "unflatten_average_sgd_"]
+__all__ = ["segment_layout", "flatten", "unflatten_average_", "unflatten_average_sgd_",
+           "unflatten_average_outer_sgd_"]
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -175,6 +176,118 @@ def unflatten_average_sgd_(
                 buf.copy_(b)
                 d = d + momentum * b if nesterov else b
             x = x - lr * d
+        p.copy_(x)
+    if divergence is not None:
+        divergence.add_(total.reshape(divergence.shape))
+
+
+def _sgd_math(x: torch.Tensor, g: torch.Tensor, buf: Optional[torch.Tensor], first: bool, *,
+              lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+              maximize: bool) -> torch.Tensor:
+    """``torch.optim.SGD``'s update of ``x`` (opmath) by the gradient ``g`` (opmath), in the
+    operation order of :func:`unflatten_average_sgd_`; ``buf`` (any float dtype) is read
+    unless ``first`` and written when momentum is on. Returns the new x (opmath)."""
+    d = -g if maximize else g
+    if weight_decay != 0:
+        d = d + weight_decay * x
+    if momentum != 0:
+        b = d.clone() if first else buf.to(x.dtype) * momentum + (1 - dampening) * d
+        buf.copy_(b)
+        d = d + momentum * b if nesterov else b
+    return x - lr * d
+
+
+def _per_param(name: str, values, n: int) -> List:
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"'{name}' must have one entry per param ({n}), got {len(values)}")
+    return values
+
+
+def unflatten_average_outer_sgd_(
+    flat: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    outer_buffers: Sequence[Optional[torch.Tensor]],
+    grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    momentum_buffers: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    *,
+    scale: float,
+    outer_lr: float,
+    outer_momentum: float = 0.0,
+    outer_dampening: float = 0.0,
+    outer_weight_decay: float = 0.0,
+    outer_nesterov: bool = False,
+    outer_maximize: bool = False,
+    outer_first_step: Union[bool, Sequence[bool]] = False,
+    lr: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: Union[bool, Sequence[bool]] = False,
+    divergence: Optional[torch.Tensor] = None,
+    align: int = 1,
+) -> None:
+    """An outer round (``outer=torch.optim.SGD(...)``, prsgd_hvd.fused_outer) in one pass, per
+    tensor:
+
+        ybar        = flat[segment_i] * scale                  the average of the ranks
+        g           = anchors[i] - ybar                        the pseudo-gradient
+        anchors[i]  = torch.optim.SGD's update of the anchor theta0 by g with the outer_*
+                      hyper-parameters; outer_buffers[i] is its momentum buffer (initialised
+                      to the decayed g where outer_first_step, as SGD does when it creates it)
+        params[i]   = anchors[i], or, with grads[i], torch.optim.SGD's update of it by grads[i]
+                      with the inner hyper-parameters and momentum_buffers[i] (Algorithm 1's
+                      restart x = theta0' - lr * G); rounded once to the param's dtype.
+
+    ``anchors`` and ``outer_buffers`` have ``flat``'s dtype (fp32 for fp16/bf16 params: the
+    outer optimizer's tensors); with ``outer_momentum == 0`` the buffers are not used (None is
+    fine). ``grads``/``momentum_buffers``/``first_step``: as in :func:`unflatten_average_sgd_`
+    (None: no inner update anywhere). Arithmetic in opmath (fp32; fp64 for fp64), rounded when
+    stored. ``divergence``: as in :func:`unflatten_average_`, the distance of the params before
+    this call from the average ybar.
+    """
+    n = len(params)
+    anchors = _per_param("anchors", anchors, n)
+    outer_buffers = _per_param("outer_buffers", outer_buffers, n)
+    grads = [None] * n if grads is None else _per_param("grads", grads, n)
+    momentum_buffers = [None] * n if momentum_buffers is None else \
+        _per_param("momentum_buffers", momentum_buffers, n)
+    ofirsts = [bool(outer_first_step)] * n if isinstance(outer_first_step, bool) else \
+        [bool(f) for f in _per_param("outer_first_step", outer_first_step, n)]
+    firsts = [bool(first_step)] * n if isinstance(first_step, bool) else \
+        [bool(f) for f in _per_param("first_step", first_step, n)]
+    _check_divergence("unflatten_average_outer_sgd_", flat, divergence)
+    for i, (p, a) in enumerate(zip(params, anchors)):
+        if a.dtype != flat.dtype or a.shape != p.shape:
+            raise ValueError(f"unflatten_average_outer_sgd_: anchors[{i}] must have flat's dtype "
+                             f"({flat.dtype}) and params[{i}]'s shape {tuple(p.shape)}, got "
+                             f"{a.dtype} {tuple(a.shape)}")
+        if outer_momentum != 0 and outer_buffers[i] is None:
+            raise ValueError("unflatten_average_outer_sgd_: 'outer_buffers' needs a tensor for "
+                             "every param when outer_momentum != 0 (pass outer_first_step=True "
+                             "to initialise it)")
+        if momentum != 0 and grads[i] is not None and momentum_buffers[i] is None:
+            raise ValueError("unflatten_average_outer_sgd_: 'momentum_buffers' needs a tensor "
+                             "for every param with a grad when momentum != 0")
+    outer = dict(lr=outer_lr, momentum=outer_momentum, dampening=outer_dampening,
+                 weight_decay=outer_weight_decay, nesterov=outer_nesterov,
+                 maximize=outer_maximize)
+    inner = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                 nesterov=nesterov, maximize=maximize)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for p, a, ob, of, g, b, f, seg in zip(params, anchors, outer_buffers, ofirsts, grads,
+                                          momentum_buffers, firsts, _segments(flat, params, align)):
+        op = _opmath(p.dtype)
+        ybar = seg.to(op) * scale
+        if divergence is not None:
+            total += _squared_distance(p, ybar)
+        theta = a.to(op)
+        theta = _sgd_math(theta, theta - ybar, ob, of, **outer)
+        a.copy_(theta)
+        x = theta if g is None else _sgd_math(theta, g.to(op), b, f, **inner)
         p.copy_(x)
     if divergence is not None:
         divergence.add_(total.reshape(divergence.shape))

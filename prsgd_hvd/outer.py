@@ -271,3 +271,8 @@ class OuterRules:
 
     def covers(self, rnd: Round) -> bool:
         return any(rnd.anchor is a for a in self.whole_set_anchors())
+
+    def rule_for(self, rnd: Round, update_follows: bool) -> UpdateRule:
+        """The rule of an outer (non-warm-up) round; prsgd_hvd.fused_outer's FusedOuterRules
+        gives the fused one where it applies."""
+        return self.step_rule

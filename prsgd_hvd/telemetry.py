@@ -19,6 +19,10 @@ def stats(ls: "LocalSGD") -> Dict[str, Any]:
         # write-back pass: the quantity the paper's lemma bounds by 4 gamma^2 I^2 G^2.
         "divergence": ls.divergence,
         "fused": ls.write_stage.fused is not None,
+        # outer=torch.optim.SGD: the outer rounds the fused kernel wrote (prsgd_hvd.fused_outer),
+        # and of those, the ones where it applied the inner SGD update too.
+        "fused_outer_rounds": getattr(ls.write_stage.outer, "fused_rounds", 0),
+        "fused_outer_updates": getattr(ls.write_stage.outer, "fused_updates", 0),
         "overlap": ls.overlap,
         "compression": ls.config.compression,
         "excluded": [dict(e) for e in ls.policy.excluded],

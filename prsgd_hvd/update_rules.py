@@ -77,8 +77,9 @@ class WriteStage:
 
     def __init__(self, average: UpdateRule, fused: Optional[UpdateRule] = None, outer=None):
         # outer: prsgd_hvd.outer.OuterRules (outer=F); it takes every round over the whole
-        # process set -- warm-up rounds as plain averages theta0 follows -- and the fused
-        # rule is then never given (LocalSGD passes none: the outer step must not be bypassed).
+        # process set -- warm-up rounds as plain averages theta0 follows, the others with its
+        # rule_for() (prsgd_hvd.fused_outer: the fused outer round, with the inner update when
+        # it follows) -- before the fused rule is asked: the outer step is never bypassed.
         self.average, self.fused, self.outer = average, fused, outer
 
     @property
@@ -89,7 +90,7 @@ class WriteStage:
                plan: Optional[StepPlan] = None) -> UpdateRule:
         if self.outer is not None and self.outer.covers(rnd):
             return self.outer.follow_rule if plan is not None and plan.warmup \
-                else self.outer.step_rule
+                else self.outer.rule_for(rnd, update_follows)
         if update_follows and self.fused is not None and self.fused.applies(rnd):
             return self.fused
         return self.average

@@ -6,7 +6,7 @@
 For every instantiation of multi_segment_kernel<Functor, U>:
   - vector loops: at least as many 128-bit global stores (STG.E.128) as 16-byte words the
     functor's vector loops write (flatten: the flat words; average: the param words; SGD: param
-    and momentum-buffer words), and as many 128-bit global loads as they read (NOTE: [Vector
+    and momentum-buffer words; the outer round: theta0, outer buffer, param, inner buffer), and as many 128-bit global loads as they read (NOTE: [Vector
     access] in kernels.cu): per vector step, times U + 1 when U > 1 (the unrolled loop of U
     steps and the single-step loop after it, NOTE: [Unroll]);
   - U is the functor's own count (unroll_for in kernels.cu, recomputed here) except for the
@@ -104,6 +104,17 @@ def main(cubin):
             tunable = src == dst == "float"
             if src == dst and re.search(r"\bF2F|\bF2FP|\bHADD2\.F32|\bPRMT\b.*0x7632", text):
                 failures.append(f"{short}: same-dtype flatten converts (expected a bit copy)")
+        elif "OuterFunctor<" in name:
+            # The outer round: flat, theta0 and its buffer (flat dtype), then old param, grad and
+            # inner buffer (param dtype) in; theta0, its buffer, param and inner buffer out; one
+            # word of the narrower type per step (kILP of OuterFunctor, no floor of 4).
+            m = re.search(r"OuterFunctor<([\w ]+), ([\w ]+), (true|false)>", name)
+            flat, param, div = m.group(1).strip(), m.group(2).strip(), m.group(3) == "true"
+            ilp = 16 // min(SIZES[flat], SIZES[param])
+            need_st = words(flat, ilp) * 2 + words(param, ilp) * 2
+            need_ld = words(flat, ilp) * 3 + words(param, ilp) * (2 + div)
+            own = unroll_for(words(flat, ilp) * 5 + words(param, ilp) * (4 + div))
+            tunable = False
         else:
             m = re.search(r"AverageFunctor<([\w ]+), ([\w ]+), (true|false), (true|false)>", name)
             if not m:

@@ -306,14 +306,15 @@ if [[ "$MODE" == dry ]]; then
   skip "CUDA op tests" "no GPU (dry run)"
 else
   CAP=180 step "CUDA op tests, launch configurations, stream race, graph capture" \
-    "${PYTEST[@]}" tests/test_ops.py -k "$CUDA_TESTS" -ra
+    "${PYTEST[@]}" tests/test_ops.py tests/test_ops_outer.py -k "$CUDA_TESTS" -ra
 fi
 
 # ---- 7. compute-sanitizer (it slows kernels 10-100x: a subset) ---------------------------------
-SAN_MEMCHECK="cuda and (test_flatten_padded or test_unflatten_padded or big_and_many or mixed_dtypes or launch_configs)"
+SAN_MEMCHECK="cuda and (test_flatten_padded or test_unflatten_padded or big_and_many or mixed_dtypes or launch_configs or (test_divergence_and_packed_layout and float32-float16))"
 # racecheck is 10x slower than memcheck: the kernels with shared memory (divergence sums) in the
 # default launch configuration; memcheck covers every configuration.
-SAN_RACECHECK="cuda and (test_divergence or test_unflatten_padded)"
+# (test_ops_outer.py's test_divergence_and_packed_layout: the outer round's block sums, one pair.)
+SAN_RACECHECK="cuda and ((test_divergence and not packed_layout) or test_unflatten_padded or (test_divergence_and_packed_layout and float32-float16))"
 if [[ "$MODE" == dry ]]; then
   step "sanitizer test selections are not empty (collect only)" bash -c \
     "'$PY' -m pytest -q -p no:cacheprovider --collect-only tests/test_ops.py -k '$SAN_MEMCHECK' | grep -q '::' && \
@@ -323,9 +324,9 @@ elif [[ -z "$SANITIZER" ]]; then
   skip "compute-sanitizer" "not found under $CUDA_HOME"
 else
   CAP=120 step "compute-sanitizer memcheck" "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no \
-    "${PYTEST[@]}" tests/test_ops.py -k "$SAN_MEMCHECK"
+    "${PYTEST[@]}" tests/test_ops.py tests/test_ops_outer.py -k "$SAN_MEMCHECK"
   CAP=150 step "compute-sanitizer racecheck" "$SANITIZER" --tool racecheck --error-exitcode 1 \
-    "${PYTEST[@]}" tests/test_ops.py -k "$SAN_RACECHECK"
+    "${PYTEST[@]}" tests/test_ops.py tests/test_ops_outer.py -k "$SAN_RACECHECK"
 fi
 
 # ---- 8. the trajectories with the model on the GPU -------------------------------------------

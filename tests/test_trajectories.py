@@ -112,6 +112,10 @@ HETEROGENEOUS = {
 }
 for i, s in enumerate(SCENARIOS + HETEROGENEOUS[3] + HETEROGENEOUS[4]):
     s["seed"] = 1234 + i
+# outer_sgd_momentum_i3 on the unfused path (OuterStep, the reference kernels), same seed: the
+# scenario itself takes the fused outer kernel (test_outer_rounds_take_the_fused_kernel).
+SCENARIOS.append(dict(next(s for s in SCENARIOS if s["name"] == "outer_sgd_momentum_i3"),
+                      name="outer_sgd_momentum_i3_reference_path", fused=False))
 
 # fp32 + fp16 + bf16 parameters in one SGD (workers/common.py MixedNet: several buckets, odd
 # sizes, tensors past a kernel chunk), held to tests/reference_mixed.py, which models where
@@ -273,6 +277,28 @@ def test_outer_moves_the_delta_anchor_to_theta0(np):
     for res in results_for(np):
         gap = res["outer_fp16_i2_finalize"]["anchor_gap"]
         assert gap is not None and gap == 0.0, gap
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_outer_rounds_take_the_fused_kernel(np):
+    """The outer scenarios above pass with the fused outer rule writing their rounds (with the
+    inner SGD update fused in where Algorithm 1 puts it after the round), and fused=False
+    keeps them on the unfused one: stats() counts the rounds the fused rule wrote."""
+    for res in results_for(np):
+        assert res["outer_sgd_momentum_i3"]["extension"], "the compiled kernels did not load"
+        s = res["outer_sgd_momentum_i3"]["stats"]
+        assert (s["rounds"], s["fused_outer_rounds"], s["fused_outer_updates"]) == (3, 3, 3)
+        s = res["outer_sgd_momentum_i3_reference_path"]["stats"]
+        assert (s["rounds"], s["fused_outer_rounds"]) == (3, 0)
+        torch.testing.assert_close(res["outer_sgd_momentum_i3"]["final"],
+                                   res["outer_sgd_momentum_i3_reference_path"]["final"],
+                                   rtol=1e-5, atol=1e-6)
+        # 16-bit deltas: 5 scheduled rounds with the update, finalize()'s without
+        s = res["outer_fp16_i2_finalize"]["stats"]
+        assert (s["rounds"], s["fused_outer_rounds"], s["fused_outer_updates"]) == (6, 6, 5)
+        # inner Adam: warm-up rounds are plain averages, the outer ones fused without an update
+        s = res["outer_adam_warmup2_i3_finalize"]["stats"]
+        assert s["fused_outer_rounds"] == s["rounds"] - 2 > 0 and s["fused_outer_updates"] == 0
 
 
 def test_outer_rounds_differ_from_plain_averaging():

@@ -229,6 +229,36 @@ struct CudaKernels {
                         stream.stream());
                   });
   }
+
+  // The outer round: the same grouping (by param dtype) and divergence scratch as unflatten.
+  static void unflatten_outer(const at::Tensor& flat, OuterUnflattenCall& call) {
+    const c10::cuda::CUDAGuard guard(flat.device());
+    SegmentGroups groups;
+    for (const OuterParamSegment& o : call.segments) {
+      const ParamSegment& s = o.inner;
+      groups[static_cast<size_t>(to_dtype(s.param_type))].add_outer(
+          s.param, s.grad, s.momentum_buf, o.anchor, o.outer_buf, s.flat_offset, s.numel,
+          s.first_step, o.outer_first);
+    }
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor block_sums;
+    if (call.divergence != nullptr) {
+      int64_t scratch = 0;
+      for (const SegmentGroup& g : groups) {
+        scratch = std::max(scratch, cuda::divergence_scratch_size(g.chunks));
+      }
+      if (scratch == 0) return;  // no elements: nothing to add or write
+      block_sums = at::empty({scratch}, flat.options().dtype(at::kDouble));
+    }
+    double* sums = call.divergence != nullptr ? block_sums.data_ptr<double>() : nullptr;
+    launch_groups(groups, flat.device().index(), stream,
+                  [&](DType param, const Segment* table, int32_t n, int64_t chunks) {
+                    return cuda::launch_unflatten_average_outer(
+                        to_dtype(flat.scalar_type()), param, table, n, chunks,
+                        flat.const_data_ptr(), call.outer, call.inner, call.divergence, sums,
+                        stream.stream());
+                  });
+  }
 };
 
 }  // namespace

@@ -14,7 +14,10 @@
 //   unflatten_average_:       flat (read, the allreduced sum)   -> tensor = param (written)
 //   unflatten_average_sgd_:   flat (read), grad (read, may be absent), momentum_buf (read
 //                             unless first_step, written when momentum != 0) -> param (written)
-//   both unflatten ops, with divergence: param is also read just before it is written, and
+//   unflatten_average_outer_sgd_: flat (read), anchor = theta0 (read, written), outer_buf (read
+//                             unless outer_first_step, written when the outer momentum != 0),
+//                             grad / momentum_buf as unflatten_average_sgd_ -> param (written)
+//   the unflatten ops, with divergence: param is also read just before it is written, and
 //                             (old - average)^2 summed into per-block float64 sums
 //                             (NOTE: [Divergence] in csrc/common.h)
 //
@@ -422,6 +425,147 @@ struct AverageFunctor {
   }
 };
 
+// The outer round (ops_reference.unflatten_average_outer_sgd_): theta0 (`a`, flat_t) takes the
+// outer SGD step on theta0 - average, then the param is the new theta0 or its inner SGD step.
+// Whether a segment has an inner grad, and which buffers are read, are per segment at run time
+// (a round mixes them), so the only compile-time flag is kDivergence.
+template <typename flat_t, typename param_t, bool kDivergence>
+struct OuterFunctor {
+  static constexpr bool kReduces = kDivergence;
+  using op_t = opmath_t<param_t>;
+  // One 16-byte word of the narrower type per step, without the other functors' floor of 4
+  // elements (kMinILP): fp64 at 4 holds six 2-word streams live at once and spills.
+  static constexpr int kILP = int(16 / (sizeof(flat_t) < sizeof(param_t) ? sizeof(flat_t)
+                                                                         : sizeof(param_t)));
+  // Words a thread moves per vector step: flat, anchor, outer buffer in, anchor and outer
+  // buffer out; (old param), grad, inner buffer in, param and inner buffer out.
+  static constexpr int kUnroll = unroll_for(kWordsOf<flat_t, kILP> * 5 +
+                                            kWordsOf<param_t, kILP> * (4 + (kDivergence ? 1 : 0)));
+  static constexpr bool kTunable = false;
+  const flat_t* flat;
+  SgdConsts<op_t> outer, inner;
+  double* block_sums;  // kDivergence only
+
+  // Pointers of one task, offset to its start; null where the segment has no such tensor.
+  struct Task {
+    const flat_t* f;
+    flat_t* a;
+    flat_t* ob;
+    param_t* p;
+    const param_t* g;
+    param_t* b;
+    bool ofirst, first, read_obuf, read_buf;
+  };
+
+  // U block-wide vector steps from element i: every load first (NOTE: [Unroll]), then the
+  // arithmetic, then the stores.
+  template <int U>
+  __device__ __forceinline__ void vector_steps(const Task& t, int64_t i, int64_t stride,
+                                               double& acc) const {
+    flat_t fr[U][kILP], ar[U][kILP], obr[U][kILP];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      load_raw(fr[u], t.f, i + u * stride);
+      load_raw(ar[u], t.a, i + u * stride);
+      if (t.read_obuf) {
+        load_raw(obr[u], t.ob, i + u * stride);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kILP; ++k) obr[u][k] = flat_t{};
+      }
+    }
+    param_t old[kDivergence ? U : 1][kILP];
+    if constexpr (kDivergence) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) load_raw(old[u], t.p, i + u * stride);
+    }
+    param_t gr[U][kILP], br[U][kILP];
+    if (t.g != nullptr) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        load_raw(gr[u], t.g, i + u * stride);
+        if (t.read_buf) {
+          load_raw(br[u], t.b, i + u * stride);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kILP; ++k) br[u][k] = param_t{};
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      op_t x[kILP], obv[kILP];
+#pragma unroll
+      for (int k = 0; k < kILP; ++k) {
+        const op_t y = mul(to_op(fr[u][k]), outer.scale);
+        if constexpr (kDivergence) add_square(acc, to_op(old[u][k]), y);
+        const op_t theta = to_op(ar[u][k]);
+        obv[k] = to_op(obr[u][k]);  // 0 unless read (sgd_math ignores it on a first step)
+        x[k] = sgd_math(theta, sub(theta, y), obv[k], t.ofirst, outer);
+      }
+      store_pack(t.a, i + u * stride, x);
+      if (t.ob) store_pack(t.ob, i + u * stride, obv);
+      if (t.g != nullptr) {
+        op_t bv[kILP];
+#pragma unroll
+        for (int k = 0; k < kILP; ++k) {
+          bv[k] = to_op(br[u][k]);
+          x[k] = sgd_math(x[k], to_op(gr[u][k]), bv[k], t.first, inner);
+        }
+        if (t.b) store_pack(t.b, i + u * stride, bv);
+      }
+      store_pack(t.p, i + u * stride, x);
+    }
+  }
+
+  template <int U>
+  __device__ __forceinline__ void run(const Segment& s, int64_t start, int64_t len,
+                                      double& acc) const {
+    Task t;
+    t.f = assume_global(flat + s.flat_offset + start);
+    t.a = assume_global(static_cast<flat_t*>(s.anchor) + start);
+    // Offsets are applied only to pointers that are set (null + start is undefined behaviour).
+    t.ob = (outer.has_momentum && s.outer_buf) ? static_cast<flat_t*>(s.outer_buf) + start
+                                                : nullptr;
+    t.p = assume_global(static_cast<param_t*>(s.tensor) + start);
+    t.g = s.grad ? static_cast<const param_t*>(s.grad) + start : nullptr;
+    t.b = (t.g && inner.has_momentum && s.momentum_buf)
+              ? static_cast<param_t*>(s.momentum_buf) + start
+              : nullptr;
+    t.ofirst = s.outer_first_step != 0;
+    t.first = s.first_step != 0;
+    t.read_obuf = t.ob != nullptr && !t.ofirst;
+    t.read_buf = t.b != nullptr && !t.first;
+    const bool aligned = is_word_aligned(t.f) && is_word_aligned(t.a) && is_word_aligned(t.p) &&
+                         (t.ob == nullptr || is_word_aligned(t.ob)) &&
+                         (t.g == nullptr || is_word_aligned(t.g)) &&
+                         (t.b == nullptr || is_word_aligned(t.b));
+    const int64_t n_vec = aligned ? len / kILP * kILP : 0;
+    const int64_t stride = int64_t(blockDim.x) * kILP;
+    int64_t i = int64_t(threadIdx.x) * kILP;
+    if constexpr (U > 1) {
+      for (; i + (U - 1) * stride < n_vec; i += U * stride) vector_steps<U>(t, i, stride, acc);
+    }
+    for (; i < n_vec; i += stride) vector_steps<1>(t, i, stride, acc);
+    for (int64_t i = n_vec + threadIdx.x; i < len; i += blockDim.x) {
+      const op_t y = mul(to_op(t.f[i]), outer.scale);
+      if constexpr (kDivergence) add_square(acc, to_op(t.p[i]), y);
+      op_t theta = to_op(t.a[i]);
+      // ob, g and b were null-checked, so assumed global only here (the phi forgets it)
+      op_t obv = t.read_obuf ? to_op(assume_global(t.ob)[i]) : op_t(0);
+      theta = sgd_math(theta, sub(theta, y), obv, t.ofirst, outer);
+      t.a[i] = from_op<flat_t>(theta);
+      if (t.ob) assume_global(t.ob)[i] = from_op<flat_t>(obv);
+      if (t.g != nullptr) {
+        op_t bv = t.read_buf ? to_op(assume_global(t.b)[i]) : op_t(0);
+        theta = sgd_math(theta, to_op(assume_global(t.g)[i]), bv, t.first, inner);
+        if (t.b) assume_global(t.b)[i] = from_op<param_t>(bv);
+      }
+      t.p[i] = from_op<param_t>(theta);
+    }
+  }
+};
+
 // ---- the kernel --------------------------------------------------------------------------
 
 // Index of the last segment whose chunk_begin <= chunk. Segments are in chunk order and each has
@@ -681,6 +825,41 @@ cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const 
           err = sgd ? run(yes{}, no{}) : run(no{}, no{});
         } else {
           err = sgd ? run(yes{}, yes{}) : run(no{}, yes{});
+          if (err == cudaSuccess && grid > 0) {  // the first `grid` block sums were written
+            PRSGD_LAUNCH(add_block_sums_kernel, 1u, kBlockSize, stream)(block_sums, grid, divergence);
+            err = cudaGetLastError();
+          }
+        }
+      }
+    });
+  });
+  return err;
+}
+
+cudaError_t launch_unflatten_average_outer(DType flat_dtype, DType param_dtype,
+                                           const Segment* table, int32_t num_segments,
+                                           int64_t num_chunks, const void* flat,
+                                           const SgdOptions& outer, const SgdOptions& inner,
+                                           double* divergence, double* block_sums,
+                                           cudaStream_t stream) {
+  if (divergence != nullptr && block_sums == nullptr) return cudaErrorInvalidValue;
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch(flat_dtype, [&](auto flat_tag) {
+    dispatch(param_dtype, [&](auto param_tag) {
+      using flat_t = decltype(flat_tag);
+      using param_t = decltype(param_tag);
+      using op_t = opmath_t<param_t>;
+      if constexpr (std::is_same<flat_t, param_t>::value ||
+                    (std::is_same<flat_t, float>::value && is_reduced<param_t>)) {
+        const auto* f = static_cast<const flat_t*>(flat);
+        const SgdConsts<op_t> oc = make_consts<op_t>(outer), ic = make_consts<op_t>(inner);
+        int64_t grid = 0;
+        if (divergence == nullptr) {
+          err = launch(table, num_segments, num_chunks,
+                       OuterFunctor<flat_t, param_t, false>{f, oc, ic, nullptr}, stream, &grid);
+        } else {
+          err = launch(table, num_segments, num_chunks,
+                       OuterFunctor<flat_t, param_t, true>{f, oc, ic, block_sums}, stream, &grid);
           if (err == cudaSuccess && grid > 0) {  // the first `grid` block sums were written
             PRSGD_LAUNCH(add_block_sums_kernel, 1u, kBlockSize, stream)(block_sums, grid, divergence);
             err = cudaGetLastError();

@@ -37,6 +37,18 @@ cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const 
                                      const SgdOptions& options, bool sgd, double* divergence,
                                      double* block_sums, cudaStream_t stream);
 
+// unflatten_average_outer_sgd_ (ops_reference.unflatten_average_outer_sgd_): per element,
+// ybar = flat * outer.scale; theta0 (seg.anchor, flat's dtype) <- SGD(theta0, theta0 - ybar)
+// with `outer` and seg.outer_buf; param = the new theta0, or its SGD step with `inner` where
+// seg.grad is set (seg.momentum_buf). Dtype pairs, divergence and block_sums as
+// launch_unflatten_average.
+cudaError_t launch_unflatten_average_outer(DType flat_dtype, DType param_dtype,
+                                           const Segment* table, int32_t num_segments,
+                                           int64_t num_chunks, const void* flat,
+                                           const SgdOptions& outer, const SgdOptions& inner,
+                                           double* divergence, double* block_sums,
+                                           cudaStream_t stream);
+
 // Doubles of scratch launch_unflatten_average needs for `divergence`: an upper bound of the
 // grid any of its kernels uses under any launch configuration (NOTE: [Grid size] in kernels.cu).
 int64_t divergence_scratch_size(int64_t num_chunks);

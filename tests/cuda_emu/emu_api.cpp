@@ -117,4 +117,50 @@ int prsgd_emu_unflatten(int n, void* const* params, const void* const* grads,
   return err;
 }
 
+int prsgd_emu_unflatten_outer(int n, void* const* params, void* const* anchors,
+                              void* const* outer_bufs, const uint8_t* outer_first_step,
+                              const void* const* grads, void* const* bufs,
+                              const uint8_t* first_step, const int64_t* numels,
+                              const int32_t* dtypes, const void* flat, int32_t flat_dtype,
+                              int64_t align_bytes, const double* outer_hyper,
+                              const double* inner_hyper, double* divergence) {
+  std::vector<int64_t> offsets;
+  if (!layout(n, numels, flat_dtype, align_bytes, &offsets)) return cudaErrorInvalidValue;
+  auto options = [](const double* h) {
+    return prsgd::SgdOptions{h[0], h[1], h[2], h[3], h[4], h[5] != 0.0, h[6] != 0.0};
+  };
+  const prsgd::SgdOptions outer = options(outer_hyper);
+  prsgd::SgdOptions inner = options(inner_hyper);
+  inner.scale = outer.scale;
+  // As cuda_ops.cpp's glue (after common.cpp's checks): buffers only where their momentum is on.
+  SegmentGroups groups;
+  for (int i = 0; i < n; ++i) {
+    groups[dtypes[i]].add_outer(params[i], grads[i], inner.momentum != 0.0 ? bufs[i] : nullptr,
+                                anchors[i], outer.momentum != 0.0 ? outer_bufs[i] : nullptr,
+                                offsets[i], numels[i], first_step[i] != 0,
+                                outer_first_step[i] != 0);
+  }
+  int64_t scratch = 0;
+  for (const SegmentGroup& g : groups) {
+    scratch = std::max(scratch, prsgd::cuda::divergence_scratch_size(g.chunks));
+  }
+  double* block_sums = nullptr;
+  if (divergence != nullptr && scratch > 0) {  // NaN: a sum no block wrote would show
+    block_sums = static_cast<double*>(std::malloc(scratch * sizeof(double)));
+    for (int64_t i = 0; i < scratch; ++i) block_sums[i] = std::numeric_limits<double>::quiet_NaN();
+  }
+  cudaError_t err = cudaSuccess;
+  for (size_t d = 0; d < groups.size() && err == cudaSuccess; ++d) {
+    const SegmentGroup& g = groups[d];
+    if (g.segments.empty()) continue;
+    DeviceTable table(g);
+    err = prsgd::cuda::launch_unflatten_average_outer(
+        static_cast<DType>(flat_dtype), static_cast<DType>(d), table.data,
+        static_cast<int32_t>(g.segments.size()), g.chunks, flat, outer, inner,
+        block_sums != nullptr ? divergence : nullptr, block_sums, nullptr);
+  }
+  std::free(block_sums);
+  return err;
+}
+
 }  // extern "C"

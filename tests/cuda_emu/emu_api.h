@@ -43,6 +43,17 @@ int prsgd_emu_unflatten(int n, void* const* params, const void* const* grads,
                         const int32_t* dtypes, const void* flat, int32_t flat_dtype,
                         int64_t align_bytes, int sgd, const double* hyper, double* divergence);
 
+// unflatten_average_outer_sgd_: outer_hyper and inner_hyper = {scale (outer only), lr,
+// momentum, dampening, weight_decay, nesterov, maximize}. anchors/outer_bufs have flat's dtype;
+// outer_bufs[i], grads[i], bufs[i] may be null. divergence: null, or one double.
+int prsgd_emu_unflatten_outer(int n, void* const* params, void* const* anchors,
+                              void* const* outer_bufs, const uint8_t* outer_first_step,
+                              const void* const* grads, void* const* bufs,
+                              const uint8_t* first_step, const int64_t* numels,
+                              const int32_t* dtypes, const void* flat, int32_t flat_dtype,
+                              int64_t align_bytes, const double* outer_hyper,
+                              const double* inner_hyper, double* divergence);
+
 #ifdef __cplusplus
 }
 #endif

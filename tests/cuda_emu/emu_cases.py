@@ -74,6 +74,8 @@ def lib():
     lib.prsgd_emu_flatten.argtypes = [ctypes.c_int, P, P, P, P, I32, I64]
     lib.prsgd_emu_unflatten.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, I32, I64, ctypes.c_int,
                                         P, P]
+    lib.prsgd_emu_unflatten_outer.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, P, P, P, I32, I64,
+                                              P, P, P]
     return lib
 
 
@@ -406,6 +408,103 @@ def test_every_launch_config(lib, launch, rng):
         test_unflatten(lib, torch.float16, torch.float16, "dampened", False, 16, rng)
     finally:
         _forced_launch[0] = None
+
+
+# ---- unflatten_average_outer_sgd_ -------------------------------------------------------------
+
+# (outer options, inner options or None, divergence, align): the DiLoCo round without the inner
+# pass, measured, packed; the full restart with inner momentum, padded; dampening, weight decay
+# and maximize on the outer side with a plain inner SGD.
+OUTER_VARIANTS = {
+    "diloco": (dict(outer_lr=0.7, outer_momentum=0.9, outer_nesterov=True), None, True, 1),
+    "full": (dict(outer_lr=0.7, outer_momentum=0.9, outer_nesterov=True),
+             dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True), False, 16),
+    "dampened": (dict(outer_lr=0.5, outer_momentum=0.8, outer_dampening=0.3,
+                      outer_weight_decay=1e-2, outer_maximize=True), dict(lr=0.05), True, 16),
+}
+_HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+# Every variant on fp32 and each dtype pair at least once (the full product would add a
+# minute to this suite on 2 cores; the CPU kernel runs the product in tests/test_ops_outer.py).
+OUTER_CASES = [(F32, F32, "diloco"), (F32, F32, "full"), (F32, F32, "dampened"),
+               (F32, F16, "full"), (F32, BF16, "dampened"), (F32, BF16, "diloco"),
+               (F64, F64, "full"), (F16, F16, "diloco"), (BF16, BF16, "full")]
+
+
+@pytest.mark.parametrize("flat_dtype,param_dtype,variant", OUTER_CASES, ids=_name)
+def test_unflatten_outer(lib, flat_dtype, param_dtype, variant, rng):
+    """The outer round's kernel against ops_reference.unflatten_average_outer_sgd_, bit for
+    bit: theta0, both momentum buffers and the params, with first steps and later ones mixed."""
+    device = DEVICES[rng.randrange(len(DEVICES))]
+    configure(lib, device, rng.randrange(2**63))
+    outer, inner, divergence, align = OUTER_VARIANTS[variant]
+    numels = sizes_for(rng, 10)
+    n = len(numels)
+    offsets = layout(lib, numels, flat_dtype, align)
+    flat_values = rand(offsets[-1], flat_dtype, rng, -4, 4)
+    flat = Arena(offsets[-1], flat_dtype, rng.randrange(8), rng, fill=flat_values)
+    old = [rand(k, param_dtype, rng) for k in numels]
+    params = [Arena(k, param_dtype, rng.randrange(8), rng,
+                    fill=o if divergence else torch.full((k,), float("nan"), dtype=param_dtype))
+              for k, o in zip(numels, old)]
+    anchors = [Arena(k, flat_dtype, rng.randrange(8), rng, fill=rand(k, flat_dtype, rng))
+               for k in numels]
+    ofirst = [rng.random() < 0.4 for _ in numels]
+    first = [rng.random() < 0.4 for _ in numels]
+    obufs = [Arena(k, flat_dtype, rng.randrange(8), rng,
+                   fill=torch.full((k,), float("nan"), dtype=flat_dtype) if f
+                   else rand(k, flat_dtype, rng)) for k, f in zip(numels, ofirst)]
+    grads = [None if (inner is None or rng.random() < 0.2) else
+             Arena(k, param_dtype, rng.randrange(8), rng, fill=rand(k, param_dtype, rng))
+             for k in numels]
+    momentum = inner is not None and inner.get("momentum", 0) != 0
+    bufs = [None if not momentum else
+            Arena(k, param_dtype, rng.randrange(8), rng,
+                  fill=torch.full((k,), float("nan"), dtype=param_dtype) if f and g is not None
+                  else rand(k, param_dtype, rng)) for k, f, g in zip(numels, first, grads)]
+    p_ref = [(o.clone() if divergence else torch.zeros(k, dtype=param_dtype))
+             for k, o in zip(numels, old)]
+    a_ref = [a.t.clone() for a in anchors]
+    ob_ref = [b.t.clone() for b in obufs]
+    b_ref = [None if b is None else b.t.clone() for b in bufs]
+    g_ref = [None if g is None else g.t.clone() for g in grads]
+    div_ref = torch.full((1,), 0.25, dtype=torch.float64) if divergence else None
+    div = div_ref.clone() if divergence else None
+    scale = 1.0 / 3.0
+    ref.unflatten_average_outer_sgd_(flat_values, p_ref, a_ref, ob_ref, g_ref, b_ref, scale=scale,
+                                     outer_first_step=ofirst, first_step=first,
+                                     divergence=div_ref, align=align, **outer, **(inner or {}))
+    hyper = lambda d, prefix: [float(d.get(prefix + k, 0.0)) for k in _HYPER]  # noqa: E731
+    err = lib.prsgd_emu_unflatten_outer(
+        n, ptrs([p.t for p in params]), ptrs([a.t for a in anchors]), ptrs([b.t for b in obufs]),
+        arr([int(f) for f in ofirst], ctypes.c_uint8), ptrs([None if g is None else g.t for g in grads]),
+        ptrs([None if b is None else b.t for b in bufs]), arr([int(f) for f in first], ctypes.c_uint8),
+        arr(numels, ctypes.c_int64), arr([DTYPES[param_dtype]] * n, ctypes.c_int32),
+        flat.t.data_ptr(), DTYPES[flat_dtype], align,
+        arr([scale] + hyper(outer, "outer_"), ctypes.c_double),
+        arr([0.0] + hyper(inner or {}, ""), ctypes.c_double), div.data_ptr() if divergence else None)
+    assert err == 0, f"cudaError {err}"
+    for i in range(n):
+        assert_bits_equal(params[i].t, p_ref[i], f"params[{i}] (numel {numels[i]})")
+        assert_bits_equal(anchors[i].t, a_ref[i], f"anchors[{i}] (numel {numels[i]})")
+        assert_bits_equal(obufs[i].t, ob_ref[i], f"outer_buffers[{i}] (numel {numels[i]})")
+        for what, arena in (("params", params[i]), ("anchors", anchors[i]), ("outer_buffers", obufs[i])):
+            assert arena.canaries_intact(), f"wrote outside {what}[{i}]"
+        if bufs[i] is not None:
+            if grads[i] is None:
+                assert bufs[i].unchanged(), f"momentum_buffers[{i}] changed without a grad"
+            else:
+                assert_bits_equal(bufs[i].t, b_ref[i], f"momentum_buffers[{i}]")
+                assert bufs[i].canaries_intact(), f"wrote outside momentum_buffers[{i}]"
+        if grads[i] is not None:
+            assert grads[i].unchanged(), f"grads[{i}] changed"
+    assert flat.unchanged(), "flat changed"
+    grid = expected_grids(device, [chunks(numels)])
+    if divergence:
+        torch.testing.assert_close(div, div_ref, rtol=1e-12, atol=0)
+        assert launches(lib) == grid + [1]
+    else:
+        assert launches(lib) == grid
 
 
 def test_launch_config_refuses_out_of_range(lib):
