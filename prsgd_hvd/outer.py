@@ -15,8 +15,9 @@ The semantics (DESIGN.md section 3, README "Outer optimizers"):
 
 The outer optimizer's tensors are per-parameter copies of theta0 on the parameter's device, in
 the round's flat dtype (fp32 for fp16/bf16 parameters), so the outer arithmetic is that of
-``torch.optim`` in fp32. Unfused: the rule averages with the round's write-back kernel, then
-does the outer step with torch ops per tensor (a fused kernel is future work).
+``torch.optim`` in fp32. This module's rule is the unfused one: it averages with the round's
+write-back kernel, then does the outer step with torch ops per tensor. For ``torch.optim.SGD``
+as the outer optimizer prsgd_hvd.fused_outer does the whole round in one kernel pass.
 
 With 16-bit deltas the wire encodes ``x_i - anchor`` (prsgd_hvd.anchor): after an outer round
 the rule writes theta0 into the shared anchor's parameter segments, so the deltas are taken
