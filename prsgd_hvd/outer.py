@@ -42,6 +42,19 @@ def diloco(lr: float = 0.7, momentum: float = 0.9) -> Callable[[List[torch.Tenso
     return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=True)
 
 
+def slowmo(slowmo_lr: float = 1.0, slowmo_momentum: float = 0.5) -> Callable[[List[torch.Tensor]], torch.optim.Optimizer]:
+    """SlowMo's slow momentum (Wang et al., ICLR 2020) as the outer optimizer:
+    ``outer=prsgd_hvd.outer.slowmo(slowmo_lr=1.0, slowmo_momentum=0.5)``.
+
+    SlowMo keeps u <- beta*u + (theta0 - ybar)/gamma and steps theta0 <- theta0 - alpha*gamma*u,
+    gamma being the inner learning rate. With gamma constant, buf = gamma*u turns that into
+    torch.optim.SGD(lr=alpha, momentum=beta) on the pseudo-gradient theta0 - ybar, which is
+    what this builds (and what the fused outer kernel runs). With a schedule that changes gamma
+    the two differ: SlowMo rescales the buffer by gamma_old/gamma_new when gamma changes, this
+    does not. (slowmo_lr=1, slowmo_momentum=0 is plain PR-SGD.)"""
+    return lambda ps: torch.optim.SGD(ps, lr=slowmo_lr, momentum=slowmo_momentum)
+
+
 def check_factory(factory: Any) -> None:
     """``outer=`` must be a callable list_of_tensors -> Optimizer (checked before anything)."""
     if isinstance(factory, torch.optim.Optimizer):

@@ -187,3 +187,22 @@ def test_outer_is_part_of_what_ranks_agree_on():
     assert described["class"] == "SGD"
     assert described["param_groups"][0]["lr"] == 0.6
     assert described["param_groups"][0]["nesterov"] is True
+
+
+def test_slowmo_is_sgd_with_slow_momentum_and_steps_like_slowmo_at_constant_lr():
+    """slowmo(alpha, beta) builds SGD(lr=alpha, momentum=beta); with a constant inner lr gamma
+    it takes SlowMo's own steps: u = beta*u + g/gamma, theta -= alpha*gamma*u."""
+    from prsgd_hvd.outer import slowmo
+    theta = [torch.zeros(3, dtype=torch.float64)]
+    opt = slowmo(slowmo_lr=0.8, slowmo_momentum=0.6)(theta)
+    assert type(opt) is torch.optim.SGD
+    g = opt.param_groups[0]
+    assert (g["lr"], g["momentum"], g["nesterov"]) == (0.8, 0.6, False)
+    gamma, u, ref = 0.05, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for k in range(4):
+        pseudo = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) * (k + 1)
+        theta[0].grad = pseudo.clone()
+        opt.step()
+        u = 0.6 * u + pseudo / gamma
+        ref = ref - 0.8 * gamma * u
+        torch.testing.assert_close(theta[0], ref)
