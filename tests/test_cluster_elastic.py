@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from cluster_hosts import cluster_or_skip, kill, launcher_env, pids_running
@@ -46,7 +47,11 @@ def _wait_for(what, predicate, proc, timeout):
         time.sleep(0.2)
 
 
-def test_worker_killed_on_one_host_survivors_continue_and_host_rejoins():
+# "stream": streaming rounds (fragments=2, delay=3): every commit settles the fragment round
+# still in flight and carries its correction, so the killed worker's restore, and the joiner's
+# sync, go through rounds in flight.
+@pytest.mark.parametrize("stream", [None, (2, 3)], ids=["plain", "stream"])
+def test_worker_killed_on_one_host_survivors_continue_and_host_rejoins(stream):
     with cluster_or_skip(3, "1gbit", name="prsgdelas") as c:
         tmp = Path(tempfile.mkdtemp(prefix="prsgd_cluster_elastic_"))
         record, out, listed = tmp / "record", tmp / "out", tmp / "hosts"
@@ -63,7 +68,8 @@ def test_worker_killed_on_one_host_survivors_continue_and_host_rejoins():
             "--blacklist-cooldown-range", "1", "2",
             sys.executable, str(REPO / "examples" / "elastic.py"), "--steps", str(STEPS),
             "--interval", str(INTERVAL), "--step-ms", str(STEP_MS), "--record", str(record),
-            "--out", str(out)])
+            "--out", str(out),
+            *(["--fragments", str(stream[0]), "--delay", str(stream[1])] if stream else [])])
         # The Gloo timeout bounds both how long a survivor that is not the dead worker's ring
         # neighbour takes to notice (default 30 s) and how long the others wait at the
         # rendezvous for a joining worker to start: at 5 s a joiner still importing torch on the
@@ -108,24 +114,37 @@ def test_worker_killed_on_one_host_survivors_continue_and_host_rejoins():
         assert phases == [3, 2, 3], phases
         steps = [r[1] for r in rows]
         assert steps == sorted(set(steps)), "commits go forward, from the last commit on"
-        assert all(rounds == step // INTERVAL for _, step, rounds in rows), \
-            "every commit: rounds == step / interval (no round lost or counted twice)"
-        # Each resize resumes exactly from the last commit before it: the next commit is one
-        # interval on.
-        for i in range(1, len(rows)):
-            if rows[i][0] != rows[i - 1][0]:
-                assert rows[i][1] - rows[i - 1][1] == INTERVAL, (rows[i - 1], rows[i])
+        if stream is None:
+            assert all(rounds == step // INTERVAL for _, step, rounds in rows), \
+                "every commit: rounds == step / interval (no round lost or counted twice)"
+            # Each resize resumes exactly from the last commit before it: the next commit is
+            # one interval on.
+            for i in range(1, len(rows)):
+                if rows[i][0] != rows[i - 1][0]:
+                    assert rows[i][1] - rows[i - 1][1] == INTERVAL, (rows[i - 1], rows[i])
+        else:
+            # A fragment round starts every I/F steps and is counted when it settles: at step
+            # s every round due by then (started by s - delay) is, and a commit's state_dict()
+            # settles those still in flight, so at most the rounds started by s are.
+            gap = INTERVAL // stream[0]
+            assert all((step - stream[1]) // gap <= rounds <= step // gap
+                       for _, step, rounds in rows), rows
         assert f"done: {STEPS} steps" in output and "final size 3" in output, output[-2000:]
 
         finals = [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
         assert sorted(f["host"] for f in finals) == ["host1", "host2", "host3"]
+        # Counters as the training loop left them, before finalize(); streaming: the rounds
+        # settled by then (the bounds above).
+        final_rounds = {STEPS // INTERVAL} if stream is None else \
+            set(range((STEPS - stream[1]) // gap, STEPS // gap + 1))
+        assert len({f["rounds"] for f in finals}) == 1, "every worker counts the same rounds"
         for f in finals:
-            assert (f["step"], f["local_step"], f["rounds"]) == (STEPS, STEPS, STEPS // INTERVAL), f
+            assert (f["step"], f["local_step"]) == (STEPS, STEPS) and f["rounds"] in final_rounds, f
             for a, b in zip(f["params"], finals[0]["params"]):
                 assert torch.equal(a, b), "after finalize() every worker holds the same model"
         # Values: the model every worker restarted from at each resize (the survivors' restore
         # of the last commit, then rank 0's state) and the final one, against float64 runs of
         # each phase from the previous restart (test_elastic.check_elastic_run).
-        restarts = check_elastic_run(out, STEPS, INTERVAL)
+        restarts = check_elastic_run(out, STEPS, INTERVAL, stream=stream)
         assert [size for _, size in restarts] == [3, 2, 3], restarts
 
