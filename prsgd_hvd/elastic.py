@@ -65,6 +65,15 @@ def _optimizer_state_handler_class():
             super().__init__(optimizer)
             self.save()
 
+        def prepare_save(self):
+            """Before any handler of the state saves (install_state_handler): the collective
+            part of this optimizer's save -- streamed rounds in flight settle, which waits for
+            them. If a peer died, it raises here, before the model's handler has saved, so a
+            failed commit leaves the last commit whole (model, optimizer and objects alike)."""
+            streaming = self.value._local_sgd.streaming
+            if streaming is not None:
+                streaming.settle_all()
+
         def save(self):
             import copy
             with no_unaveraged_warning():
@@ -92,8 +101,9 @@ def _optimizer_state_handler_class():
 
 
 def install_state_handler() -> None:
-    """Register the handler with Horovod's ``TorchState`` and make its ``reset()`` call
-    ``on_reset`` of every handler that has one (once, however often the package loads)."""
+    """Register the handler with Horovod's ``TorchState``, make its ``save()`` call
+    ``prepare_save`` of every handler that has one before any handler saves, and its
+    ``reset()`` call ``on_reset`` (once, however often the package loads)."""
     from horovod.torch.elastic import state as hvd_state
 
     registry = hvd_state.get_handler_registry()
@@ -102,6 +112,20 @@ def install_state_handler() -> None:
         hvd_state.set_handler_registry([(LocalSGDOptimizer, _optimizer_state_handler_class())]
                                        + list(registry))
     torch_state = hvd_state.TorchState
+    if not getattr(torch_state.save, "_prsgd_prepares_handlers", False):
+        previous_save = torch_state.save
+
+        def save(self):
+            # Collective work first (prepare_save), then Horovod's save of every handler: a
+            # commit that fails does so before anything was overwritten.
+            for handler in self._handlers.values():
+                prepare = getattr(handler, "prepare_save", None)
+                if prepare is not None:
+                    prepare()
+            previous_save(self)
+
+        save._prsgd_prepares_handlers = True
+        torch_state.save = save
     if not getattr(torch_state.reset, "_prsgd_resets_handlers", False):
         previous = torch_state.reset
 
