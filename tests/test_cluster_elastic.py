@@ -113,7 +113,13 @@ def test_worker_killed_on_one_host_survivors_continue_and_host_rejoins(stream):
         phases = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
         assert phases == [3, 2, 3], phases
         steps = [r[1] for r in rows]
-        assert steps == sorted(set(steps)), "commits go forward, from the last commit on"
+        # A row is written just before its commit. With streaming rounds a commit waits for the
+        # rounds in flight, so the kill can fail it; the job then resumes from the commit before
+        # and writes that step's row again: rows may repeat, never go back.
+        if stream is None:
+            assert steps == sorted(set(steps)), "commits go forward, from the last commit on"
+        else:
+            assert steps == sorted(steps), "commits never go back"
         if stream is None:
             assert all(rounds == step // INTERVAL for _, step, rounds in rows), \
                 "every commit: rounds == step / interval (no round lost or counted twice)"
