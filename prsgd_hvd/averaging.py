@@ -50,7 +50,10 @@ from .waiting import wait_quietly
 from .wire_formats import ALLGATHER, FULL_PRECISION, Message, WireFormat
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-KINDS = ("scheduled", "average_now", "join")  # a join round matches any kind (finalize())
+# A join round (finalize()) matches any kind; "final" is the join round right after finalize()
+# released a prestarted round (prsgd_hvd.join: NOTE: [the round after a prestart]).
+KINDS = ("scheduled", "average_now", "join", "final")
+_JOINING = ("join", "final")
 _FIELDS = ("weight", "active", "kind", "number", "agree", "fingerprint", "layout")
 CONTROL_FIELDS = len(_FIELDS)  # per rank, after bucket 0's payload
 # NOTE: [Segment layout] (csrc/segment_table.h): every tensor's segment starts on a 16-byte
@@ -361,6 +364,11 @@ class Round:
     def _field(self, name: str) -> Tuple[float, ...]:
         return self._columns[name]
 
+    def count(self, kind: str) -> int:
+        """How many ranks sent this round as ``kind``."""
+        code = float(KINDS.index(kind) + 1)
+        return sum(1 for k in self._field("kind") if k == code)
+
     @property
     def scale(self) -> float:
         """The payloads hold the weighted sum; times this is the average."""
@@ -380,7 +388,7 @@ class Round:
                  for k in self._field("kind")]
         numbers = [int(n) for n in self._field("number")]
         layouts = [int(c) for c in self._field("layout")]
-        training = {k for k in kinds if k != "join"}
+        training = {k for k in kinds if k not in _JOINING}
         if len(set(numbers)) > 1 or len(training) > 1:
             per_rank = "; ".join(f"rank {m}: {k} round {n}"
                                  for m, k, n in zip(self.members, kinds, numbers))

@@ -9,6 +9,20 @@ class: with one averager every round is on it, so the rank answers round after r
 several (a schedule that also averages within groups of ranks) it cannot tell from a round
 which averager the next one uses, so it walks the steps it no longer takes and answers the
 rounds the plan makes at each -- plans that are a function of the step, the same on every rank.
+
+NOTE: [the round after a prestart]
+A round prestarted for step t (NOTE: [overlap]) was packed when step t-1 ended, so its control
+record says "active": the rank could not yet know it would call finalize() instead of taking
+step t. Released in finalize(), that round holds the models the rank's first join round would
+have sent, so it stands for that round -- but it counted the rank as training, so the protocol
+asks once more, and that extra round is not idempotent: an outer optimizer's momentum takes one
+more step, a 16-bit wire sends its residuals. So a rank marks the round after a release "final"
+(a join round that also says "I released the round before"). The previous round's active count
+minus this round's "final" count is how many ranks really trained after the previous round;
+when that is none, nobody trained since, the previous round was the last one the protocol
+without overlap makes, and this one is dropped unwritten and uncounted on every rank alike (all
+see the same records). finalize() then ends with the rounds, values and wire state it has
+without overlap.
 """
 from __future__ import annotations
 
@@ -29,6 +43,7 @@ class JoinProtocol:
         e = self.engine
         if e.streaming is not None:  # this rank's delayed rounds merge first (NOTE: [streaming])
             e.streaming.drain()
+        self.previous_active: Optional[int] = None  # of the last round joined
         pending = e.inflight.release()
         if pending is not None:
             # Prestarted for a step this rank will not take; the other ranks may take it, so
@@ -40,17 +55,25 @@ class JoinProtocol:
             # A prestarted round belonged to the next step: the walk starts after it.
             self._follow_the_plan(e.local_step + (2 if pending else 1))
         else:
-            while self._join(e.world.averager).active_ranks:
-                pass
+            # NOTE: [the round after a prestart]
+            rnd = self._join(e.world.averager, final=pending is not None)
+            while rnd.active_ranks:
+                rnd = self._join(e.world.averager)
 
     def _join(self, averager: Averager, pending: Optional[PendingRound] = None,
-              identity: Optional[RoundId] = None) -> Round:
+              identity: Optional[RoundId] = None, final: bool = False) -> Round:
         e = self.engine
-        identity = identity or RoundId("join", e.rounds + 1)
-        rnd, _, _ = e.run_round(identity, averager, active=False, pending=pending)
+        identity = identity or RoundId("final" if final else "join", e.rounds + 1)
+        rnd, _, _ = e.run_round(identity, averager, active=False, pending=pending,
+                                drop=self._nobody_trained_since_the_last)
+        self.previous_active = rnd.active_ranks
         if rnd.agree:  # a training rank's schedule agrees after this round: answer it
             e.planner.on_round(RoundReport(t=e.local_step, kind="join", agree=True))
         return rnd
+
+    def _nobody_trained_since_the_last(self, rnd: Round) -> bool:
+        final = rnd.count("final")  # only ever sent on the path of one averager
+        return final > 0 and self.previous_active == final
 
     def _follow_the_fragments(self, t: int) -> None:
         """fragments=F: answer the fragment rounds each step from ``t`` on makes; once a round

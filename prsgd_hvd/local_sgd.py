@@ -56,7 +56,7 @@ class LocalSGD:
         # outer=F: theta0 and the outer optimizer (prsgd_hvd.outer), built and checked here,
         # before the wrapper changes anything. Its rounds over the whole set are the outer
         # rules' (fused for torch.optim.SGD: prsgd_hvd.fused_outer), the others' the usual.
-        self.outer = OuterOptimizer(config.outer, self.contents.params()) \
+        self.outer = OuterOptimizer(config.outer, self.contents.params(), config.outer_device) \
             if config.outer is not None else None
         fused = FusedAverageSgd(opt) if config.fuse_step else None
         outer_rules = fused_outer.outer_rules(
@@ -179,9 +179,11 @@ class LocalSGD:
     def run_round(self, identity: RoundId, averager: Averager, *, t: Optional[int] = None,
                   weight: float = 1.0, active: bool = True, agree: bool = False,
                   pending: Optional[PendingRound] = None, update_follows: bool = False,
-                  plan: Optional[StepPlan] = None) -> Tuple[Round, bool, bool]:
+                  plan: Optional[StepPlan] = None,
+                  drop: Optional[Callable[[Round], bool]] = None) -> Tuple[Round, bool, bool]:
         """One round through the stages round, check and write, counted; returns it, whether
-        this rank was left out of it, and whether its update rule applied the update too."""
+        this rank was left out of it, and whether its update rule applied the update too.
+        ``drop``: a completed round it holds for true is neither written nor counted."""
         tensors, n_params = None, lambda: len(self.contents.params())
         if self.streaming is not None and pending is None:  # a fragment's tensors
             tensors, n = self.streaming.frags.tensors_for(averager)
@@ -189,6 +191,8 @@ class LocalSGD:
         rnd, excluded = self.round_stage.run(identity, averager, t=t, weight=weight,
                                               active=active, agree=agree, pending=pending,
                                               tensors=tensors)
+        if drop is not None and drop(rnd):  # not written, not counted: prsgd_hvd.join's
+            return rnd, excluded, False     # NOTE: [the round after a prestart]
         updated = self._write_back(rnd, n_params, update_follows=update_follows and not excluded,
                                    plan=plan)
         self.rounds += 1

@@ -105,7 +105,8 @@ class _LocalSGDMethods:
         finished keeps joining the averaging rounds of the ranks still training, contributing
         its model and taking the average (as ``hvd.join`` does for gradients), until every rank
         has called ``finalize()``; then all take one last plain average. (With overlap, a
-        round prestarted for a step no rank takes is completed here too, and counted.)
+        round prestarted for a step no rank takes is completed here as that last average;
+        finalize() makes the same rounds, with the same values, as without overlap.)
         """
         self._local_sgd.finalize()
 
@@ -173,7 +174,7 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
                         error_feedback: bool = True, backward_passes_per_step: int = 1,
                         op=None, gradient_predivide_factor: float = 1.0, num_groups: int = 0,
                         groups=None, sparse_as_dense: bool = False, outer=None,
-                        delay: int = 0, fragments: int = 1):
+                        delay: int = 0, fragments: int = 1, outer_device=None):
     """Wrap ``optimizer`` for Parallel Restarted SGD (local SGD with periodic model averaging).
 
     Takes every argument of ``hvd.DistributedOptimizer`` (docs/migrating.md), so swapping the
@@ -243,9 +244,10 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
             outer step: model buffers and averaged optimizer state are averaged. Weighted
             averages keep their weights. ``lambda ps: torch.optim.SGD(ps, lr=1.0)`` is plain
             PR-SGD. theta0 and the outer state are in ``state_dict()["local_sgd"]["outer"]``.
-            It cannot be changed after wrapping (wrap a new optimizer). Not yet: overlap (no
-            round starts early with ``outer``) and a fused kernel (the inner SGD update runs
-            as ``SGD.step()``).
+            It cannot be changed after wrapping (wrap a new optimizer). With
+            ``torch.optim.SGD`` as the outer optimizer a round is one fused kernel pass
+            (``stats()["fused_outer_rounds"]``). Rounds start early (``overlap``) as without
+            ``outer``, except with ``Hierarchical`` schedules.
         delay: streaming rounds (``0 <= delay < interval``). The round made before the update
             of step t packs the model as usual and starts; the rank applies the updates of
             steps t, ..., t+delay-1 without it and, before the update of step t+delay, merges
@@ -262,6 +264,16 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
             rounds spread over the interval, the peak bandwidth drops F-fold. Needs an int
             interval that it divides. Warm-up, ``average_now()`` and ``finalize()`` rounds
             take every fragment. 1: the whole model at once.
+        outer_device: with ``outer``, where theta0 and the outer optimizer's state live
+            (torchft's DiLoCo calls it ``backup_device``): ``"cpu"`` keeps these two or more
+            copies of the model in host memory (page-locked when CUDA is available) instead of
+            beside the parameters. At each outer round they are copied to the round's device in
+            chunks of consecutive tensors of at most 32 MiB of theta0, the outer step runs there
+            (the fused kernel, or the outer optimizer's own ``step()`` once per chunk), and
+            theta0' and the state are copied back, so device memory holds one chunk's copies at
+            a time; the values are those of ``outer_device=None``, bit for bit. The
+            checkpoint entry holds them as host tensors. ``stats()["outer_device"]``. A CUDA
+            device is accepted too; ``None`` (default): beside each parameter.
 
     ``synchronize()`` and ``skip_synchronize()`` are there for Horovod's gradient-clipping and
     AMP loops; ``hvd.broadcast_optimizer_state`` carries the local-SGD counters.
@@ -272,7 +284,7 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
         backward_passes_per_step=backward_passes_per_step, op=op,
         gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
         groups=groups, sparse_as_dense=sparse_as_dense, outer=outer, delay=delay,
-        fragments=fragments)
+        fragments=fragments, outer_device=outer_device)
     engine = LocalSGD(optimizer, args.config, args.process_set)
     # Before the class swap: a mismatch leaves the optimizer as it was. Under Horovod's elastic
     # launcher a worker that joins builds its optimizer while the others are already in

@@ -76,9 +76,11 @@ class Prestarts:
         step itself, after a prestarted round packed them: such rounds are not started early.
         Decided again after an elastic reset (the world size may have changed)."""
         e = self.e
-        if e.outer is not None:
-            # Not yet with an outer optimizer: finalize() completes a round prestarted for a
-            # step no rank takes, which would be one more outer step than without overlap.
+        if e.outer is not None and len(e.world.averagers) > 1:
+            # An outer optimizer with rounds within groups: finalize()'s walk through the plan
+            # after a released prestart would make one more outer round than without overlap
+            # (with one averager it does not: prsgd_hvd.join, NOTE: [the round after a
+            # prestart]).
             self.on = False
         elif e.config.streaming:  # a delayed round already runs behind the steps
             self.on = False
