@@ -27,6 +27,9 @@ def main():
     ap.add_argument("--interval", type=int, default=4)
     ap.add_argument("--delay", type=int, default=0, help="streaming rounds: merge tau steps later")
     ap.add_argument("--fragments", type=int, default=1, help="streaming rounds: F fragments")
+    ap.add_argument("--outer-lr", type=float, default=None,
+                    help="an outer optimizer (DiLoCo): SGD with this lr and Nesterov momentum")
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
     ap.add_argument("--step-ms", type=float, default=20.0, help="extra time per step (to watch)")
     ap.add_argument("--record", default=None, help="append 'size step rounds' lines here (rank 0)")
     ap.add_argument("--state", choices=["localsgd", "torch"], default="localsgd",
@@ -42,9 +45,11 @@ def main():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    # theta0 and the outer momentum travel with the commit: a joining worker receives rank 0's.
+    outer = None if args.outer_lr is None else hvd.outer.diloco(args.outer_lr, args.outer_momentum)
     opt = hvd.DistributedLocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                   interval=args.interval, delay=args.delay,
-                                  fragments=args.fragments)
+                                  fragments=args.fragments, outer=outer)
     state_class = hvd.elastic.LocalSGDState if args.state == "localsgd" else hvd.elastic.TorchState
     state = state_class(model, opt, step=0)
     starts = []
@@ -58,8 +63,8 @@ def main():
             # What this worker (re)starts from, for tests that hold each phase to a reference.
             starts.append(state.step)
             with opt.per_rank_checkpoint():  # streamed rounds in flight (their corrections)
-                in_flight = opt.state_dict()["local_sgd"].get("in_flight", [])
-            torch.save({"in_flight": in_flight, "host": socket.gethostname(), "pid": os.getpid(), "rank": hvd.rank(),
+                local = opt.state_dict()["local_sgd"]
+            torch.save({"in_flight": local.get("in_flight", []), "outer": local.get("outer"), "host": socket.gethostname(), "pid": os.getpid(), "rank": hvd.rank(),
                         "size": hvd.size(), "step": state.step, "local_step": opt.local_step,
                         "params": [p.detach().clone() for p in model.parameters()],
                         "momentum": [opt.state[p].get("momentum_buffer") for p in model.parameters()]},

@@ -161,6 +161,14 @@ MUTANTS = [
            ("tests/test_averaging_unit.py::test_forgetting_a_round_collects_what_completed_and_never_waits",),
            "the round of a world that is gone would stay in flight: the next round refuses to "
            "start, or waits on handles Horovod has dropped"),
+    Mutant("elastic_reset_drops_the_outer_momentum", "prsgd_hvd/elastic.py",
+           "            self.value._local_sgd.rebind()",
+           "            self.value._local_sgd.rebind()\n"
+           "            if self.value._local_sgd.outer is not None:\n"
+           "                self.value._local_sgd.outer.opt.state.clear()",
+           ("tests/test_elastic.py::test_job_grows_and_every_worker_follows_rank0s_model_and_schedule[outer]",),
+           "after an elastic grow or shrink every worker would restart DiLoCo's outer momentum "
+           "from zero (rank 0's, broadcast to the others, included)"),
     Mutant("checkpoint_forgets_schedule_position", "prsgd_hvd/checkpoint.py",
            "        e.schedule.load_state_dict(local.get(\"schedule\") or {})\n        e.clock.restart_at",
            "        e.clock.restart_at",

@@ -21,10 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference import simulate_rounds
+from reference_outer import OuterReference
 from reference_streaming import fragment_split
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = dict(rtol=1e-4, atol=1e-5)  # hundreds of fp32 steps against float64
+# The "outer" case's outer optimizer: DiLoCo's Nesterov SGD, at a smaller lr than DiLoCo's 0.7
+# because its interval is 4, not hundreds: with this inner SGD (lr 0.05, momentum 0.9) lr 0.7 and
+# momentum 0.9 diverge in float64 within 300 steps; lr 0.3 converges.
+OUTER = dict(lr=0.3, momentum=0.9, nesterov=True)
 
 
 def _example_model():
@@ -53,6 +58,62 @@ def _phase(starts, until, interval):
     rounds = [k for k in range(1, n + 1) if (s + k) % interval == 0]
     simulate_rounds(models, opts, grad, [n] * len(starts), [rounds] * len(starts), finalize=False)
     return models, opts
+
+
+@torch.no_grad()
+def _outer_phase(starts, until, interval, outer):
+    """_phase with an outer optimizer (tests/reference_outer.py's rules): each worker also starts
+    from its snapshot's theta0 and outer momentum (they travel with the commit); the round
+    before the update of step t (t mod interval == 0) averages, steps the outer SGD on
+    theta0 - average, and every model <- theta0. Returns the models, optimizers and each
+    worker's OuterReference."""
+    s = starts[0]["step"]
+    models = [_example_model() for _ in starts]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    refs = []
+    for m, o, snap in zip(models, opts, starts):
+        for p, v, buf in zip(m.parameters(), snap["params"], snap["momentum"]):
+            p.copy_(v)
+            if buf is not None:
+                o.state[p]["momentum_buffer"] = buf.double().clone()
+        ref = OuterReference([m], outer)  # theta0 = the parameters: x^0 before the first step
+        saved = snap["outer"]
+        if saved["started"]:
+            for th, a in zip(ref.theta, saved["anchor"]):
+                th.copy_(a)
+        for i, st in saved["optimizer"]["state"].items():  # the outer momentum, by position
+            ref.opt.state[ref.theta[i]]["momentum_buffer"] = st["momentum_buffer"].double().clone()
+        refs.append(ref)
+    for t in range(s + 1, until + 1):
+        for r, (m, o) in enumerate(zip(models, opts)):
+            x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1000 * r + t - 1))
+            o.zero_grad()
+            with torch.enable_grad():
+                F.mse_loss(m(x.double()), x[:, :1].sin().double()).backward()
+        if t % interval == 0:
+            for ps in zip(*(m.parameters() for m in models)):
+                mean = torch.stack(ps).mean(0)
+                for p in ps:
+                    p.copy_(mean)
+            for m, ref in zip(models, refs):
+                ref.outer_round([m])
+        for o in opts:
+            o.step()
+    return models, opts, refs
+
+
+def _close_outer(snap, ref, what):
+    """A snapshot's theta0 and outer momentum against a worker's OuterReference."""
+    saved = snap["outer"]
+    for i, (got, th) in enumerate(zip(saved["anchor"], ref.theta)):
+        torch.testing.assert_close(got.double(), th, **TOL, msg=lambda m: f"{what}, theta0 {i}: {m}")
+    state = saved["optimizer"]["state"]
+    want = {i: ref.opt.state[th]["momentum_buffer"] for i, th in enumerate(ref.theta)
+            if "momentum_buffer" in ref.opt.state.get(th, {})}
+    assert sorted(state) == sorted(want), f"{what}: outer momentum of params {sorted(state)}, want {sorted(want)}"
+    for i, w in want.items():
+        torch.testing.assert_close(state[i]["momentum_buffer"].double(), w, **TOL,
+                                   msg=lambda m: f"{what}, outer momentum {i}: {m}")
 
 
 @torch.no_grad()
@@ -104,7 +165,7 @@ def _close(snap, model, opt=None, what=""):
                                        msg=lambda m: f"{what}, momentum {i}: {m}")
 
 
-def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
+def check_elastic_run(out: Path, steps: int, interval: int, stream=None, outer=None):
     """Every (re)start of the job, and its end, against the float64 reference.
 
     The workers of one (re)start hold the same step and world size. A (re)start's values must be
@@ -112,8 +173,16 @@ def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
     the new rank 0 held at its last commit (its reference model under its old rank); the final
     models are the average of the last phase's reference models (finalize()). Returns the
     (step, size) of each (re)start. ``stream``: (fragments, delay) of a streaming run; the
-    rounds in flight at each (re)start are held to the reference's too."""
+    rounds in flight at each (re)start are held to the reference's too. ``outer``: the outer
+    SGD's arguments of a run with outer=; theta0 and the outer momentum at each (re)start are
+    held to the reference's, and the final models are the outer step from the last average."""
+    refs = None
+
     def phase(starts, until):
+        nonlocal refs
+        if outer is not None:
+            models, opts, refs = _outer_phase(starts, until, interval, outer)
+            return models, opts, None
         if stream is None:
             return (*_phase(starts, until, interval), None)
         return _stream_phase(starts, until, interval, *stream)
@@ -130,6 +199,8 @@ def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
     init = _example_model()
     for d in groups[0]:
         _close(d, init, what="the first start")
+        if outer is not None:  # theta0 = x^0, no outer momentum yet
+            _close_outer(d, OuterReference([init], outer), "the first start")
     for prev, nxt in zip(groups, groups[1:]):
         models, opts, pending = phase(prev, nxt[0]["step"])
         old_rank = {(d["host"], d["pid"]): d["rank"] for d in prev}
@@ -141,6 +212,8 @@ def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
             j = old_rank[(src["host"], src["pid"])]
             what = f"restart at step {d['step']}, size {d['size']}, rank {d['rank']} (old rank {j})"
             _close(d, models[j], opts[j], what=what)
+            if outer is not None:  # theta0 and the outer momentum travel with the state
+                _close_outer(d, refs[j], what)
             if pending is not None:  # the rounds in flight travel with the state
                 got = sorted((e["merge_at"], k[1], c) for e in d["in_flight"]
                              for k, c in e["correction"].items())
@@ -150,6 +223,10 @@ def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
                     torch.testing.assert_close(c.double(), w, **TOL, msg=lambda e: f"{what}: {e}")
     if stream is not None:  # the point of the streaming run: a restart with rounds in flight
         assert any(d["in_flight"] for g in groups[1:] for d in g), "no restart had a round in flight"
+    if outer is not None:  # the point of the outer run: a restart with outer momentum to carry
+        moved = [max(float(st["momentum_buffer"].abs().max()) for st in d["outer"]["optimizer"]["state"].values())
+                 for g in groups[1:] for d in g if d["outer"]["optimizer"]["state"]]
+        assert moved and min(moved) > 1e-3, f"no restart carried a nonzero outer momentum: {moved}"
     last = groups[-1]
     models, _, pending = phase(last, steps)
     with torch.no_grad():
@@ -159,6 +236,13 @@ def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
                 for i, c in corr.items():
                     ps[i].add_(c)
         mean = [torch.stack(ps).mean(0) for ps in zip(*(m.parameters() for m in models))]
+        if outer is not None:  # finalize()'s round is an outer round: the final model is theta0
+            for ps, avg in zip(zip(*(m.parameters() for m in models)), mean):
+                for p in ps:
+                    p.copy_(avg)
+            for m, ref in zip(models, refs):
+                ref.outer_round([m])
+            mean = [torch.stack(ps).mean(0) for ps in zip(*(m.parameters() for m in models))]
     finals = [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
     assert len(finals) == last[0]["size"]
     for f in finals:
@@ -170,7 +254,9 @@ def check_elastic_run(out: Path, steps: int, interval: int, stream=None):
 # "torch": Horovod's own hvd.elastic.TorchState, as Horovod's elastic examples use it.
 # "stream": streaming rounds (fragments=2, delay=3 at interval 4: the commit after each merge
 # has the next fragment's round in flight, so the grow happens with a round in flight).
-@pytest.mark.parametrize("state", ["localsgd", "torch", "stream"])
+# "outer": outer= Nesterov SGD (OUTER); the joining worker receives rank 0's theta0 and outer
+# momentum, and every phase is held to the float64 reference started from them.
+@pytest.mark.parametrize("state", ["localsgd", "torch", "stream", "outer"])
 def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
     tmp = Path(tempfile.mkdtemp(prefix="prsgd_elastic_"))
     slots, record = tmp / "slots", tmp / "record"
@@ -183,8 +269,9 @@ def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
            "--host-discovery-script", str(REPO / "examples" / "discover_hosts.sh"),
            sys.executable, str(REPO / "examples" / "elastic.py"), "--steps", "300",
            "--step-ms", "20", "--record", str(record), "--out", str(out),
-           *(["--state", "localsgd", "--fragments", "2", "--delay", "3"] if state == "stream"
-             else ["--state", state])]
+           *{"stream": ["--state", "localsgd", "--fragments", "2", "--delay", "3"],
+             "outer": ["--state", "localsgd", "--outer-lr", str(OUTER["lr"]),
+                       "--outer-momentum", str(OUTER["momentum"])]}.get(state, ["--state", state])]
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -206,5 +293,6 @@ def test_job_grows_and_every_worker_follows_rank0s_model_and_schedule(state):
     assert steps == sorted(steps), "the schedule resumed from the last commit, never went back"
     assert "done: 300 steps" in output and "final size 3" in output
     assert "counters agree: True" in output, output[-4000:]
-    restarts = check_elastic_run(out, 300, 4, stream=(2, 3) if state == "stream" else None)
+    restarts = check_elastic_run(out, 300, 4, stream=(2, 3) if state == "stream" else None,
+                                 outer=OUTER if state == "outer" else None)
     assert [size for _, size in restarts] == [2, 3], restarts
