@@ -34,6 +34,9 @@ class LocalSGDConfig:
                                               # optimizer's description (LocalSGD.description)
     delay: int = 0                            # rounds merge this many steps later (streaming)
     fragments: int = 1                        # rounds of 1/F of the model, staggered (streaming)
+    outer_device: Optional[torch.device] = None  # theta0 + outer state there (prsgd_hvd.outer_host);
+                                              # not agreed on: where a rank keeps them changes
+                                              # neither its values nor its collectives
 
     @property
     def streaming(self) -> bool:

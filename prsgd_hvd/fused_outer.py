@@ -128,18 +128,34 @@ class FusedOuterSgd(UpdateRule):
         if not o.started:  # a round before the first step (average_now() at once)
             o.start()
         divergence = 0.0
+        if o.host is not None:
+            o.host.begin_round()
         for b, runs in zip(rnd.buckets, self.runs(rnd.layout, measured)):
             acc = torch.zeros(1, dtype=torch.float64, device=b.device)
             for og, ig, first, last in runs:
-                flat, tensors = b.segment(first, last), b.tensors[first:last]
                 if og is None:
-                    ops.unflatten_average_(flat, tensors, scale=rnd.scale, align=ALIGN)
-                else:
-                    self._step_run(og, ig, flat, tensors, rnd.scale, acc)
+                    ops.unflatten_average_(b.segment(first, last), b.tensors[first:last],
+                                           scale=rnd.scale, align=ALIGN)
+                    continue
+                # outer_device: theta0 and the outer buffer staged chunk by chunk (NOTE:
+                # [staging the outer step]); the kernel runs on the copies as on the originals.
+                for a, z in self._chunks(first, last, b):
+                    slots = [(b, j) for j in range(a, z)]
+                    with o.staged(slots, b.device if o.host is not None else None):
+                        self._step_run(og, ig, b.segment(a, z), b.tensors[a:z], rnd.scale, acc)
             divergence += float(acc)
+        if o.host is not None:
+            o.host.end_round()
         self._n_params = measured
         self._counted(self.fuses_update)
         return divergence
+
+    def _chunks(self, first: int, last: int, b) -> List[Tuple[int, int]]:
+        """A run of parameters as the kernel takes it: whole, or in the staged chunks of
+        ``outer_device``."""
+        if self.outer.host is None:
+            return [(first, last)]
+        return [(first + a, first + z) for a, z in self.outer.host.split(b.tensors[first:last])]
 
     def _theta_of(self, param: torch.Tensor) -> torch.Tensor:
         """theta0 of a parameter, by identity: a round may carry some parameters only

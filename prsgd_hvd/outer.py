@@ -25,12 +25,16 @@ from theta0, the point every rank restarted from.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import numbers
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from .averaging import Round, flat_dtype_for
+from .outer_host import HostPlacement
+from .slowmo import SlowMo, inner_lr_of
 from .update_rules import UpdateRule
 
 _EXAMPLE = "outer=lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)"
@@ -42,17 +46,46 @@ def diloco(lr: float = 0.7, momentum: float = 0.9) -> Callable[[List[torch.Tenso
     return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=True)
 
 
-def slowmo(slowmo_lr: float = 1.0, slowmo_momentum: float = 0.5) -> Callable[[List[torch.Tensor]], torch.optim.Optimizer]:
-    """SlowMo's slow momentum (Wang et al., ICLR 2020) as the outer optimizer:
-    ``outer=prsgd_hvd.outer.slowmo(slowmo_lr=1.0, slowmo_momentum=0.5)``.
+_UNSET = object()
 
-    SlowMo keeps u <- beta*u + (theta0 - ybar)/gamma and steps theta0 <- theta0 - alpha*gamma*u,
-    gamma being the inner learning rate. With gamma constant, buf = gamma*u turns that into
-    torch.optim.SGD(lr=alpha, momentum=beta) on the pseudo-gradient theta0 - ybar, which is
-    what this builds (and what the fused outer kernel runs). With a schedule that changes gamma
-    the two differ: SlowMo rescales the buffer by gamma_old/gamma_new when gamma changes, this
-    does not. (slowmo_lr=1, slowmo_momentum=0 is plain PR-SGD.)"""
-    return lambda ps: torch.optim.SGD(ps, lr=slowmo_lr, momentum=slowmo_momentum)
+
+def slowmo(inner: Any = None, slowmo_lr: Any = _UNSET,
+           slowmo_momentum: Any = _UNSET) -> Callable[[List[torch.Tensor]], torch.optim.Optimizer]:
+    """SlowMo's slow momentum (Wang et al., ICLR 2020) as the outer optimizer.
+
+    ``outer=prsgd_hvd.outer.slowmo(opt, slowmo_lr=1.0, slowmo_momentum=0.5)``, ``opt`` the inner
+    optimizer (the one being wrapped) or a callable returning the inner learning rate gamma:
+    SlowMo's Algorithm 1 exactly, also when gamma changes (schedulers, Algorithm 2's epoch
+    rates): u <- beta*u + (theta0 - ybar)/gamma, theta0 <- theta0 - alpha*gamma*u, with gamma
+    read at every outer step (prsgd_hvd.slowmo.SlowMo, a torch optimizer; its rounds take the
+    unfused outer step). The inner optimizer's groups must then share one learning rate.
+
+    ``slowmo(slowmo_lr=1.0, slowmo_momentum=0.5)`` (no inner optimizer; also
+    ``slowmo(1.0, 0.5)``): the first form, ``torch.optim.SGD(lr=slowmo_lr,
+    momentum=slowmo_momentum)`` on the pseudo-gradient, whose buffer is gamma*u: SlowMo exactly
+    only while gamma is constant (SlowMo rescales by gamma_old/gamma_new when it changes, this
+    does not); it takes the fused outer kernel. (slowmo_lr=1, slowmo_momentum=0 is plain
+    PR-SGD in both forms.)"""
+    if isinstance(inner, numbers.Real) and not isinstance(inner, bool):  # slowmo(alpha, beta)
+        if slowmo_lr is not _UNSET and slowmo_momentum is not _UNSET:
+            raise TypeError("prsgd_hvd.outer.slowmo: slowmo(slowmo_lr, slowmo_momentum) takes two "
+                            "numbers, or slowmo(inner_optimizer, slowmo_lr, slowmo_momentum)")
+        inner, slowmo_lr, slowmo_momentum = \
+            None, inner, slowmo_lr if slowmo_lr is not _UNSET else slowmo_momentum
+    alpha = 1.0 if slowmo_lr is _UNSET else slowmo_lr
+    beta = 0.5 if slowmo_momentum is _UNSET else slowmo_momentum
+    if inner is None:
+        return lambda ps: torch.optim.SGD(ps, lr=alpha, momentum=beta)
+    if isinstance(inner, torch.optim.Optimizer):
+        gamma = inner_lr_of(inner)
+    elif callable(inner):
+        gamma = inner
+    else:
+        raise TypeError(f"prsgd_hvd.outer.slowmo: the first argument must be the inner "
+                        f"optimizer or a callable returning its learning rate, got "
+                        f"{type(inner).__name__}")
+    SlowMo([torch.zeros(1, requires_grad=True)], gamma, lr=alpha, momentum=beta)  # checks them now
+    return lambda ps: SlowMo(ps, gamma, lr=alpha, momentum=beta)
 
 
 def check_factory(factory: Any) -> None:
@@ -75,11 +108,20 @@ class OuterOptimizer:
     so a bad ``outer=`` raises before the optimizer is wrapped. The factory cannot be changed
     afterwards (there is no API for it: wrap a fresh optimizer instead)."""
 
-    def __init__(self, factory: Callable, params: List[torch.Tensor]):
+    def __init__(self, factory: Callable, params: List[torch.Tensor],
+                 device: Optional[torch.device] = None):
         check_factory(factory)
         self.params = list(params)
+        # outer_device: theta0 and the outer state in (host) memory there, staged per chunk at
+        # each outer round (prsgd_hvd.outer_host); None: beside each parameter.
+        self.host = HostPlacement(device) if device is not None else None
         with torch.no_grad():
-            self.theta = [p.detach().to(flat_dtype_for(p.dtype), copy=True) for p in self.params]
+            if self.host is None:
+                self.theta = [p.detach().to(flat_dtype_for(p.dtype), copy=True)
+                              for p in self.params]
+            else:
+                self.theta = [self.host.empty_like(p, flat_dtype_for(p.dtype)).copy_(p)
+                              for p in self.params]
         opt = factory(list(self.theta))
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"DistributedLocalSGD: 'outer' returned {type(opt).__name__}, not a "
@@ -101,6 +143,9 @@ class OuterOptimizer:
                 f"pseudo-gradient (theta0 - average), so use a gradient-only optimizer "
                 f"(SGD, Adam, ...), e.g. {_EXAMPLE}")
         self.opt = opt
+        # Each theta0's place in the outer optimizer's param groups (the staging swaps it).
+        self.slot = {id(p): (gi, k) for gi, g in enumerate(opt.param_groups)
+                     for k, p in enumerate(g["params"])}
         self.started = False   # theta0 holds x^0 (set at the first step or first round)
         self._checked_layout = None
         # A round may carry some of the parameters only (fragments=F, prsgd_hvd.streaming):
@@ -133,29 +178,65 @@ class OuterOptimizer:
                 "construction. Add every param group before wrapping with outer=")
         self._checked_layout = rnd.layout
 
-    def averages(self, rnd: Round, n_params: int):
-        """(index of the parameter, its average ybar as a view of the summed buffer * scale)."""
+    @staticmethod
+    def slots(rnd: Round, n_params: int):
+        """(bucket, position in it) of every parameter the round carries."""
         for b in rnd.buckets:
             for j, pos in enumerate(b.positions):
                 if pos < n_params:
-                    start = b.offsets[j]
-                    p = b.tensors[j]
-                    yield self._index[id(p)], b.flat[start:start + p.numel()].view(p.shape) * rnd.scale
+                    yield b, j
+
+    def averages(self, rnd: Round, n_params: int, slots=None):
+        """(index of the parameter, its average ybar as a view of the summed buffer * scale),
+        for the round's parameters or for ``slots`` of it only."""
+        for b, j in (self.slots(rnd, n_params) if slots is None else slots):
+            start = b.offsets[j]
+            p = b.tensors[j]
+            yield self._index[id(p)], b.flat[start:start + p.numel()].view(p.shape) * rnd.scale
+
+    def chunks(self, rnd: Round, n_params: int):
+        """The round's parameters as the outer step takes them: all at once, or with
+        ``outer_device`` in staged chunks of one bucket, (the chunk's slots, its device)."""
+        if self.host is None:
+            yield list(self.slots(rnd, n_params)), None
+            return
+        for b in rnd.buckets:
+            js = [j for j, pos in enumerate(b.positions) if pos < n_params]
+            for first, last in self.host.split([b.tensors[j] for j in js]):
+                yield [(b, j) for j in js[first:last]], b.device
+
+    def staged(self, slots, device):
+        """theta0 and the state of ``slots`` on ``device`` for the block (outer_device), or
+        as they are."""
+        if device is None:
+            return contextlib.nullcontext()
+        return self.host.staged(self, [self._index[id(b.tensors[j])] for b, j in slots], device)
 
     @torch.no_grad()
-    def step_from(self, rnd: Round, n_params: int) -> None:
+    def step_from(self, rnd: Round, n_params: int, write_params: bool = False) -> None:
         """The outer step of a round over the whole set: ``theta0 - ybar`` as the ``.grad`` of
         the round's parameters' theta0 (the others keep none, so torch's optimizers skip
-        them), then the outer optimizer's own ``step()``. Changes theta0, not the model."""
+        them), then the outer optimizer's own ``step()``; with ``outer_device`` chunk by chunk
+        on the round's device (NOTE: [staging the outer step]). Changes theta0, and with
+        ``write_params`` the round's parameters <- theta0."""
         self.check_layout(rnd, n_params)
         if not self.started:  # a round before the first step (average_now() at once)
             self.start()
-        for pos, ybar in self.averages(rnd, n_params):
-            th = self.theta[pos]
-            th.grad = th - ybar  # the pseudo-gradient, in theta0's dtype
-        self.opt.step()
-        for th in self.theta:
-            th.grad = None
+        if self.host is not None:
+            self.host.begin_round()
+        for slots, device in self.chunks(rnd, n_params):
+            with self.staged(slots, device):
+                for pos, ybar in self.averages(rnd, n_params, slots):
+                    th = self.theta[pos]
+                    th.grad = th - ybar  # the pseudo-gradient, in theta0's dtype
+                self.opt.step()
+                for b, j in slots:
+                    th = self.theta[self._index[id(b.tensors[j])]]
+                    th.grad = None
+                    if write_params:
+                        b.tensors[j].copy_(th)
+        if self.host is not None:
+            self.host.end_round()
 
     @torch.no_grad()
     def follow(self, rnd: Round, n_params: int) -> None:
@@ -218,7 +299,23 @@ class OuterOptimizer:
         self.opt.load_state_dict(saved["optimizer"])
         for th, a in zip(self.theta, saved["anchor"]):
             th.copy_(a)
+        if self.host is not None:  # torch loaded the state beside theta0, but not page-locked
+            self.host.pin_state(self.opt)
         self.started = bool(saved.get("started", True))
+
+    def placement(self) -> Dict[str, Any]:
+        """Where theta0 and the outer state are (devices as found, not as configured), whether
+        the host copies are page-locked, and the last outer round's staging (outer_device)."""
+        held = list(self.theta)
+        state = [v for st in self.opt.state.values() for k, v in st.items()
+                 if torch.is_tensor(v) and k != "step"]
+        host = self.host
+        return {"outer_device": str(host.device) if host is not None else None,
+                "theta": sorted({str(t.device) for t in held}),
+                "state": sorted({str(t.device) for t in state}),
+                "pinned": all(t.is_pinned() for t in held + state if t.device.type == "cpu"),
+                "chunks": host.chunks if host is not None else 0,
+                "staged_bytes_max": host.staged_bytes_max if host is not None else 0}
 
 
 def _needs_closure(opt: torch.optim.Optimizer) -> bool:
@@ -245,12 +342,7 @@ class OuterStep(UpdateRule):
         # Every tensor to its average (buffers and shared state stay there); the divergence
         # is measured against the average in the same pass.
         divergence = rnd.write_back(self.kernels, measured=measured)
-        o.step_from(rnd, measured)
-        with torch.no_grad():
-            for b in rnd.buckets:  # the round's parameters <- theta0
-                for j, pos in enumerate(b.positions):
-                    if pos < measured:
-                        b.tensors[j].copy_(o.theta[o._index[id(b.tensors[j])]])
+        o.step_from(rnd, measured, write_params=True)  # and the round's parameters <- theta0
         self._n_params = measured
         return divergence
 

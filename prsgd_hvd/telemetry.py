@@ -23,6 +23,8 @@ def stats(ls: "LocalSGD") -> Dict[str, Any]:
         # and of those, the ones where it applied the inner SGD update too.
         "fused_outer_rounds": getattr(ls.write_stage.outer, "fused_rounds", 0),
         "fused_outer_updates": getattr(ls.write_stage.outer, "fused_updates", 0),
+        # outer_device=: where theta0 and the outer state live (None: beside the parameters).
+        "outer_device": str(ls.config.outer_device) if ls.config.outer_device is not None else None,
         "overlap": ls.overlap,
         "compression": ls.config.compression,
         "excluded": [dict(e) for e in ls.policy.excluded],

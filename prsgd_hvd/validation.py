@@ -23,6 +23,7 @@ from .horovod_api import horovod
 from .nonfinite import NonFinitePolicy
 from .process_sets import resolve_process_set
 from .outer import check_factory as check_outer_factory
+from .outer_host import resolve_outer_device
 from .schedules import as_schedule
 from .streaming_checks import check_streaming
 
@@ -43,7 +44,7 @@ class Arguments:
 def validate(optimizer, interval, named_parameters, warmup_steps, process_set, fused, model,
              average_state, overlap, nonfinite, compression, error_feedback, *,
              backward_passes_per_step, op, gradient_predivide_factor, num_groups, groups,
-             sparse_as_dense, outer=None, delay=0, fragments=1) -> Arguments:
+             sparse_as_dense, outer=None, delay=0, fragments=1, outer_device=None) -> Arguments:
     """Every check of ``DistributedLocalSGD``'s arguments, in the order a user meets them."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"DistributedLocalSGD: 'optimizer' must be a torch.optim.Optimizer, "
@@ -86,6 +87,7 @@ def validate(optimizer, interval, named_parameters, warmup_steps, process_set, f
         raise ValueError(f"DistributedLocalSGD: 'overlap' must be True or False, got {overlap!r}")
     if outer is not None:  # what it builds is checked when the engine builds it
         check_outer_factory(outer)
+    outer_device = resolve_outer_device(outer_device, outer)
     check_streaming(delay, fragments, schedule, nonfinite,
                     sum(1 for g in optimizer.param_groups for p in g["params"]
                         if p.is_floating_point()))
@@ -94,7 +96,7 @@ def validate(optimizer, interval, named_parameters, warmup_steps, process_set, f
         fuse_step=use_kernels and is_sgd, model=model, average_state=average_state, names=names,
         overlap=overlap, nonfinite=nonfinite, compression=compression,
         error_feedback=bool(error_feedback), optimizer_name=type(optimizer).__name__,
-        outer=outer, delay=delay, fragments=fragments)
+        outer=outer, delay=delay, fragments=fragments, outer_device=outer_device)
     horovod_args = dict(backward_passes_per_step=backward_passes_per_step, op=op,
                         gradient_predivide_factor=gradient_predivide_factor,
                         sparse_as_dense=sparse_as_dense, groups=groups)

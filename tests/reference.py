@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-from reference_outer import OuterReference
+from reference_outer import outer_reference
 from workers.common import (epoch_length, epoch_lr, flat_params, loss_fn, make_model,
                             make_optimizer, steps_for_rank)
 
@@ -86,7 +86,7 @@ def simulate_fixed_interval(spec: dict, n: int) -> torch.Tensor:
                 for p, k in zip(m.parameters(), kept):
                     p.copy_(k)
     groups_at = fixed_interval_groups(spec, n)
-    outer = OuterReference(models, spec["outer"]) if spec.get("outer") else None
+    outer = outer_reference(models, opts, spec) if spec.get("outer") else None
     steps = spec.get("steps_per_rank") or [steps_for_rank(spec, r, n) for r in range(n)]
     traj = [[] for _ in range(n)]
     divergence = [dict() for _ in range(n)]  # step -> ||x_r - avg||^2 at that step's round
@@ -225,7 +225,7 @@ def simulate_epochs(spec: dict, n: int):
     triple as :func:`simulate_fixed_interval`, without divergences (None)."""
     sched = spec["schedule"]
     models, opts = _start(spec, n)
-    outer = OuterReference(models, spec["outer"]) if spec.get("outer") else None
+    outer = outer_reference(models, opts, spec) if spec.get("outer") else None
     lr_scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=spec["lr_step"][0], gamma=spec["lr_step"][1])
                  if spec.get("lr_step") else None for o in opts]
     t = [0] * n

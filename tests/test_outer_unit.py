@@ -206,3 +206,225 @@ def test_slowmo_is_sgd_with_slow_momentum_and_steps_like_slowmo_at_constant_lr()
         u = 0.6 * u + pseudo / gamma
         ref = ref - 0.8 * gamma * u
         torch.testing.assert_close(theta[0], ref)
+
+
+# ---- SlowMo with a changing inner learning rate (prsgd_hvd.outer.slowmo(opt, ...)) ----------
+def slowmo_paper(thetas, pseudo_grads, gammas, alpha, beta):
+    """SlowMo's Algorithm 1 in float64: u <- beta*u + g/gamma_t, x0 <- x0 - alpha*gamma_t*u."""
+    x0 = [t.clone() for t in thetas]
+    u = [torch.zeros_like(t) for t in thetas]
+    for gs, gamma in zip(pseudo_grads, gammas):
+        for k, g in enumerate(gs):
+            u[k] = beta * u[k] + g / gamma
+            x0[k] = x0[k] - alpha * gamma * u[k]
+    return x0
+
+
+def test_slowmo_over_the_inner_optimizer_follows_its_changing_lr():
+    """slowmo(inner, alpha, beta) is SlowMo's own update with gamma read at every step: held to
+    the paper's rule through a StepLR, and apart from the SGD form (which is SlowMo only at a
+    constant gamma) by far more than rounding."""
+    from prsgd_hvd.outer import slowmo
+    from prsgd_hvd.slowmo import SlowMo
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    inner = torch.optim.SGD([w], lr=0.2)
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.5)
+    start = [torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)]
+    theta = [t.clone() for t in start]
+    opt = slowmo(inner, slowmo_lr=0.9, slowmo_momentum=0.7)(theta)
+    sgd_theta = [t.clone() for t in start]
+    sgd = slowmo(slowmo_lr=0.9, slowmo_momentum=0.7)(sgd_theta)
+    assert isinstance(opt, SlowMo) and type(sgd) is torch.optim.SGD
+    g = torch.Generator().manual_seed(3)
+    grads, gammas = [], []
+    for _ in range(5):
+        gs = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in start]
+        grads.append(gs)
+        gammas.append(inner.param_groups[0]["lr"])
+        for t, s, gr in zip(theta, sgd_theta, gs):
+            t.grad, s.grad = gr.clone(), gr.clone()
+        opt.step()
+        sgd.step()
+        inner.step()
+        sched.step()
+    assert len(set(gammas)) == 5
+    want = slowmo_paper(start, grads, gammas, 0.9, 0.7)
+    for t, w_ in zip(theta, want):
+        torch.testing.assert_close(t, w_, rtol=1e-12, atol=1e-12)
+    assert opt.state[theta[0]]["inner_lr"] == gammas[-1]
+    apart = max(float((s - w_).abs().max()) for s, w_ in zip(sgd_theta, want))
+    assert apart > 1e-2, apart
+
+
+def test_slowmo_state_dict_round_trip_and_callable_lr():
+    """An honest torch optimizer: u in state, alpha/beta in param_groups, restored by
+    load_state_dict into a fresh one, which then steps as the original does."""
+    from prsgd_hvd.slowmo import SlowMo
+    gamma = [0.1]
+    a = [torch.ones(4, dtype=torch.float64)]
+    opt = SlowMo(a, lambda: gamma[0], lr=0.8, momentum=0.5)
+    a[0].grad = torch.full((4,), 0.3, dtype=torch.float64)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["lr"] == 0.8 and saved["param_groups"][0]["momentum"] == 0.5
+    assert torch.is_tensor(saved["state"][0]["slow_momentum"])
+    b = [a[0].clone()]
+    fresh = SlowMo(b, lambda: gamma[0], lr=0.1, momentum=0.0)
+    fresh.load_state_dict(saved)
+    gamma[0] = 0.05
+    for t in (a[0], b[0]):
+        t.grad = torch.full((4,), -0.2, dtype=torch.float64)
+    opt.step()
+    fresh.step()
+    assert torch.equal(a[0], b[0])
+    assert fresh.param_groups[0]["lr"] == 0.8
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda o: __import__("prsgd_hvd").outer.slowmo("fast"), TypeError, "inner optimizer"),
+    (lambda o: __import__("prsgd_hvd").outer.slowmo(o, slowmo_momentum=1.0), ValueError, r"\[0, 1\)"),
+    (lambda o: __import__("prsgd_hvd").outer.slowmo(o, slowmo_lr=-1.0), ValueError, "> 0"),
+    (lambda o: __import__("prsgd_hvd").outer.slowmo(1.0, 0.5, 0.4), TypeError, "two"),
+])
+def test_slowmo_bad_arguments(call, error, words):
+    inner = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(error, match=words):
+        call(inner)
+
+
+def test_slowmo_first_form_positional_is_still_sgd():
+    from prsgd_hvd.outer import slowmo
+    g = slowmo(0.8, 0.6)([torch.zeros(2)]).param_groups[0]
+    assert (g["lr"], g["momentum"]) == (0.8, 0.6)
+    g = slowmo(0.8, slowmo_momentum=0.3)([torch.zeros(2)]).param_groups[0]
+    assert (g["lr"], g["momentum"]) == (0.8, 0.3)
+
+
+def test_slowmo_refuses_an_ambiguous_or_bad_inner_lr():
+    from prsgd_hvd.outer import slowmo
+    w1, w2 = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    inner = torch.optim.SGD([{"params": [w1], "lr": 0.1}, {"params": [w2], "lr": 0.2}])
+    theta = [torch.zeros(2)]
+    opt = slowmo(inner)(theta)
+    theta[0].grad = torch.ones(2)
+    with pytest.raises(ValueError, match="different learning rates"):
+        opt.step()
+    opt = slowmo(lambda: 0.0)(theta)
+    with pytest.raises(ValueError, match="divides by it"):
+        opt.step()
+    assert torch.equal(theta[0], torch.zeros(2))  # nothing applied
+
+
+def test_slowmo_is_what_ranks_agree_on_and_takes_the_unfused_step():
+    from prsgd_hvd.outer import slowmo
+    m = model()
+    inner = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt = hvd.DistributedLocalSGD(inner, interval=2, outer=slowmo(inner, 0.9, 0.4))
+    described = opt._local_sgd.description()["outer optimizer"]
+    assert described == {"class": "SlowMo", "param_groups": [{"lr": 0.9, "momentum": 0.4}]}
+    _train(m, opt, batches(4))
+    assert opt.stats()["rounds"] == 2 and opt.stats()["fused_outer_rounds"] == 0
+
+
+# ---- outer_device: theta0 and the outer state in host memory ----------------------------------
+@pytest.mark.parametrize("kwargs,error,words", [
+    ({"outer_device": "cpu"}, ValueError, "no outer optimizer"),
+    ({"outer": diloco(), "outer_device": "gpu0"}, ValueError, "not a device"),
+    ({"outer": diloco(), "outer_device": "meta"}, ValueError, "'cpu'"),
+    ({"outer": diloco(), "outer_device": 0}, TypeError, "device name"),
+    ({"outer": diloco(), "outer_device": "cuda:7"}, ValueError, "CUDA"),
+])
+def test_bad_outer_device_is_refused_at_construction(kwargs, error, words):
+    m = model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    if kwargs.get("outer_device") == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(error, match=words):
+        hvd.DistributedLocalSGD(opt, interval=2, **kwargs)
+    assert type(opt) is torch.optim.SGD and not hasattr(opt, "_local_sgd")
+
+
+def _job(outer, outer_device, fused=None, inner="sgd"):
+    m = model()
+    inner_opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) if inner == "sgd" \
+        else torch.optim.Adam(m.parameters(), lr=0.01)
+    opt = hvd.DistributedLocalSGD(inner_opt, interval=3, fused=fused, outer=outer,
+                                  outer_device=outer_device)
+    return m, opt
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("outer", ["diloco", "adam"])
+def test_outer_device_gives_the_same_bits_from_host_memory(monkeypatch, fused, outer):
+    """outer_device="cpu" forces the staged copy path (here host and round are both the CPU):
+    the same bits as without it, on the fused kernel (DiLoCo) and through the outer optimizer's
+    own step() once per chunk (Adam, whose step counter stays where torch keeps it); theta0
+    and the state found on the host, staged one tensor per chunk."""
+    from prsgd_hvd import outer_host
+    monkeypatch.setattr(outer_host, "STAGE_BYTES", 8)  # every tensor a chunk of its own
+    make = {"diloco": diloco, "adam": lambda: (lambda ps: torch.optim.Adam(ps, lr=0.05))}[outer]
+    data = batches(10)
+    m0, o0 = _job(make(), None, fused)
+    m1, o1 = _job(make(), "cpu", fused)
+    _train(m0, o0, data)
+    _train(m1, o1, data)
+    for p, q in zip(m0.parameters(), m1.parameters()):
+        assert torch.equal(p, q)
+    assert o1.stats()["fused_outer_rounds"] == o0.stats()["fused_outer_rounds"]
+    assert (o1.stats()["fused_outer_rounds"] > 0) == (outer == "diloco" and fused is None)
+    where = o1._local_sgd.outer.placement()
+    assert where["outer_device"] == "cpu" and where["theta"] == ["cpu"]
+    assert where["state"] == ["cpu"] and where["chunks"] == 4  # the model's 4 tensors
+    biggest = max(p.numel() * 8 for p in m1.parameters())
+    per_elem = {"diloco": 2, "adam": 3}[outer]  # theta0 + momentum; theta0 + Adam's moments
+    assert where["staged_bytes_max"] == per_elem * biggest
+    assert o1.stats()["outer_device"] == "cpu" and o0.stats()["outer_device"] is None
+    assert o0._local_sgd.outer.placement()["chunks"] == 0
+    # the optimizer's state is keyed by the host tensors again, nothing left behind
+    outer_opt = o1._local_sgd.outer.opt
+    held = [p for g in outer_opt.param_groups for p in g["params"]]
+    assert all(any(p is t for t in o1._local_sgd.outer.theta) for p in held)
+    assert set(map(id, outer_opt.state)) == set(map(id, held))
+
+
+def test_outer_device_checkpoints_load_either_way(monkeypatch):
+    """A checkpoint saved with outer_device="cpu" holds host tensors; it resumes bit for bit
+    into a job with the option or without it, and so does one saved without it."""
+    from prsgd_hvd import outer_host
+    monkeypatch.setattr(outer_host, "STAGE_BYTES", 8)
+    data = batches(10)
+    m_ref, o_ref = _job(diloco(), None)
+    _train(m_ref, o_ref, data)
+    for saved_on, loaded_on in [("cpu", None), (None, "cpu"), ("cpu", "cpu")]:
+        m, o = _job(diloco(), saved_on)
+        _train(m, o, data[:5])
+        sd = copy.deepcopy({"model": m.state_dict(), "opt": o.state_dict()})
+        entry = sd["opt"]["local_sgd"]["outer"]
+        assert all(a.device.type == "cpu" for a in entry["anchor"])
+        assert entry["optimizer"]["state"], "no outer momentum saved"
+        m2, o2 = _job(diloco(), loaded_on)
+        m2.load_state_dict(sd["model"])
+        o2.load_state_dict(sd["opt"])
+        if loaded_on is not None:
+            assert o2._local_sgd.outer.placement()["state"] == ["cpu"]
+        _train(m2, o2, data[5:])
+        for p, q in zip(m_ref.parameters(), m2.parameters()):
+            assert torch.equal(p, q), (saved_on, loaded_on)
+
+
+def test_outer_device_broadcast_optimizer_state_keeps_host_tensors(monkeypatch):
+    """hvd.broadcast_optimizer_state (through the checkpoint entry) leaves theta0 and the
+    outer state in host memory and the job on the same bits."""
+    data = batches(8)
+    m0, o0 = _job(diloco(), None)
+    m1, o1 = _job(diloco(), "cpu")
+    _train(m0, o0, data[:4])
+    _train(m1, o1, data[:4])
+    hvd.broadcast_optimizer_state(o1, root_rank=0)
+    hvd.broadcast_optimizer_state(o0, root_rank=0)
+    where = o1._local_sgd.outer.placement()
+    assert where["theta"] == ["cpu"] and where["state"] == ["cpu"]
+    _train(m0, o0, data[4:])
+    _train(m1, o1, data[4:])
+    for p, q in zip(m0.parameters(), m1.parameters()):
+        assert torch.equal(p, q)

@@ -16,7 +16,7 @@ from prsgd_hvd.averaging import CONTROL_FIELDS
 from hvdrun import run_workers
 from reference import simulate_epochs, simulate_fixed_interval
 from reference_mixed import simulate_mixed
-from workers.common import make_mixed_model
+from workers.common import make_mixed_model, make_model
 
 SGD_MOMENTUM = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 SCENARIOS = [
@@ -121,6 +121,33 @@ SCENARIOS.append(dict(next(s for s in SCENARIOS if s["name"] == "outer_sgd_momen
 # (test_outer_overlap_changes_nothing).
 SCENARIOS.append(dict(next(s for s in SCENARIOS if s["name"] == "outer_fp16_i2_finalize"),
                       name="outer_fp16_i2_finalize_no_overlap", overlap=False))
+
+# outer_device="cpu": theta0 and the outer state in host memory, staged chunk by chunk at every
+# outer round (prsgd_hvd.outer_host). Copies of outer scenarios, same seeds, with chunks of one
+# tensor or so (stage_bytes): held to the same reference, and bit for bit to the scenario without
+# the option, fused kernel and unfused step alike (test_outer_host_memory_changes_nothing).
+OUTER_HOST_STAGE_BYTES = 64
+OUTER_HOST = ["outer_sgd_momentum_i3", "outer_sgd_momentum_i3_reference_path",
+              "outer_resume_mid_interval_i4", "outer_fp16_i2_finalize",
+              "outer_adam_warmup2_i3_finalize"]
+SCENARIOS += [dict(next(s for s in SCENARIOS if s["name"] == name), name=name + "_host",
+                   outer_device="cpu", stage_bytes=OUTER_HOST_STAGE_BYTES) for name in OUTER_HOST]
+# SlowMo exactly (prsgd_hvd.outer.slowmo(opt, ...)) while the inner lr changes, held to SlowMo's
+# own update (reference_outer.SlowMoReference): Algorithm 1 with a StepLR that halves the rate
+# every 2 steps at interval 3 (so it differs at every outer step) and a resume mid-interval;
+# Algorithm 2's epoch rates with outer_device="cpu" and finalize(). test_slowmo_is_not_the_sgd_form
+# checks that the rate's changes show.
+SLOWMO = {"slowmo_lr": 1.0, "slowmo_momentum": 0.6}
+SCENARIOS += [
+    {"name": "outer_slowmo_steplr_i3_resume", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "interval": 3, "steps": 11, "lr_step": [2, 0.5], "resume_at": 5, "outer": SLOWMO,
+     "outer_kind": "slowmo", "seed": 2468},
+    {"name": "outer_slowmo_time_varying_host_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "finalize": True, "outer": SLOWMO, "outer_kind": "slowmo", "outer_device": "cpu",
+     "stage_bytes": OUTER_HOST_STAGE_BYTES, "seed": 2469,
+     "schedule": {"kind": "time_varying", "epoch_lengths": [2, 3, 2], "lrs": [0.1, 0.04, 0.02],
+                  "epochs": 3}},
+]
 
 # fp32 + fp16 + bf16 parameters in one SGD (workers/common.py MixedNet: several buckets, odd
 # sizes, tensors past a kernel chunk), held to tests/reference_mixed.py, which models where
@@ -499,3 +526,61 @@ def test_outer_overlap_changes_nothing(np):
         assert on["stats"]["overlap"] and not off["stats"]["overlap"]
         assert on["stats"]["rounds"] == off["stats"]["rounds"]
         assert torch.equal(on["final"], off["final"])
+
+
+# ---- outer_device and SlowMo ----------------------------------------------------------------
+def _outer_host_bound():
+    """The most a chunk may stage: theta0 and the outer momentum (fp32) of one chunk, i.e. of
+    OUTER_HOST_STAGE_BYTES or of the largest tensor if that is more."""
+    largest = max(p.numel() * 4 for p in make_model(0).parameters())
+    return 2 * max(OUTER_HOST_STAGE_BYTES, largest)
+
+
+def _check_outer_host(res, device):
+    for name in OUTER_HOST:
+        host, base = res[name + "_host"], res[name]
+        assert torch.equal(host["traj"], base["traj"]), name
+        assert torch.equal(host["final"], base["final"]), name
+        keys = ("rounds", "fused_outer_rounds", "fused_outer_updates")
+        assert [host["stats"][k] for k in keys] == [base["stats"][k] for k in keys], name
+        assert host["stats"]["outer_device"] == "cpu" and base["stats"]["outer_device"] is None
+        where = host["outer_placement"]
+        assert where["theta"] == ["cpu"] and where["state"] == ["cpu"], (name, where)
+        # staged in chunks (the model has 6 tensors), never all of it at once
+        assert where["chunks"] >= 3 and 0 < where["staged_bytes_max"] <= _outer_host_bound(), \
+            (name, where)
+        assert base["outer_placement"]["theta"] == [device] and base["outer_placement"]["chunks"] == 0
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_outer_host_memory_changes_nothing(np):
+    """outer_device="cpu": the same bits as without it (the staged copies run the same kernel
+    or step() on the same values), the same rounds on the same (fused or unfused) rule, theta0
+    and the outer state found in host memory, staged a chunk at a time."""
+    for res in results_for(np):
+        _check_outer_host(res, "cpu")
+
+
+def test_outer_host_memory_on_cuda(cuda_results):
+    """The same with the model on the GPU: theta0 and the outer state stay in host memory
+    (page-locked) while the parameters and the rounds are on cuda:0."""
+    for res in cuda_results:
+        _check_outer_host(res, "cuda:0")
+        for name in OUTER_HOST:
+            assert res[name + "_host"]["outer_placement"]["pinned"], name
+
+
+def test_slowmo_is_not_the_sgd_form():
+    """Guard: the SlowMo scenarios, which match SlowMo's own update, end far from the float64
+    reference of its SGD form (SGD(lr=slowmo_lr, momentum=slowmo_momentum), SlowMo only at a
+    constant inner lr): the inner rate's changes show. They take the unfused step."""
+    for name in ("outer_slowmo_steplr_i3_resume", "outer_slowmo_time_varying_host_finalize"):
+        spec = next(s for s in SCENARIOS if s["name"] == name)
+        sgd_form = {k: v for k, v in spec.items() if k != "outer_kind"}
+        sgd_form["outer"] = {"lr": SLOWMO["slowmo_lr"], "momentum": SLOWMO["slowmo_momentum"]}
+        simulate = simulate_epochs if "schedule" in spec else simulate_fixed_interval
+        _, ref_final, _ = simulate(sgd_form, 2)
+        got = results_for(2)[0][name]
+        apart = float((got["final"] - ref_final[0]).norm() / ref_final[0].norm())
+        assert apart > 1e-3, f"{name}: {apart:.1e} from the SGD form"
+        assert got["stats"]["fused_outer_rounds"] == 0

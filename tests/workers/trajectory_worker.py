@@ -10,7 +10,9 @@ after the step that completes that round -- with different step counts per rank 
 point where all ranks can restart together), lr_step
 ([step_size, gamma] for StepLR), broadcast_state (call hvd.broadcast_optimizer_state),
 extra_steps_per_rank (rank r runs r * that many more steps: uneven data), outer (SGD
-keyword arguments of an outer optimizer, outer=), delay and fragments (streaming rounds), finalize
+keyword arguments of an outer optimizer, outer=; with outer_kind "slowmo" the keyword arguments
+of prsgd_hvd.outer.slowmo(opt, ...), the exact SlowMo over the inner optimizer), outer_device
+(outer_device=) and stage_bytes (prsgd_hvd.outer_host.STAGE_BYTES for this scenario), delay and fragments (streaming rounds), finalize
 (train inside ``with opt.local_sgd():``, which ends with finalize()) and model ("mixed":
 common.MixedNet, fp32 + fp16 + bf16 parameters, saved as float32 vectors).
 """
@@ -22,12 +24,14 @@ import os
 import torch
 
 import prsgd_hvd as hvd
+from prsgd_hvd import outer_host
 from common import (flat_params, flat_params_f32, loss_fn, make_mixed_model, make_model,
                     make_optimizer, mixed_loss_fn, schedule_from_spec, steps_for_rank)
 
 # PRSGD_TEST_DEVICE=cuda: the same scenarios with the model on the GPU (every rank on cuda:0,
 # Horovod staging the averages through host memory when it was built without GPU operations).
 DEVICE = torch.device(os.environ.get("PRSGD_TEST_DEVICE", "cpu"))
+STAGE_BYTES = outer_host.STAGE_BYTES
 
 
 def _mixed(spec):
@@ -54,7 +58,7 @@ def build(spec, rank):
                                   compression=spec.get("compression"),
                                   error_feedback=spec.get("error_feedback", True),
                                   delay=spec.get("delay", 0), fragments=spec.get("fragments", 1),
-                                  **_outer(spec))
+                                  **_outer(spec, opt))
     sched = None
     if spec.get("lr_step"):
         size, gamma = spec["lr_step"]
@@ -62,12 +66,17 @@ def build(spec, rank):
     return model, opt, sched
 
 
-def _outer(spec):
-    """"outer": SGD keyword arguments of an outer optimizer (DiLoCo), if the scenario has one."""
+def _outer(spec, opt):
+    """"outer": SGD keyword arguments of an outer optimizer (DiLoCo), if the scenario has one;
+    SlowMo's (over the inner optimizer ``opt``) with outer_kind "slowmo"."""
     if not spec.get("outer"):
         return {}
     kwargs = dict(spec["outer"])
-    return {"outer": lambda ps: torch.optim.SGD(ps, **kwargs)}
+    if spec.get("outer_kind") == "slowmo":
+        outer = hvd.outer.slowmo(opt, **kwargs)
+    else:
+        outer = lambda ps: torch.optim.SGD(ps, **kwargs)  # noqa: E731
+    return {"outer": outer, "outer_device": spec.get("outer_device")}
 
 
 def _process_sets(groups):
@@ -80,6 +89,7 @@ def _process_sets(groups):
 
 
 def run(spec, rank):
+    outer_host.STAGE_BYTES = spec.get("stage_bytes", STAGE_BYTES)
     model, opt, sched = build(spec, rank)
     if spec.get("model") == "mixed" and rank != 0:
         # Spoil this rank's copy: hvd.broadcast_parameters must bring rank 0's back, the bf16
@@ -105,7 +115,8 @@ def run(spec, rank):
             "rounds": opt.rounds, "stats": opt.stats(),
             "is_instance": isinstance(opt, type(make_optimizer(spec, make_model(0)))),
             "device": str(next(model.parameters()).device), "extension": hvd.ops.has_extension(),
-            "anchor_gap": _anchor_gap(opt) if spec.get("outer") else None}
+            "anchor_gap": _anchor_gap(opt) if spec.get("outer") else None,
+            "outer_placement": opt._local_sgd.outer.placement() if spec.get("outer") else None}
 
 
 def _anchor_gap(opt):
