@@ -31,6 +31,10 @@ and first in each bucket (with ``average_state=True`` they hold the inner moment
 which the inner step must read averaged). The shared anchor (16-bit deltas' origin) moves as
 :class:`OuterStep` moves it: it follows the average, then theta0 replaces it in the parameters'
 segments.
+
+With ``outer_device`` (theta0 and the outer buffer in host memory) each run of parameters is
+cut into the staged chunks of prsgd_hvd.outer_host (NOTE: [staging the outer step]); the kernel
+runs on the chunk's device copies as it runs on the originals, so the bits are the same.
 """
 from __future__ import annotations
 

@@ -22,6 +22,11 @@ as the outer optimizer prsgd_hvd.fused_outer does the whole round in one kernel 
 With 16-bit deltas the wire encodes ``x_i - anchor`` (prsgd_hvd.anchor): after an outer round
 the rule writes theta0 into the shared anchor's parameter segments, so the deltas are taken
 from theta0, the point every rank restarted from.
+
+With ``outer_device`` (prsgd_hvd.outer_host) theta0 and the outer optimizer's state live there
+(host memory) instead, and both rules take the round's parameters in staged chunks
+(:meth:`OuterOptimizer.chunks`, :meth:`OuterOptimizer.staged`): NOTE: [staging the outer step].
+``slowmo(opt, ...)`` builds prsgd_hvd.slowmo.SlowMo, SlowMo's exact update.
 """
 from __future__ import annotations
 

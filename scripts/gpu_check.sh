@@ -22,6 +22,10 @@
 #        (skipped when `import horovod.torch` already works);
 #     5. bench_gpu_round.py --part e2e: a 1-rank ResNet-50-sized step, DistributedLocalSGD(I=1)
 #        against torch.optim.SGD(fused=True) and (foreach=True);
+#    5b. scripts/check_outer_device.py: a 1-rank outer job (DiLoCo's fused outer kernel, and
+#        Adam's step() per staged chunk) with outer_device="cpu" against the same job without
+#        it: the same bits, theta0 and the outer state in page-locked host memory, device
+#        memory peak and between rounds both ways;
 #     6. the CUDA variants of tests/test_ops.py (launch configurations, stream race, graphs);
 #     7. compute-sanitizer memcheck and racecheck on a subset of the op tests;
 #     8. the trajectory scenarios of tests/test_trajectories.py with the model on the GPU,
@@ -122,7 +126,7 @@ summary() {
   echo "machine: ${GPU_NAME:-no GPU}; torch ${TORCH_VERSION:-?}; CUDA ${TORCH_CUDA:-?}; ${GPU_STATE:-}"
   printf '%s\n' "${SUMMARY[@]}"
   local f
-  for f in bench_gpu_round.txt ncu_summary.txt e2e.txt; do
+  for f in bench_gpu_round.txt ncu_summary.txt e2e.txt outer_device.txt; do
     [[ -f "$OUT_DIR/$f" ]] && { echo "-- $f:"; sed -n '/^SUMMARY/,$p' "$OUT_DIR/$f" | cut -c1-160 | head -n 70; }
   done
   echo "logs and figures: $OUT_DIR ($(ls "$OUT_DIR" | tr '\n' ' '))"
@@ -286,6 +290,20 @@ elif have_horovod; then
     "'$PY' benchmarks/bench_gpu_round.py --part e2e 2>&1 | tee '$OUT_DIR/e2e.txt'"
 else
   skip "bench_gpu_round --part e2e" "horovod.torch does not import"
+fi
+
+# ---- 5b. theta0 and the outer state in host memory (outer_device="cpu") ------------------------
+if [[ "$MODE" == dry ]]; then
+  if have_horovod; then
+    step "outer_device='cpu' vs None (CPU code path)" "$PY" scripts/check_outer_device.py --device cpu --small
+  else
+    skip "outer_device='cpu' vs None (CPU code path)" "horovod.torch does not import here"
+  fi
+elif have_horovod; then
+  CAP=120 step "outer_device='cpu' vs None on CUDA: bits and device memory" bash -o pipefail -c \
+    "'$PY' scripts/check_outer_device.py 2>&1 | tee '$OUT_DIR/outer_device.txt'"
+else
+  skip "outer_device='cpu' vs None on CUDA" "horovod.torch does not import"
 fi
 
 # ---- 6. CUDA op tests -------------------------------------------------------------------------

@@ -243,6 +243,40 @@ MUTANTS = [
            ("tests/test_trajectories.py::test_grouped_averaging_matches_float64_simulation"
             "[outer_hierarchical_pairs_every_2_all_every_6]",),
            "Hierarchical group rounds would take outer steps from a theta0 of the whole set"),
+    # ---- theta0 in host memory (outer_device=, prsgd_hvd/outer_host.py) and SlowMo ------------
+    Mutant("outer_host_momentum_not_copied_back", "prsgd_hvd/outer_host.py",
+           "                    h.copy_(value)\n                    kept[key] = h",
+           "                    kept[key] = h",
+           ("tests/test_outer_unit.py::test_outer_device_gives_the_same_bits_from_host_memory",
+            _traj("outer_sgd_momentum_i3_host")),
+           "with outer_device the outer momentum would be whatever the host tensor held before "
+           "the round (uninitialised memory at the first one)"),
+    Mutant("outer_host_theta0_not_copied_back", "prsgd_hvd/outer_host.py",
+           "        dev.grad = None\n        host.copy_(dev)\n",
+           "        dev.grad = None\n",
+           (_traj("outer_sgd_momentum_i3_host"),),
+           "with outer_device the ranks would restart from theta0' once, but the next "
+           "pseudo-gradient would be taken from the old theta0"),
+    Mutant("outer_host_not_staged_when_devices_match", "prsgd_hvd/outer.py",
+           "        if device is None:\n            return contextlib.nullcontext()",
+           "        if device is None or device == self.host.device:\n"
+           "            return contextlib.nullcontext()",
+           ("tests/test_trajectories.py::test_outer_host_memory_changes_nothing[2]",),
+           "a CPU run would no longer exercise the copy path a GPU job takes (same values, "
+           "untested code)"),
+    Mutant("slowmo_divides_by_the_old_lr", "prsgd_hvd/slowmo.py",
+           "u.mul_(beta).add_(p.grad, alpha=1.0 / gamma)",
+           "u.mul_(beta).add_(p.grad, alpha=1.0 / state.get(\"inner_lr\", gamma))",
+           ("tests/test_outer_unit.py::test_slowmo_over_the_inner_optimizer_follows_its_changing_lr",
+            _traj("outer_slowmo_steplr_i3_resume")),
+           "SlowMo's slow momentum would add the pseudo-gradient scaled by the previous outer "
+           "step's inner lr"),
+    Mutant("slowmo_inner_lr_read_once", "prsgd_hvd/outer.py",
+           "        gamma = inner_lr_of(inner)\n",
+           "        gamma = (lambda frozen: lambda: frozen)(inner_lr_of(inner)())\n",
+           (_traj("outer_slowmo_steplr_i3_resume"),),
+           "slowmo(opt, ...) would be the SGD form again: exact only while the inner lr stays "
+           "what it was at construction"),
     # ---- streaming rounds (delay=, fragments=) -------------------------------------------------
     Mutant("delayed_merge_drops_local_progress", "prsgd_hvd/streaming.py",
            "                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)\n"

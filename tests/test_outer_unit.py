@@ -428,3 +428,25 @@ def test_outer_device_broadcast_optimizer_state_keeps_host_tensors(monkeypatch):
     _train(m1, o1, data[4:])
     for p, q in zip(m0.parameters(), m1.parameters()):
         assert torch.equal(p, q)
+
+
+def test_outer_device_with_streaming_rounds(monkeypatch):
+    """Streaming jobs (delay=, fragments=) take the outer step in their settle, through the
+    same staged chunks: the same bits as without outer_device, through finalize()."""
+    from prsgd_hvd import outer_host
+    monkeypatch.setattr(outer_host, "STAGE_BYTES", 8)
+    data = batches(13)
+    finals = []
+    for outer_device in (None, "cpu"):
+        m = model()
+        opt = hvd.DistributedLocalSGD(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                      interval=4, delay=1, fragments=2, outer=diloco(),
+                                      outer_device=outer_device)
+        _train(m, opt, data)
+        opt.finalize()
+        finals.append([p.detach().clone() for p in m.parameters()])
+    for p, q in zip(*finals):
+        assert torch.equal(p, q)
+    where = opt._local_sgd.outer.placement()
+    assert where["theta"] == ["cpu"] and where["state"] == ["cpu"] and where["chunks"] >= 1
+    assert opt.stats()["rounds"] > 4
