@@ -76,19 +76,17 @@ class JoinProtocol:
         return final > 0 and self.previous_active == final
 
     def _follow_the_fragments(self, t: int) -> None:
-        """fragments=F: answer the fragment rounds each step from ``t`` on makes; once a round
-        finds no rank still training, every rank takes one round of each other fragment, so
-        every fragment ends averaged over the final models."""
+        """fragments=F: answer the fragment rounds the others make from step ``t`` on; once a
+        round finds no rank still training, every rank takes one round of each other fragment,
+        so every fragment ends averaged over the final models."""
         e = self.engine
         fragments = e.world.whole_set_averagers
-        while True:
-            for averager in e.streaming.frags.rounds_at(t):
-                if self._join(averager).active_ranks == 0:
-                    k = fragments.index(averager)
-                    for other in fragments[k + 1:] + fragments[:k]:
-                        self._join(other)
-                    return
-            t += 1
+        for averager in e.streaming.frags.walk(t):
+            if self._join(averager).active_ranks == 0:
+                k = fragments.index(averager)
+                for other in fragments[k + 1:] + fragments[:k]:
+                    self._join(other)
+                return
 
     def _follow_the_plan(self, t: int) -> None:
         """Answer each round the plan makes from step ``t`` on -- the group's and the whole

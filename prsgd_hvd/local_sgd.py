@@ -160,9 +160,11 @@ class LocalSGD:
 
     def scheduled_round(self, t: int, plan: StepPlan, update: Optional[Callable[[], Any]],
                         skip_update: bool, fusable: bool = False,
-                        averager: Optional[Averager] = None) -> bool:
+                        averager: Optional[Averager] = None, report: bool = True) -> bool:
         """A round the schedule asked for, at once; with ``update`` the update follows the
-        average (returns True: it was applied, fused or not, or skipped as it must be)."""
+        average (returns True: it was applied, fused or not, or skipped as it must be).
+        ``report=False``: a fragment's round within an epoch, which the schedule does not hear
+        of (NOTE: [fragment rounds])."""
         averager = averager or self.world.averager_for(plan)
         waited = averager.wait_seconds
         updates = update is not None and not skip_update
@@ -171,9 +173,10 @@ class LocalSGD:
             agree=plan.agree, update_follows=updates and fusable, plan=plan)
         if updates and not excluded and not updated:  # an excluded rank's gradient is not finite
             update()
-        self.planner.on_round(self.clock.report(
-            t, averager.wait_seconds - waited, self.world.total("wait_seconds"),
-            self.divergence, rnd.agree))
+        if report:
+            self.planner.on_round(self.clock.report(
+                t, averager.wait_seconds - waited, self.world.total("wait_seconds"),
+                self.divergence, rnd.agree))
         return update is not None
 
     def run_round(self, identity: RoundId, averager: Averager, *, t: Optional[int] = None,

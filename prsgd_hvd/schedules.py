@@ -292,6 +292,15 @@ class _Epochs(Schedule):
     def in_epoch(self, t: int) -> int:
         return t - self.epoch_start
 
+    def epoch_steps(self) -> int:
+        """This rank's number of local steps in the current epoch."""
+        raise NotImplementedError
+
+    def epoch_end_plan(self) -> StepPlan:
+        """The plan of the step that ends the current epoch (its weight: fragments' rounds
+        within the epoch take it, prsgd_hvd.fragments)."""
+        return self.plan(self.epoch_start + self.epoch_steps())
+
     def on_round(self, report: RoundReport) -> None:
         if report.kind == "scheduled":
             self.epoch += 1
@@ -363,6 +372,9 @@ class TimeVarying(_Epochs):
             k = self.epoch_lengths(self.epoch)
             self._length_cache = (self.epoch, k)
         return k
+
+    def epoch_steps(self) -> int:
+        return self.epoch_length()
 
     def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
         k = self.in_epoch(t)
@@ -445,6 +457,9 @@ class Heterogeneous(_Epochs):
     def _plan(self, t: int, epoch_ends: bool, agree: bool = False) -> StepPlan:
         weight = float(self.in_epoch(t)) if self.weights == "steps" else 1.0
         return StepPlan(average_after=epoch_ends, weight=weight, agree=agree)
+
+    def epoch_steps(self) -> int:
+        return self.intervals[self.rank]
 
     def plan(self, t: int, elapsed: float = 0.0) -> StepPlan:
         return self._plan(t, self.in_epoch(t) >= self.intervals[self.rank])

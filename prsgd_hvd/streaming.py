@@ -30,8 +30,10 @@ starts (an epoch ends when its round starts), with no measured divergence.
 param-group order: the same split on every rank; a tensor opens fragment p+1 when its middle
 byte lies past fragment p's share of the bytes), each with its own averager (collective names,
 layout, anchor, wire state; an outer optimizer's state is per tensor). Fragment p is averaged
-before the update of the steps t with (t - p*I/F) mod I == 0, delayed by tau like any round, so
-each fragment is averaged every I steps and the rounds are spread over the interval. Model
+before the update of the steps t with (t - p*I/F) mod I == 0 (Algorithm 1), or after the
+update of the (p*K/F)-th step of each epoch of K steps (Algorithms 2 and 3; fragment 0 at the
+epoch's end), delayed by tau like any round: each fragment is averaged once per interval or
+epoch, the rounds spread over it (NOTE: [fragment rounds] in prsgd_hvd.fragments). Model
 buffers ride with fragment 0, averaged optimizer state with its parameter. Warm-up rounds,
 ``average_now()`` and ``finalize()``'s rounds take every fragment, at once. With F > 1 the
 optimizer's own update runs for every parameter (``step()``), never fused into one fragment.
@@ -89,8 +91,15 @@ class Streaming:
                 self.start(p, rplan, t, merge_at=t + self.delay)
         if not updated and not skip_update:
             update()
-        if plan.average_after:  # an epoch ends: the round of "before step t+1's update"
-            self.start(0, plan, t, merge_at=t + 1 + self.delay)
+        # An epoch ends (or, with fragments, reaches a fragment's round): the round of "before
+        # step t+1's update", at once without a delay (Algorithms 2 and 3 average after it).
+        for p, rplan in self.frags.due_after(t, plan):
+            if self.delay == 0:
+                e.scheduled_round(t, rplan, None, skip_update, averager=self.frags.averager(p),
+                                  report=self.frags.ends_epoch(p))
+            else:
+                self.start(p, rplan, t, merge_at=t + 1 + self.delay)
+        if plan.average_after:
             e.averaged_step = t
 
     def start(self, p: int, plan: StepPlan, t: int, merge_at: int) -> None:
@@ -112,7 +121,8 @@ class Streaming:
         self.in_flight.append(DelayedRound(p, averager, identity, t, merge_at, plan, n_params,
                                            pending))
         # The schedule's epoch ends when its round starts (NOTE above); nothing measured yet.
-        e.planner.on_round(e.clock.report(t, 0.0, e.world.total("wait_seconds"), None, False))
+        if self.frags.ends_epoch(p):
+            e.planner.on_round(e.clock.report(t, 0.0, e.world.total("wait_seconds"), None, False))
 
     def settle(self, r: DelayedRound) -> None:
         """Phase 1: the round's sums arrive and become the correction c - x_sent."""

@@ -3,7 +3,7 @@ checked at construction: a bad combination raises here, naming the fix, before a
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 from .checks import int_at_least
 from .schedules import (Adaptive, FixedInterval, Heterogeneous, Hierarchical, Schedule,
@@ -30,18 +30,23 @@ def check_streaming(delay, fragments, schedule: Schedule, nonfinite: str, n_para
         raise ValueError(f"{_P}: {what} cannot be used with {schedule!r}: {reason}. Use delay=0 "
                          f"and fragments=1 with this schedule, or an interval (Algorithm 1)")
     if fragments > 1:
-        if not isinstance(schedule, FixedInterval):
+        lengths = _known_lengths(schedule)
+        if lengths is None:
             raise ValueError(
-                f"{_P}: fragments={fragments} needs a fixed interval (Algorithm 1): fragment p is "
-                f"averaged at the steps t with (t - p*I/F) mod I == 0, which needs one I for "
-                f"every rank and epoch; {schedule!r} has none. Use fragments=1 (delay= works "
-                f"with it)")
-        if schedule.interval % fragments:
+                f"{_P}: fragments={fragments} needs an interval (Algorithm 1) or epochs "
+                f"(TimeVarying, Heterogeneous with fixed intervals): each fragment is averaged "
+                f"once per interval or epoch, the rounds K/F steps apart; {schedule!r} has "
+                f"neither. Use fragments=1 (delay= works with it)")
+        bad = [k for k in lengths if k % fragments]
+        if bad:
+            what_len = ("interval" if isinstance(schedule, FixedInterval) else
+                        "intervals" if isinstance(schedule, Heterogeneous) else "epoch_lengths")
             raise ValueError(
-                f"{_P}: fragments={fragments} must divide interval={schedule.interval} (the "
-                f"fragments' rounds are I/F steps apart); e.g. interval="
-                f"{schedule.interval - schedule.interval % fragments or fragments} or fragments "
-                f"that divide {schedule.interval}")
+                f"{_P}: fragments={fragments} must divide {what_len}="
+                f"{lengths[0] if len(lengths) == 1 else list(lengths)} (the fragments' rounds "
+                f"are K/F steps apart, and {bad[0]} is not a multiple of {fragments}); e.g. "
+                f"{what_len} that are multiples of {fragments}, or fragments that divide "
+                f"{'it' if len(lengths) == 1 else 'each'}")
         if fragments > n_params:
             raise ValueError(
                 f"{_P}: fragments={fragments} but the optimizer has only {n_params} parameter "
@@ -52,6 +57,20 @@ def check_streaming(delay, fragments, schedule: Schedule, nonfinite: str, n_para
             f"{_P}: delay={delay} must be smaller than the number of steps between two rounds "
             f"of the same {'fragment' if fragments > 1 else 'model'} ({gap} with {schedule!r}); "
             f"a round merges before the next one of its kind starts. Use delay <= {gap - 1}")
+
+
+def _known_lengths(schedule: Schedule) -> Optional[List[int]]:
+    """The steps between two rounds of the whole model where fragments can spread theirs:
+    the interval, each rank's interval, or the epoch lengths given up front (a callable's
+    are checked as each epoch starts: prsgd_hvd.fragments). None: no such steps."""
+    if isinstance(schedule, FixedInterval):
+        return [schedule.interval]
+    if isinstance(schedule, Heterogeneous) and schedule.mode == "fixed":
+        return list(schedule.intervals)
+    if isinstance(schedule, TimeVarying):
+        spec = schedule.epoch_lengths.spec
+        return [] if callable(spec) else list(spec)
+    return None
 
 
 def _unstreamable(schedule: Schedule) -> Optional[str]:

@@ -133,31 +133,44 @@ def simulate_streaming(spec: dict, n: int):
 
 
 def simulate_streaming_epochs(spec: dict, n: int):
-    """Algorithms 2 and 3 with ``delay``: rank r's epoch s ends after its K_r^s steps at
-    gamma^s; the round of the epoch's end merges before the update of step t_end + 1 + tau."""
+    """Algorithms 2 and 3 with ``delay`` and ``fragments``: rank r's epoch s runs its K_r^s steps
+    at gamma^s; fragment p (p = 1, ..., F-1) is averaged after the update of the epoch's
+    (p*K_r/F)-th step on each rank r, fragment 0 after its last step, each with the epoch's
+    weights; a round after the update of step t merges before the update of step t + 1 + tau
+    (tau = 0: at once, as Algorithm 2 averages)."""
     job = _Job(spec, n)
-    sched, tau = spec["schedule"], spec.get("delay", 0)
-    everything = list(range(len(job.params[0])))
+    sched, tau, F = spec["schedule"], spec.get("delay", 0), spec.get("fragments", 1)
+    split = fragment_split(job.params[0], F)
     t = [0] * n
     traj = [[] for _ in range(n)]
     for s in range(1, sched["epochs"] + 1):
         lengths = [epoch_length(sched, r, s) for r in range(n)]
         lr = epoch_lr(sched, s)
+        start = list(t)
         for r in range(n):
             if lr is not None:
                 for g in job.opts[r].param_groups:
                     g["lr"] = lr
-            for _ in range(lengths[r]):
-                t[r] += 1
-                _local_step(spec, r, t[r], job.models[r], job.opts[r])
-                job.merge_due(r, t[r])
-                job.opts[r].step()
-                traj[r].append(flat_params(job.models[r]))
-        weights = lengths if sched.get("weights") == "steps" else None
-        sent = [{i: job.params[r][i].detach().clone() for i in everything} for r in range(n)]
-        c = job.common_point(everything, sent, weights)
-        for r in range(n):
-            job.pending[r].append([t[r] + 1 + tau, {i: c[i] - sent[r][i] for i in everything}])
+        for j in range(1, F + 1):  # the epoch's rounds: fragments 1, ..., F-1, then 0
+            for r in range(n):
+                while t[r] < start[r] + j * lengths[r] // F:
+                    t[r] += 1
+                    _local_step(spec, r, t[r], job.models[r], job.opts[r])
+                    job.merge_due(r, t[r])
+                    job.opts[r].step()
+                    traj[r].append(flat_params(job.models[r]))
+            frag = split[j % F]
+            weights = lengths if sched.get("weights") == "steps" else None
+            sent = [{i: job.params[r][i].detach().clone() for i in frag} for r in range(n)]
+            c = job.common_point(frag, sent, weights)
+            with torch.no_grad():
+                for r in range(n):
+                    if tau == 0:  # within step t[r]'s step(): what it returns is averaged
+                        for i in frag:
+                            job.params[r][i].copy_(c[i])
+                        traj[r][-1] = flat_params(job.models[r])
+                    else:
+                        job.pending[r].append([t[r] + 1 + tau, {i: c[i] - sent[r][i] for i in frag}])
     if spec.get("finalize"):
         job.finish()
     return [torch.stack(tr) for tr in traj], [flat_params(m) for m in job.models], None

@@ -2,7 +2,7 @@
 float64 reference of tests/reference_streaming.py: Algorithm 1 with the fused SGD merge and the
 reference path, several fragments' rounds in flight at once, warm-up, outer optimizers, 16-bit
 deltas, uneven endings where finalize() drains what is in flight, checkpoints taken with rounds
-in flight; Algorithms 2 and 3 with a delay. One launch per world size runs every scenario."""
+in flight; Algorithms 2 and 3 with a delay and with fragments. One launch per world size runs every scenario."""
 import json
 
 import pytest
@@ -46,16 +46,35 @@ SCENARIOS = [
     {"name": "time_varying_d1_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "delay": 1,
      "finalize": True, "schedule": {"kind": "time_varying", "epoch_lengths": [2, 3, 2, 4],
                                     "lrs": [0.1, 0.05, 0.02, 0.01], "epochs": 4}},
+    # Algorithm 2 with fragments: tau=3 > K/F, two fragments' rounds in flight, an outer step
+    # per fragment round; and tau=0, each fragment averaged at once after its step.
+    {"name": "time_varying_f2_d3_outer_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "fragments": 2, "delay": 3, "finalize": True, "outer": DILOCO,
+     "schedule": {"kind": "time_varying", "epoch_lengths": [4, 6, 4, 8],
+                  "lrs": [0.1, 0.05, 0.02, 0.01], "epochs": 4}},
+    {"name": "time_varying_f3_d0_finalize", "opt": "adam", "opt_kwargs": {"lr": 0.01},
+     "fragments": 3, "finalize": True,
+     "schedule": {"kind": "time_varying", "epoch_lengths": [3, 6, 3], "epochs": 3}},
 ]
 # Algorithm 3: one interval per rank.
 HETEROGENEOUS = {
     2: [{"name": "heterogeneous_d1_outer_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
          "delay": 1, "finalize": True, "outer": DILOCO,
-         "schedule": {"kind": "heterogeneous", "intervals": [3, 2], "epochs": 4}}],
+         "schedule": {"kind": "heterogeneous", "intervals": [3, 2], "epochs": 4}},
+        # Algorithm 3 with fragments: rank r averages fragment p after p*I_r/F of its steps.
+        {"name": "heterogeneous_f2_d1_fp16_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+         "fragments": 2, "delay": 1, "finalize": True, "compression": "fp16",
+         "rel_norm_tol": 1e-3,
+         "schedule": {"kind": "heterogeneous", "intervals": [4, 2], "epochs": 3}}],
     3: [{"name": "heterogeneous_d1_steps_weights_finalize", "opt": "sgd",
          "opt_kwargs": SGD_MOMENTUM, "delay": 1, "finalize": True,
          "schedule": {"kind": "heterogeneous", "intervals": [3, 2, 4], "weights": "steps",
-                      "epochs": 4}}],
+                      "epochs": 4}},
+        {"name": "heterogeneous_f2_d1_steps_weights_outer_finalize", "opt": "sgd",
+         "opt_kwargs": SGD_MOMENTUM, "fragments": 2, "delay": 1, "finalize": True,
+         "outer": DILOCO,
+         "schedule": {"kind": "heterogeneous", "intervals": [4, 2, 6], "weights": "steps",
+                      "epochs": 3}}],
 }
 for i, s in enumerate(SCENARIOS + HETEROGENEOUS[2] + HETEROGENEOUS[3]):
     s["seed"] = 7100 + i
@@ -76,7 +95,7 @@ def expected_rounds(spec, np):
     F, tau = spec.get("fragments", 1), spec.get("delay", 0)
     if "schedule" in spec:
         epochs = spec["schedule"]["epochs"]
-        return epochs + 1 if spec.get("finalize") else epochs - 1
+        return (epochs + 1) * F if spec.get("finalize") else epochs - 1
     last = max(steps_for_rank(spec, r, np) for r in range(np))
     merges = []
     for t in range(1, last + 1):
