@@ -49,9 +49,12 @@ def apply(mutant: Mutant, root: Path) -> None:
     if count != 1:
         raise ValueError(f"mutant {mutant.name}: its 'old' text occurs {count} times in "
                          f"{mutant.path} (must be exactly once): update scripts/mutant_catalog.py")
-    path.write_text(text.replace(mutant.old, mutant.new))
-    # A mutant must be a bug, not a syntax error.
-    subprocess.run([sys.executable, "-m", "py_compile", str(path)], check=True)
+    mutated = text.replace(mutant.old, mutant.new)
+    path.write_text(mutated)
+    # A mutant must be a bug, not a syntax error. Compiled in memory: a .pyc left in
+    # __pycache__ would outlive the probe that restores the baseline's source -- same size, same
+    # second -- and the "unmutated" baseline would run the mutant.
+    compile(mutated, str(path), "exec")
 
 
 def run_tests(root: Path, tests: Sequence[str], timeout: float) -> Tuple[str, str, float]:
@@ -67,7 +70,7 @@ def run_tests(root: Path, tests: Sequence[str], timeout: float) -> Tuple[str, st
     except subprocess.TimeoutExpired:
         return "timeout", "(the tests did not finish)", time.monotonic() - start
     took = time.monotonic() - start
-    out = proc.stdout
+    out = run_tests.last_output = proc.stdout
     if proc.returncode == 0:
         return "passed", "", took
     # Exit code 1: tests ran and some failed -- an assertion, or a fixture whose horovodrun job
@@ -124,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if status != "passed":
                 print(f"baseline {status} in {took:.0f} s: {detail}\nfix the suite first: a kill "
                       f"means nothing while the unmutated tests fail")
+                print("\n".join(run_tests.last_output.splitlines()[-60:]))
                 return 1
             print(f"baseline passed in {took:.0f} s", flush=True)
         rows = []

@@ -87,6 +87,10 @@ SCENARIOS += [
     {"name": "outer_fp16_i2_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM, "interval": 2,
      "steps": 11, "compression": "fp16", "rel_norm_tol": 1e-3, "finalize": True,
      "outer": DILOCO},
+    # Uneven endings where each rank's last step prestarts a round: rank 0's is taken by the
+    # others (a real round), the last rank's is finalize()'s own (the round after it dropped).
+    {"name": "outer_uneven_prestarted_finalize_i3", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
+     "interval": 3, "steps": 8, "extra_steps_per_rank": 3, "finalize": True, "outer": DILOCO},
     {"name": "outer_resume_mid_interval_i4", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
      "interval": 4, "steps": 10, "resume_at": 6, "outer": DILOCO},
     {"name": "outer_time_varying_finalize", "opt": "sgd", "opt_kwargs": SGD_MOMENTUM,
