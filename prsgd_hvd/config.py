@@ -27,7 +27,7 @@ class LocalSGDConfig:
     names: Mapping[int, str] = field(default_factory=dict)  # id(param) -> name, for messages
     overlap: bool = True
     nonfinite: str = "raise"
-    compression: Optional[str] = None        # after resolve_compression: None, "fp16", "bf16"
+    compression: Optional[str] = None        # resolve_compression: None, "fp16", "bf16", "int8"
     error_feedback: bool = True
     optimizer_name: str = ""
     outer: Optional[Callable] = None          # outer=F (prsgd_hvd.outer); agreed on by its

@@ -221,7 +221,7 @@ def test_model_buffers_and_optimizer_state_are_included_when_asked():
 def test_new_arguments_are_validated_by_name():
     model, opt = model_and_sgd()
     with pytest.raises(ValueError, match="compression"):
-        hvd.DistributedLocalSGD(opt, interval=2, compression="int8")
+        hvd.DistributedLocalSGD(opt, interval=2, compression="int4")
     with pytest.raises(ValueError, match="nonfinite"):
         hvd.DistributedLocalSGD(opt, interval=2, nonfinite="skip")
     with pytest.raises(ValueError, match="overlap"):
