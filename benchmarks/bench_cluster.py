@@ -13,10 +13,11 @@ profile launches ONE ``horovodrun -H host1:1,...`` job (this file, ``--worker``)
 variant on the same ranks, interleaved, ``--repeats`` times. Variants are named (parse_variant):
 
 * ``distopt``: ``hvd.DistributedOptimizer``, a gradient allreduce every step;
-* ``ours<I>[f<F>][d<tau>][fp16][seq]``: ``DistributedLocalSGD(interval=I, fragments=F,
-  delay=tau, compression="fp16" if fp16, overlap=False if seq)``; e.g. ``ours16``,
-  ``ours16fp16``, ``ours16d8`` (the round merged 8 steps after it started), ``ours16f4d8fp16``
-  (4 fragments at staggered steps, each merged 8 steps later, 16-bit deltas);
+* ``ours<I>[f<F>][d<tau>][fp16|int8][seq]``: ``DistributedLocalSGD(interval=I, fragments=F,
+  delay=tau, compression="fp16" if fp16, "int8" if int8, overlap=False if seq)``; e.g.
+  ``ours16``, ``ours16fp16``, ``ours16d8`` (the round merged 8 steps after it started),
+  ``ours16f4d8fp16`` (4 fragments at staggered steps, each merged 8 steps later, 16-bit
+  deltas), ``ours16f4d8int8`` (the same with 8-bit deltas);
 * ``plsgd<I>``: PyTorch's own local SGD, ``torch.distributed.optim.PostLocalSGDOptimizer`` with
   a ``PeriodicModelAverager(period=I)`` over a gloo process group on the same hosts and link;
 * ``ddp``: PyTorch ``DistributedDataParallel`` (gloo);
@@ -135,6 +136,7 @@ class Variant:
     delay: int = 0
     fp16: bool = False
     overlap: bool = True
+    int8: bool = False        # 8-bit deltas (compression="int8")
 
     @property
     def label(self) -> str:
@@ -146,6 +148,8 @@ class Variant:
                 parts.append(f"delay={self.delay}")
             if self.fp16:
                 parts.append("fp16")
+            if self.int8:
+                parts.append("int8")
             if not self.overlap:
                 parts.append("no overlap")
             return " ".join(parts)
@@ -159,12 +163,12 @@ class Variant:
         return self.kind == "ours" and (self.fragments > 1 or self.delay > 0)
 
 
-_OURS = re.compile(r"ours(?P<i>[1-9]\d*)(?:f(?P<f>[1-9]\d*))?(?:d(?P<d>\d+))?(?P<fp16>fp16)?"
-                   r"(?P<seq>seq)?")
+_OURS = re.compile(r"ours(?P<i>[1-9]\d*)(?:f(?P<f>[1-9]\d*))?(?:d(?P<d>\d+))?"
+                   r"(?:(?P<fp16>fp16)|(?P<int8>int8))?(?P<seq>seq)?")
 
 
 def parse_variant(name: str) -> Variant:
-    """``distopt``, ``ddp``, ``nocomm``, ``plsgd<I>``, ``ours<I>[f<F>][d<tau>][fp16][seq]``
+    """``distopt``, ``ddp``, ``nocomm``, ``plsgd<I>``, ``ours<I>[f<F>][d<tau>][fp16|int8][seq]``
     (the suffixes in that order). Checks what DistributedLocalSGD would refuse, so a typo fails
     before any host is up: F divides I, tau < I."""
     if name in ("distopt", "ddp", "nocomm"):
@@ -175,14 +179,14 @@ def parse_variant(name: str) -> Variant:
     m = _OURS.fullmatch(name)
     if not m:
         raise ValueError(f"unknown variant {name!r}: distopt, ddp, nocomm, plsgd<I> or "
-                         f"ours<I>[f<F>][d<delay>][fp16][seq], e.g. ours16f4d8fp16")
+                         f"ours<I>[f<F>][d<delay>][fp16|int8][seq], e.g. ours16f4d8fp16")
     i, f, d = int(m["i"]), int(m["f"] or 1), int(m["d"] or 0)
     if i % f:
         raise ValueError(f"{name}: {f} fragments must divide the interval {i}")
     if d >= i:
         raise ValueError(f"{name}: the delay {d} must be below the interval {i}")
     return Variant(name, "ours", interval=i, fragments=f, delay=d, fp16=bool(m["fp16"]),
-                   overlap=not m["seq"])
+                   overlap=not m["seq"], int8=bool(m["int8"]))
 
 
 def _variant_arg(name: str) -> str:
@@ -197,12 +201,12 @@ VARIANTS = ["distopt", "ours4", "ours16", "ours16fp16", "ours16d8", "ours16f4d8"
             "ours16f4d8fp16", "plsgd4", "plsgd16", "ddp", "nocomm"]
 # Issue 22's streaming rounds at I = 16, with and without 16-bit deltas.
 STREAMING = ["ours16d8", "ours16d8fp16", "ours16f4d8", "ours16f4d8fp16", "ours16f4d4",
-             "ours16f4d4fp16"]
+             "ours16f4d4fp16", "ours16f4d8int8"]
 PRESETS = {
     # The issue's target: 3 hosts at 100 Mbit/s, the MLP, I = 16 (about 12 minutes).
     "streaming": dict(rates=["100mbit"], models=["mlp6m"],
-                      variants=["distopt", "plsgd16", "ours16", "ours16fp16", *STREAMING,
-                                "nocomm"]),
+                      variants=["distopt", "plsgd16", "ours16", "ours16fp16", "ours16int8",
+                                *STREAMING, "nocomm"]),
     # Every variant on lossy links: nothing may hang or diverge (about 30 minutes).
     "lossy": dict(rates=["100mbit+loss0.1%", "100mbit+loss1%"], models=["mlp6m"],
                   variants=list(dict.fromkeys(VARIANTS + STREAMING + ["ours4seq", "ours16seq"]))),
@@ -244,7 +248,8 @@ def run_variant(variant, build, data, init_state, steps, max_seconds, args, lr=N
                      if x != {"fragments": 1, "delay": 0}[k]}
         opt = hvd.DistributedLocalSGD(opt, interval=v.interval,
                                       named_parameters=model.named_parameters(),
-                                      compression="fp16" if v.fp16 else None,
+                                      compression="fp16" if v.fp16 else
+                                      "int8" if v.int8 else None,
                                       overlap=v.overlap, **streaming)
     elif v.kind == "plsgd":
         from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
@@ -929,7 +934,7 @@ LM_ROUND_MS = {"100mbit": 3055.0, "1gbit": 341.0}
 LM_ROUND_MIB = 25.0
 LM_STEP_MS = 1e3 / 13.47
 LM_VARIANTS = ["ours16", "ours16fp16", "ours16d8", "ours16d8fp16", "ours16f4d8fp16",
-               "ours16f4d4fp16"]
+               "ours16f4d4fp16", "ours16f4d8int8"]
 
 
 def add_latency_args(ap):
@@ -1042,7 +1047,8 @@ def latency_model(args):
         for rtt in args.lm_rtt_ms:
             for name in args.lm_variants:
                 v = parse_variant(name)
-                nbytes = args.lm_params * (2 if v.fp16 else 4) / v.fragments
+                per_element = 2 if v.fp16 else 1 + 4 / 1024 if v.int8 else 4  # int8: + scales
+                nbytes = args.lm_params * per_element / v.fragments
                 rnd, lat = ring_round_ms(nbytes, bits, rtt, n, r0, round0_bytes, window,
                                          slow_start=not args.lm_no_slow_start)
                 per = interval_ms(v, rnd, step_ms)
@@ -1083,7 +1089,7 @@ def main():
                     help="mlp6m resnet20 (default: both); none: only the yardstick")
     ap.add_argument("--variants", nargs="+", default=None, type=_variant_arg,
                     help=f"default: {' '.join(VARIANTS)}; any of distopt, ddp, nocomm, "
-                         f"plsgd<I>, ours<I>[f<F>][d<delay>][fp16][seq]")
+                         f"plsgd<I>, ours<I>[f<F>][d<delay>][fp16|int8][seq]")
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help="steps per variant and repeat (one value, or one per model; default "
                          "48), a multiple of every interval")

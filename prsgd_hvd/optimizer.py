@@ -208,9 +208,22 @@ def DistributedLocalSGD(optimizer: torch.optim.Optimizer, interval=1,
         compression: ``hvd.Compression.fp16`` or ``hvd.Compression.bf16`` sends each round as
             the 16-bit change since the last common average, which is kept in fp32 on every
             rank (prsgd_hvd/wire_formats.py, Delta16): half the bytes, and the averaged model stays
-            within about 1e-3 (relative) of exact averaging. ``None``: full precision.
-        error_feedback: with compression, carry what the 16-bit cast lost into the next
-            round, so rounding errors do not accumulate.
+            within about 1e-3 (relative) of exact averaging. ``"int8"`` sends that change in 8
+            bits (Int8Delta): rank r's d_r = weight_r * (x_r - anchor + residual_r) is cut into
+            chunks of 1024 consecutive elements of each flat bucket; a chunk travels as one fp32
+            scale s = max|d_r| / 127 and int8 codes round(d_r / s) (to nearest, ties to even:
+            deterministic), about 1 byte per element plus 4 per chunk. The messages are
+            allgathered (an int8 sum would overflow); every rank decodes every rank's codes
+            times its scales and adds them in rank order in fp32, so all ranks get the same
+            bits, then adds the anchor times the sum of weights. Each element is off by at
+            most s / 2 per round, which error feedback sends in the next round (the tests hold
+            jobs to 5e-3 of exact averaging). A chunk holding inf/NaN decodes to NaN on every
+            rank, so the non-finite policy sees the round as with the other formats. With
+            every format a job's first round, and the first after an elastic reset, goes in
+            full precision (there is no common point yet). ``None``: full precision.
+        error_feedback: with compression, carry what the 16-bit cast or the 8-bit rounding lost
+            into the next round, so rounding errors do not accumulate. The residuals are this
+            rank's own state: not saved in ``state_dict()``, dropped at an elastic reset.
         backward_passes_per_step: Horovod's gradient accumulation. Gradients stay local here,
             so they accumulate in ``.grad`` over any number of backward passes anyway: call
             ``step()`` once per accumulated batch, as with Horovod. Validated (int >= 1); no

@@ -326,14 +326,17 @@ class Int8Delta(DeltaFormat):
     def decode(self, bucket, received, size, weight_sum, anchor):
         payload, work = bucket.payload, self._work[bucket.index]
         n = payload.numel()
+        if n == 0:  # a bucket without tensors (bucket 0 of an empty list: records only)
+            return
         rows = received[0].view(size, -1)
-        for r in range(size):  # rank order on every rank: the same sum, bit for bit
+        # Rank order on every rank: the same sum, bit for bit (fp32 addition is not associative).
+        for i, r in enumerate(range(size)):
             scales, codes = self._views(rows[r], n)
-            into = payload if r == 0 else work
+            into = payload if i == 0 else work
             into.copy_(codes)
             for q, s in self._parts(into, scales):
                 q.mul_(s.to(q.dtype))
-            if r:
+            if i:
                 payload.add_(work)
         # sum_r weight_r * (x_r - anchor) + sum(weights) * anchor = sum_r weight_r * x_r;
         # the product rounded first (add's alpha may fuse it, differently on each device)
