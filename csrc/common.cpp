@@ -200,11 +200,11 @@ FlattenCall prepare_flatten(at::TensorList tensors, const c10::optional<at::Tens
 
 UnflattenCall prepare_unflatten_average(const at::Tensor& flat, at::TensorList params,
                                         double scale, const c10::optional<at::Tensor>& divergence,
-                                        int64_t align) {
+                                        int64_t align, bool accumulate) {
   const char* op = "unflatten_average_";
   const auto offsets = check_unflatten(op, flat, params, align);
   UnflattenCall call{{}, SgdOptions::average_only(scale), false,
-                     check_divergence(op, flat, divergence)};
+                     check_divergence(op, flat, divergence), accumulate};
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
@@ -219,11 +219,11 @@ UnflattenCall prepare_unflatten_average_sgd(
     const c10::List<c10::optional<at::Tensor>>& grads,
     const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
     const c10::List<bool>& first_step, const SgdOptions& options,
-    const c10::optional<at::Tensor>& divergence, int64_t align) {
+    const c10::optional<at::Tensor>& divergence, int64_t align, bool accumulate) {
   const char* op = "unflatten_average_sgd_";
   const auto offsets = check_unflatten(op, flat, params, align);
   check_sgd(flat, params, grads, momentum_buffers, first_step, options.momentum);
-  UnflattenCall call{{}, options, true, check_divergence(op, flat, divergence)};
+  UnflattenCall call{{}, options, true, check_divergence(op, flat, divergence), accumulate};
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;

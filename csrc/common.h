@@ -60,18 +60,19 @@ struct UnflattenCall {
   SgdOptions options;
   bool sgd;            // false: unflatten_average_ (only options.scale counts)
   double* divergence;  // NOTE: [Divergence] below; nullptr when not asked for
+  bool accumulate;     // NOTE: [Accumulate] below
 };
 
 UnflattenCall prepare_unflatten_average(const at::Tensor& flat, at::TensorList params,
                                         double scale, const c10::optional<at::Tensor>& divergence,
-                                        int64_t align);
+                                        int64_t align, bool accumulate);
 
 UnflattenCall prepare_unflatten_average_sgd(
     const at::Tensor& flat, at::TensorList params,
     const c10::List<c10::optional<at::Tensor>>& grads,
     const c10::List<c10::optional<at::Tensor>>& momentum_buffers,
     const c10::List<bool>& first_step, const SgdOptions& options,
-    const c10::optional<at::Tensor>& divergence, int64_t align);
+    const c10::optional<at::Tensor>& divergence, int64_t align, bool accumulate);
 
 // ---- unflatten_average_outer_sgd_ ---------------------------------------------------------
 
@@ -111,6 +112,16 @@ OuterUnflattenCall prepare_unflatten_average_outer_sgd(
 // then per block, then one single-block kernel adds the block sums in order (independent of
 // timing on a given GPU). Without `divergence` the kernels are instantiated without that read
 // (a compile-time flag), so they cost what they cost before the option existed.
+//
+// NOTE: [Accumulate] unflatten_average_ and unflatten_average_sgd_ take `accumulate` (default
+// false). With it each element becomes old param + flat * scale instead of flat * scale, in
+// opmath (fp32 for fp16/bf16 params, whose flat buffer is fp32), rounded once into the param;
+// unflatten_average_sgd_ then steps from that point. It is a delayed merge in one pass
+// (NOTE: [streaming] in prsgd_hvd/streaming.py): flat holds the correction c - x_sent, scale
+// is 1, and the result is bit for bit what flatten(x), add(correction) and a write of that sum
+// at scale 1 gave in three. The param is read once, just before it is written; `divergence`
+// takes (old param - (old param + flat * scale))^2 from that same read: the distance to the
+// point before any step, as without `accumulate`.
 
 // ---- the ops' entry points ---------------------------------------------------------------
 
@@ -133,8 +144,10 @@ struct DeviceOps {
   }
 
   static void unflatten_average(const at::Tensor& flat, at::TensorList params, double scale,
-                                const c10::optional<at::Tensor>& divergence, int64_t align) {
-    UnflattenCall call = prepare_unflatten_average(flat, params, scale, divergence, align);
+                                const c10::optional<at::Tensor>& divergence, int64_t align,
+                                bool accumulate) {
+    UnflattenCall call =
+        prepare_unflatten_average(flat, params, scale, divergence, align, accumulate);
     Kernels::unflatten(flat, call);
   }
 
@@ -144,11 +157,12 @@ struct DeviceOps {
                                     const c10::List<bool>& first_step, double scale, double lr,
                                     double momentum, double dampening, double weight_decay,
                                     bool nesterov, bool maximize,
-                                    const c10::optional<at::Tensor>& divergence, int64_t align) {
+                                    const c10::optional<at::Tensor>& divergence, int64_t align,
+                                    bool accumulate) {
     UnflattenCall call = prepare_unflatten_average_sgd(
         flat, params, grads, momentum_buffers, first_step,
         SgdOptions{scale, lr, momentum, dampening, weight_decay, nesterov, maximize}, divergence,
-        align);
+        align, accumulate);
     Kernels::unflatten(flat, call);
   }
 

@@ -62,10 +62,11 @@ struct OuterSegment {
 #define PRSGD_DECLARE_CPU_KERNELS(NS)                                                      \
   namespace NS {                                                                           \
   void flatten(const std::vector<CastSegment>& segs, c10::ScalarType dst_type);            \
-  /* unflatten_average_ passes null grads (only o.scale is used). divergence != nullptr: */ \
-  /* *divergence += sum of (old param - average)^2 (NOTE: [Divergence] in common.h).   */ \
+  /* unflatten_average_ passes null grads (only o.scale is used). accumulate: param =   */ \
+  /* old param + average (then the step). divergence != nullptr: *divergence += sum of  */ \
+  /* (old param - that point)^2 (NOTE: [Divergence] in common.h).                        */ \
   void average_sgd(const std::vector<SgdSegment>& segs, c10::ScalarType flat_type,         \
-                   const SgdOptions& o, double* divergence);                               \
+                   const SgdOptions& o, bool accumulate, double* divergence);              \
   /* The outer round: `outer` (its scale is the round's) and the `inner` SGD options. */   \
   void average_outer_sgd(const std::vector<OuterSegment>& segs, c10::ScalarType flat_type, \
                          const SgdOptions& outer, const SgdOptions& inner,                 \

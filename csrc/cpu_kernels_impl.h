@@ -249,50 +249,60 @@ struct SquareSum {
 };
 
 // One piece of one segment. grad == nullptr: the param only receives the average.
-// kDivergence: also return the sum of (old param - average)^2, reading each param element
-// before it is overwritten; without it the loops are exactly the plain average / step (no
-// read of the param), so the option costs nothing when off.
-template <bool kDivergence, typename flat_t, typename param_t>
+// kAccumulate: the average is added to the param instead of replacing it, x = old + flat *
+// scale in opmath, rounded once when written (a delayed merge: x + (c - x_sent), NOTE:
+// [streaming] in prsgd_hvd/streaming.py); an SGD step then applies to that x.
+// kDivergence: also return the sum of (old param - x)^2, x before any step. The param is read
+// (once, just before it is overwritten) only when one of the two asks for it; without them the
+// loops are exactly the plain average / step, so the options cost nothing when off.
+template <bool kDivergence, bool kAccumulate, typename flat_t, typename param_t>
 double average_sgd_piece(const flat_t* flat, param_t* param, const param_t* grad, param_t* buf,
                          bool first, int64_t n, const SgdOptions& o) {
   using op_t = opmath_t<param_t>;
   using Vec = Vectorized<op_t>;
+  constexpr bool kReadParam = kDivergence || kAccumulate;
   const auto cv = SgdConsts<Vec>::template make<op_t>(o);
   const auto cs = SgdConsts<op_t>::template make<op_t>(o);
   [[maybe_unused]] SquareSum<op_t> div;
+  // x = flat * scale, plus the old param with kAccumulate (p: the old param, when read).
+  auto point = [&](Vec& x0, Vec& x1, int64_t i) {
+    load2<flat_t>(flat + i, x0, x1);
+    x0 = x0 * cv.scale;
+    x1 = x1 * cv.scale;
+    if constexpr (kReadParam) {
+      Vec p0, p1;
+      load2<param_t>(param + i, p0, p1);
+      if constexpr (kAccumulate) {
+        x0 = p0 + x0;
+        x1 = p1 + x1;
+      }
+      if constexpr (kDivergence) div.add(p0, p1, x0, x1);  // to x, before any step
+    }
+  };
+  auto point_scalar = [&](int64_t i) {
+    op_t x = static_cast<op_t>(flat[i]) * cs.scale;
+    if constexpr (kReadParam) {
+      const op_t p = static_cast<op_t>(param[i]);
+      if constexpr (kAccumulate) x = p + x;
+      if constexpr (kDivergence) div.add(p, x);
+    }
+    return x;
+  };
   int64_t i = 0;
   if (grad == nullptr) {
     for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
       Vec x0, x1;
-      load2<flat_t>(flat + i, x0, x1);
-      x0 = x0 * cv.scale;
-      x1 = x1 * cv.scale;
-      if constexpr (kDivergence) {
-        Vec p0, p1;
-        load2<param_t>(param + i, p0, p1);
-        div.add(p0, p1, x0, x1);
-      }
+      point(x0, x1, i);
       store2<param_t>(param + i, x0, x1);
     }
-    for (; i < n; ++i) {
-      const op_t x = static_cast<op_t>(flat[i]) * cs.scale;
-      if constexpr (kDivergence) div.add(static_cast<op_t>(param[i]), x);
-      param[i] = static_cast<param_t>(x);
-    }
+    for (; i < n; ++i) param[i] = static_cast<param_t>(point_scalar(i));
   } else {
     const bool read_buf = cs.has_momentum && !first;
     for (; i + kStep<op_t> <= n; i += kStep<op_t>) {
       Vec x0, x1, g0, g1, b0, b1;
-      load2<flat_t>(flat + i, x0, x1);
       load2<param_t>(grad + i, g0, g1);
       if (read_buf) load2<param_t>(buf + i, b0, b1);
-      x0 = x0 * cv.scale;
-      x1 = x1 * cv.scale;
-      if constexpr (kDivergence) {  // the distance is to the average, before the step
-        Vec p0, p1;
-        load2<param_t>(param + i, p0, p1);
-        div.add(p0, p1, x0, x1);
-      }
+      point(x0, x1, i);
       x0 = sgd_math(x0, g0, b0, first, cv);
       x1 = sgd_math(x1, g1, b1, first, cv);
       store2<param_t>(param + i, x0, x1);
@@ -300,9 +310,7 @@ double average_sgd_piece(const flat_t* flat, param_t* param, const param_t* grad
     }
     for (; i < n; ++i) {
       op_t b = read_buf ? static_cast<op_t>(buf[i]) : op_t(0);
-      const op_t avg = static_cast<op_t>(flat[i]) * cs.scale;
-      if constexpr (kDivergence) div.add(static_cast<op_t>(param[i]), avg);
-      const op_t x = sgd_math(avg, static_cast<op_t>(grad[i]), b, first, cs);
+      const op_t x = sgd_math(point_scalar(i), static_cast<op_t>(grad[i]), b, first, cs);
       param[i] = static_cast<param_t>(x);
       if (cs.has_momentum) buf[i] = static_cast<param_t>(b);
     }
@@ -314,7 +322,7 @@ double average_sgd_piece(const flat_t* flat, param_t* param, const param_t* grad
   }
 }
 
-template <bool kDivergence>
+template <bool kDivergence, bool kAccumulate>
 double dispatch_average_sgd(c10::ScalarType flat_type, c10::ScalarType param_type,
                             const void* flat, void* param, const void* grad, void* buf,
                             bool first, int64_t n, const SgdOptions& o) {
@@ -324,7 +332,7 @@ double dispatch_average_sgd(c10::ScalarType flat_type, c10::ScalarType param_typ
     using param_t = decltype(param_tag);
     if constexpr (std::is_same_v<flat_t, param_t> ||
                   (std::is_same_v<flat_t, float> && is_reduced_v<param_t>)) {
-      result = average_sgd_piece<kDivergence, flat_t, param_t>(
+      result = average_sgd_piece<kDivergence, kAccumulate, flat_t, param_t>(
           static_cast<const flat_t*>(flat), static_cast<param_t*>(param),
           static_cast<const param_t*>(grad), static_cast<param_t*>(buf), first, n, o);
     } else {
@@ -429,27 +437,36 @@ void flatten(const std::vector<CastSegment>& segs, c10::ScalarType dst_type) {
 }
 
 void average_sgd(const std::vector<SgdSegment>& segs, c10::ScalarType flat_type,
-                 const SgdOptions& o, double* divergence) {
+                 const SgdOptions& o, bool accumulate, double* divergence) {
   std::vector<int64_t> offsets(segs.size() + 1, 0);
   for (size_t i = 0; i < segs.size(); ++i) offsets[i + 1] = offsets[i] + segs[i].numel;
   const int64_t flat_size = c10::elementSize(flat_type);
-  auto piece = [&](auto divergence_tag, int64_t s, int64_t begin, int64_t n) {
+  auto piece = [&](auto divergence_tag, auto accumulate_tag, int64_t s, int64_t begin,
+                   int64_t n) {
     const SgdSegment& g = segs[s];
     const int64_t off = begin * c10::elementSize(g.param_type);
-    return dispatch_average_sgd<decltype(divergence_tag)::value>(
+    return dispatch_average_sgd<decltype(divergence_tag)::value,
+                                decltype(accumulate_tag)::value>(
         flat_type, g.param_type, static_cast<const char*>(g.flat) + begin * flat_size,
         static_cast<char*>(g.param) + off,
         g.grad ? static_cast<const char*>(g.grad) + off : nullptr,
         g.buf ? static_cast<char*>(g.buf) + off : nullptr, g.first, n, o);
   };
-  if (divergence == nullptr) {
-    parallel_segments(offsets, [&](int64_t s, int64_t begin, int64_t n) {
-      piece(std::false_type{}, s, begin, n);
-    });
+  auto run = [&](auto accumulate_tag) {
+    if (divergence == nullptr) {
+      parallel_segments(offsets, [&](int64_t s, int64_t begin, int64_t n) {
+        piece(std::false_type{}, accumulate_tag, s, begin, n);
+      });
+    } else {
+      *divergence += parallel_segments_sum(offsets, [&](int64_t s, int64_t begin, int64_t n) {
+        return piece(std::true_type{}, accumulate_tag, s, begin, n);
+      });
+    }
+  };
+  if (accumulate) {
+    run(std::true_type{});
   } else {
-    *divergence += parallel_segments_sum(offsets, [&](int64_t s, int64_t begin, int64_t n) {
-      return piece(std::true_type{}, s, begin, n);
-    });
+    run(std::false_type{});
   }
 }
 

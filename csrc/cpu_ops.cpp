@@ -34,11 +34,11 @@ void run_flatten(const std::vector<cpu::CastSegment>& segs, c10::ScalarType dst)
 }
 
 void run_average_sgd(const std::vector<cpu::SgdSegment>& segs, c10::ScalarType flat_type,
-                     const SgdOptions& o, double* divergence) {
+                     const SgdOptions& o, bool accumulate, double* divergence) {
 #if PRSGD_HAVE_AVX2_KERNELS
-  if (use_avx2()) return cpu::avx2::average_sgd(segs, flat_type, o, divergence);
+  if (use_avx2()) return cpu::avx2::average_sgd(segs, flat_type, o, accumulate, divergence);
 #endif
-  cpu::default_cpu::average_sgd(segs, flat_type, o, divergence);
+  cpu::default_cpu::average_sgd(segs, flat_type, o, accumulate, divergence);
 }
 
 void run_average_outer_sgd(const std::vector<cpu::OuterSegment>& segs, c10::ScalarType flat_type,
@@ -73,7 +73,7 @@ struct CpuKernels {
       segs.push_back({flat_base + s.flat_offset * flat_size, s.param, s.grad, s.momentum_buf,
                       s.numel, s.param_type, s.first_step});
     }
-    run_average_sgd(segs, flat.scalar_type(), call.options, call.divergence);
+    run_average_sgd(segs, flat.scalar_type(), call.options, call.accumulate, call.divergence);
   }
 
   static void unflatten_outer(const at::Tensor& flat, OuterUnflattenCall& call) {

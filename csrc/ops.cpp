@@ -37,16 +37,19 @@ TORCH_LIBRARY(prsgd_hvd, m) {
   // params[i] = flat[segment_i] * scale. With `divergence` (1-element float64), also
   // divergence += sum (old params[i] - flat[segment_i] * scale)^2 (NOTE: [Divergence] in
   // common.h). It is last and defaults to None, so calls written before it still work.
+  // `accumulate` (after it, for the same reason): params[i] = old params[i] +
+  // flat[segment_i] * scale instead, rounded once (NOTE: [Accumulate] in common.h).
   m.def(
       "unflatten_average_(Tensor flat, Tensor(a!)[] params, float scale, "
-      "Tensor(b!)? divergence=None, int align=1) -> ()");
-  // params[i] = SGD step applied to flat[segment_i] * scale; momentum buffers updated;
-  // `divergence` as above, measured to the average before the step.
+      "Tensor(b!)? divergence=None, int align=1, bool accumulate=False) -> ()");
+  // params[i] = SGD step applied to flat[segment_i] * scale (plus the old params[i] with
+  // `accumulate`); momentum buffers updated; `divergence` as above, measured to that point
+  // before the step.
   m.def(
       "unflatten_average_sgd_(Tensor flat, Tensor(a!)[] params, Tensor?[] grads, "
       "Tensor(b!)?[] momentum_buffers, bool[] first_step, float scale, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor(c!)? divergence=None, int align=1) -> ()");
+      "Tensor(c!)? divergence=None, int align=1, bool accumulate=False) -> ()");
   // An outer round (outer=torch.optim.SGD): theta0 (`anchors`, flat's dtype) takes SGD's
   // step on the pseudo-gradient theta0 - flat[segment_i] * scale with the outer_* options
   // and `outer_buffers`; params[i] = the new theta0, or its inner SGD step where grads[i] is

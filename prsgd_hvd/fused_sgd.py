@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .averaging import ALIGN, BucketLayout, Round
-from .update_rules import UpdateRule
+from .update_rules import UpdateRule, accumulates
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -72,22 +72,30 @@ class FusedAverageSgd(UpdateRule):
         return self._runs
 
     @torch.no_grad()
-    def apply(self, rnd: Round, measured: int = 0) -> float:
+    def apply(self, rnd: Round, measured: int = 0) -> Optional[float]:
         """Average every tensor of ``rnd`` and step the parameters; returns this rank's squared
-        distance from the average over the parameters (measured in the same pass)."""
-        divergence = 0.0
+        distance from the average over the parameters (measured in the same pass).
+
+        A delayed merge (update_rules.MergeRound) adds its correction to every tensor and
+        steps the parameters from there, in the same one pass (``accumulate``); it measures
+        nothing (its round's divergence was taken when it settled) and returns None."""
+        accumulate = accumulates(rnd)
+        divergence = None if accumulate else 0.0
         for b, runs in zip(rnd.buckets, self.runs(rnd.layout)):
-            acc = torch.zeros(1, dtype=torch.float64, device=b.device)
+            acc = None if accumulate else torch.zeros(1, dtype=torch.float64, device=b.device)
             for g, first, last in runs:  # non-parameters first (see runs())
                 flat, tensors = b.segment(first, last), b.tensors[first:last]
                 if g is None:
-                    ops.unflatten_average_(flat, tensors, scale=rnd.scale, align=ALIGN)
+                    ops.unflatten_average_(flat, tensors, scale=rnd.scale, align=ALIGN,
+                                           accumulate=accumulate)
                 else:
-                    self._step_group(self.opt.param_groups[g], flat, tensors, rnd.scale, acc)
-            divergence += float(acc)
+                    self._step_group(self.opt.param_groups[g], flat, tensors, rnd.scale, acc,
+                                     accumulate)
+            if acc is not None:
+                divergence += float(acc)
         return divergence
 
-    def _step_group(self, group, flat, params, scale, acc) -> None:
+    def _step_group(self, group, flat, params, scale, acc, accumulate) -> None:
         momentum = float(group["momentum"])
         grads, bufs, firsts = [], [], []
         for p in params:
@@ -106,4 +114,4 @@ class FusedAverageSgd(UpdateRule):
             flat, params, grads, bufs, scale=scale, lr=float(group["lr"]), momentum=momentum,
             dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
             nesterov=bool(group["nesterov"]), maximize=bool(group.get("maximize", False)),
-            first_step=firsts, divergence=acc, align=ALIGN)
+            first_step=firsts, divergence=acc, align=ALIGN, accumulate=accumulate)

@@ -59,14 +59,14 @@ if _C is not None:
         _check_devices("flatten", "out", out.device, tensors=tensors)
 
     @torch.library.register_fake("prsgd_hvd::unflatten_average_")
-    def _unflatten_average_fake(flat, params, scale, divergence=None, align=1):
+    def _unflatten_average_fake(flat, params, scale, divergence=None, align=1, accumulate=False):
         _check_devices("unflatten_average_", "flat", flat.device, params=params,
                        divergence=[divergence])
 
     @torch.library.register_fake("prsgd_hvd::unflatten_average_sgd_")
     def _unflatten_average_sgd_fake(flat, params, grads, momentum_buffers, first_step, scale, lr,
                                     momentum, dampening, weight_decay, nesterov, maximize,
-                                    divergence=None, align=1):
+                                    divergence=None, align=1, accumulate=False):
         _check_devices("unflatten_average_sgd_", "flat", flat.device, params=params, grads=grads,
                        momentum_buffers=momentum_buffers, divergence=[divergence])
 
@@ -119,21 +119,24 @@ def flatten(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
 
 
 def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float,
-                       divergence: Optional[torch.Tensor] = None, align: int = 1) -> None:
+                       divergence: Optional[torch.Tensor] = None, align: int = 1,
+                       accumulate: bool = False) -> None:
     """``params[i] = flat[segment_i] * scale`` (segments laid out with ``align``).
 
     ``divergence``: optional 1-element float64 tensor on ``flat``'s device; the op adds
     ``sum((old params[i] - flat[segment_i] * scale)**2)`` to it, in the same pass.
+    ``accumulate``: ``params[i] = old params[i] + flat[segment_i] * scale`` instead (one
+    pass of a delayed merge; the reference's docstring has the arithmetic).
     """
     if _C is None or not _dense(params):
         return _reference.unflatten_average_(flat, params, scale=scale, divergence=divergence,
-                                             align=align)
+                                             align=align, accumulate=accumulate)
     with torch.no_grad():
-        if divergence is None and align == 1:  # the schema's defaults: the call from before
+        if divergence is None and align == 1 and not accumulate:  # the schema's defaults
             torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale))
         else:
             torch.ops.prsgd_hvd.unflatten_average_(flat, list(params), float(scale), divergence,
-                                                   int(align))
+                                                   int(align), bool(accumulate))
 
 
 def unflatten_average_sgd_(
@@ -152,17 +155,20 @@ def unflatten_average_sgd_(
     first_step: Union[bool, Sequence[bool]] = False,
     divergence: Optional[torch.Tensor] = None,
     align: int = 1,
+    accumulate: bool = False,
 ) -> None:
     """One pass: average, then ``torch.optim.SGD``'s update applied to the average.
 
     ``divergence``: as in :func:`unflatten_average_`, measured from the params before the
     step to the average. ``align``: the layout of ``flat`` (:func:`segment_layout`).
+    ``accumulate``: the step applies at old params + flat * scale (:func:`unflatten_average_`).
     """
     if _C is None or not (_dense(params) and _dense(grads) and _dense(momentum_buffers)):
         return _reference.unflatten_average_sgd_(
             flat, params, grads, momentum_buffers, scale=scale, lr=lr, momentum=momentum,
             dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, first_step=first_step, divergence=divergence, align=align)
+            maximize=maximize, first_step=first_step, divergence=divergence, align=align,
+            accumulate=accumulate)
     params = list(params)
     n = len(params)
     firsts = [bool(first_step)] * n if isinstance(first_step, bool) else [bool(f) for f in first_step]
@@ -170,7 +176,7 @@ def unflatten_average_sgd_(
         torch.ops.prsgd_hvd.unflatten_average_sgd_(
             flat, params, list(grads), list(momentum_buffers), firsts, float(scale), float(lr),
             float(momentum), float(dampening), float(weight_decay), bool(nesterov),
-            bool(maximize), divergence, int(align))
+            bool(maximize), divergence, int(align), bool(accumulate))
 
 
 def _flags(name: str, value: Union[bool, Sequence[bool]], n: int):

@@ -98,8 +98,18 @@ def _squared_distance(old: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
     return (d * d).to(torch.float64).sum()
 
 
+def _point(p: torch.Tensor, seg: torch.Tensor, scale: float, accumulate: bool) -> torch.Tensor:
+    """The point a param is set to (before any step), in opmath: ``seg * scale``, or with
+    ``accumulate`` the old param plus it -- a delayed merge x + (c - x_sent) when ``seg`` is
+    the correction and ``scale`` 1 (csrc/common.h, NOTE: [Accumulate])."""
+    op = _opmath(p.dtype)
+    x = seg.to(op) * scale
+    return p.to(op) + x if accumulate else x
+
+
 def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, scale: float,
-                       divergence: Optional[torch.Tensor] = None, align: int = 1) -> None:
+                       divergence: Optional[torch.Tensor] = None, align: int = 1,
+                       accumulate: bool = False) -> None:
     """``params[i] = flat[segment_i] * scale`` (segments laid out as :func:`flatten` with the
     same ``align`` does).
 
@@ -107,12 +117,15 @@ def unflatten_average_(flat: torch.Tensor, params: Sequence[torch.Tensor], *, sc
     sum over all elements of all params of ``(old params[i] - flat[segment_i] * scale)**2``,
     the old value being the param's before this call: this rank's squared distance from the
     average. The difference is taken in opmath (float32; float64 for float64 params).
+
+    ``accumulate``: ``params[i] = old params[i] + flat[segment_i] * scale`` instead, the sum
+    taken in opmath and rounded once into the param; ``divergence`` then measures the distance
+    of the old params from that point.
     """
     _check_divergence("unflatten_average_", flat, divergence)
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for p, seg in zip(params, _segments(flat, params, align)):
-        op = _opmath(p.dtype)
-        x = seg.to(op) * scale
+        x = _point(p, seg, scale, accumulate)
         if divergence is not None:
             total += _squared_distance(p, x)
         p.copy_(x)
@@ -136,6 +149,7 @@ def unflatten_average_sgd_(
     first_step: Union[bool, Sequence[bool]] = False,
     divergence: Optional[torch.Tensor] = None,
     align: int = 1,
+    accumulate: bool = False,
 ) -> None:
     """Average, then apply exactly ``torch.optim.SGD``'s update to the average, per tensor.
 
@@ -146,6 +160,10 @@ def unflatten_average_sgd_(
 
     ``divergence`` as in :func:`unflatten_average_`: the distance of the params before this
     call (x_i^{t-1}) from the average, not from the stepped values.
+
+    ``accumulate``: the step applies at ``old params[i] + flat[segment_i] * scale`` (as in
+    :func:`unflatten_average_`) instead of at the average: a delayed merge and the next
+    step's update in one pass.
     """
     n = len(params)
     if len(grads) != n or len(momentum_buffers) != n:
@@ -159,7 +177,7 @@ def unflatten_average_sgd_(
     for p, g, buf, first, seg in zip(params, grads, momentum_buffers, firsts,
                                          _segments(flat, params, align)):
         op = _opmath(p.dtype)
-        x = seg.to(op) * scale
+        x = _point(p, seg, scale, accumulate)
         if divergence is not None:
             total += _squared_distance(p, x)
         if g is not None:

@@ -13,13 +13,15 @@ merges it, keeping its local progress:
 
 for every tensor the round carries (parameters, model buffers, averaged optimizer state), in
 the flat buffers' dtype (fp32 for fp16/bf16 tensors), rounded once into the tensor. Step t+tau's
-update then applies at the merged point; for ``torch.optim.SGD`` it is fused with the merge (the
-merged point is built in the flat buffer and the fused average+SGD rule writes it, scale 1).
+update then applies at the merged point; for ``torch.optim.SGD`` it is fused with the merge.
+The merge is one pass per bucket: the correction buffer goes to the round's update rule as a
+``MergeRound`` (prsgd_hvd.update_rules), whose kernels read x and the correction and write
+x + correction -- or, fused, that point's SGD step -- once (csrc/common.h, NOTE: [Accumulate]).
 
 A delayed round has two phases. *Settle*: wait for the sums, check them (identity, layout,
 non-finite policy), compute c -- the outer step, the anchor and the wire format's state move on
 here -- and keep the correction ``c - x_sent`` in the averager's sent buffers; the round is
-counted. *Merge*: flatten x, add the correction, write. Settling happens at the merge, or earlier
+counted. *Merge*: x += correction, in one pass (above). Settling happens at the merge, or earlier
 when something needs the round finished: ``state_dict()`` (the checkpoint carries each
 correction and the step it merges at, so a resumed job merges it exactly once), and
 ``average_now()`` / ``finalize()``, which merge every round in flight first (the local progress
@@ -48,11 +50,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 import torch
 
-from .averaging import ALIGN, Round, RoundId
+from .averaging import Round, RoundId
 from .delayed_round import DelayedRound
 from .fragments import Fragments
 from .schedules import StepPlan
 from .streaming_checkpoint import InFlightCheckpoint
+from .update_rules import MergeRound
 
 if TYPE_CHECKING:  # pragma: no cover
     from .local_sgd import LocalSGD
@@ -67,6 +70,10 @@ class Streaming:
         self.frags = Fragments(engine)                          # the split, each step's rounds
         self.checkpoint = InFlightCheckpoint(engine, self.frags)  # the state_dict() entry
         self.in_flight: List[DelayedRound] = []                 # oldest first
+        # stats(): merges written in one pass (MergeRound), and of those the ones whose pass
+        # applied the step's SGD update too (fused).
+        self.one_pass_merges = 0
+        self.fused_merges = 0
 
     # ---- the step ------------------------------------------------------------------------------
     def unsettled(self) -> int:
@@ -173,13 +180,10 @@ class Streaming:
         if r.saved is not None:
             self.checkpoint.merge_saved(r)
             return False
-        layout = r.averager.layout
-        with torch.no_grad():
-            for b, correction in zip(layout.buckets, r.averager.sent):
-                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)
-                b.payload.add_(correction)
-        _, updated = e.write_stage.write(Round.local(layout, r.identity), lambda: 0,
-                                         update_follows=update_follows)
+        rnd = MergeRound.of(r.averager.layout, r.identity, r.averager.sent)
+        _, updated = e.write_stage.write(rnd, lambda: 0, update_follows=update_follows)
+        self.one_pass_merges += 1
+        self.fused_merges += int(updated)
         return updated
 
     def drain(self) -> None:

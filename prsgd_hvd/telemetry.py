@@ -34,4 +34,8 @@ def stats(ls: "LocalSGD") -> Dict[str, Any]:
         "delay": ls.config.delay,
         "fragments": ls.config.fragments,
         "in_flight": len(ls.streaming.in_flight) if ls.streaming is not None else 0,
+        # Delayed merges written in one pass (a MergeRound, NOTE: [streaming]), and of those the
+        # ones whose pass applied the step's SGD update too.
+        "one_pass_merges": ls.streaming.one_pass_merges if ls.streaming is not None else 0,
+        "fused_merges": ls.streaming.fused_merges if ls.streaming is not None else 0,
     }

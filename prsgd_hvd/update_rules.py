@@ -20,13 +20,60 @@ Rules here: :class:`PlainAverage` (``tensor = sum * scale``, kernel ``unflatten_
 reference in ops_reference) and ``prsgd_hvd.fused_sgd.FusedAverageSgd`` (average and
 ``torch.optim.SGD``'s update, kernel ``unflatten_average_sgd_``). :class:`WriteStage` picks one
 per round; it is the only place that knows which rules exist.
+
+A delayed merge (NOTE: [streaming] in prsgd_hvd.streaming) reaches the rules as a
+:class:`MergeRound`: its buckets hold the correction c - x_sent, and both rules add it to the
+tensors (the kernels' ``accumulate=True``, scale 1) instead of overwriting them, so a merge is
+one pass over each bucket -- with ``torch.optim.SGD`` the pass of the next step's update.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
-from .averaging import Round
+import torch
+
+from .averaging import ALIGN, Bucket, BucketLayout, Round, RoundId
 from .schedules import StepPlan
+
+
+class MergeRound(Round):
+    """x <- x + (c - x_sent) for every tensor of a delayed round, as a round the update rules
+    write: this rank's alone (scale 1, no anchor), its buckets reading the correction buffers
+    (the averager's ``sent``, one per bucket, laid out as the payload), written in the kernels'
+    accumulate mode (csrc/common.h, NOTE: [Accumulate]). The result is bit for bit what packing
+    x, adding the correction and writing that sum back gave in three passes."""
+
+    accumulate = True  # the rules add the payload to the tensors
+
+    @classmethod
+    def of(cls, layout: BucketLayout, identity: RoundId,
+           corrections: List[torch.Tensor]) -> "MergeRound":
+        rnd = cls.local(layout, identity)
+        rnd.buckets = [Bucket(b.index, b.device, b.dtype, b.tensors, b.positions, c, b.offsets)
+                       for b, c in zip(layout.buckets, corrections)]
+        return rnd
+
+    @torch.no_grad()
+    def write_back(self, kernels, measured: int = 0) -> Optional[float]:
+        """``tensor += correction`` for every tensor (PlainAverage's kernel, accumulate mode);
+        with ``measured`` > 0 also the squared distance of the first ``measured`` tensors
+        from the merged point, as Round.write_back measures it from the average."""
+        total = None if measured == 0 else 0.0
+        for b, n in zip(self.buckets, self.layout.leading(measured)):
+            if n:
+                acc = torch.zeros(1, dtype=torch.float64, device=b.device)
+                kernels.unflatten_average_(b.segment(0, n), b.tensors[:n], scale=self.scale,
+                                           divergence=acc, align=ALIGN, accumulate=True)
+                total += float(acc)
+            if n < len(b.tensors):
+                kernels.unflatten_average_(b.segment(n, len(b.tensors)), b.tensors[n:],
+                                           scale=self.scale, align=ALIGN, accumulate=True)
+        return total
+
+
+def accumulates(rnd: Round) -> bool:
+    """Whether a rule adds ``rnd``'s payload to the tensors (a :class:`MergeRound`)."""
+    return isinstance(rnd, MergeRound)
 
 
 class UpdateRule:

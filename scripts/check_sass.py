@@ -116,18 +116,20 @@ def main(cubin):
             own = unroll_for(words(flat, ilp) * 5 + words(param, ilp) * (4 + div))
             tunable = False
         else:
-            m = re.search(r"AverageFunctor<([\w ]+), ([\w ]+), (true|false), (true|false)>", name)
+            m = re.search(r"AverageFunctor<([\w ]+), ([\w ]+), (true|false), (true|false), "
+                          r"(true|false)>", name)
             if not m:
                 if bps < MIN_BLOCKS_PER_SM:
                     failures.append(f"{short}: {regs} registers leave {bps} blocks per SM")
                 continue  # add_block_sums_kernel: one block, no vector loop
             flat, param, sgd = m.group(1).strip(), m.group(2).strip(), m.group(3) == "true"
-            div = m.group(4) == "true"
+            div, acc = m.group(4) == "true", m.group(5) == "true"
+            read = div or acc  # the old param, read once (NOTE: [Accumulate] in csrc/common.h)
             ilp = max(vec_width(flat), vec_width(param))
             need_st = words(param, ilp) * (2 if sgd else 1)
-            need_ld = words(flat, ilp) + words(param, ilp) * ((2 if sgd else 0) + (1 if div else 0))
-            own = unroll_for(words(flat, ilp) + words(param, ilp) * (1 + div + 3 * sgd))
-            tunable = flat == param == "float"
+            need_ld = words(flat, ilp) + words(param, ilp) * ((2 if sgd else 0) + (1 if read else 0))
+            own = unroll_for(words(flat, ilp) + words(param, ilp) * (1 + read + 3 * sgd))
+            tunable = flat == param == "float" and not acc
         default = unroll == own
         if not default and not tunable:
             failures.append(f"{short}: unroll {unroll}, but this kernel's own count is {own} and "

@@ -361,6 +361,143 @@ def test_divergence_is_deterministic(device, gen):
     assert all(torch.equal(r, results[0]) for r in results), results
 
 
+# ---- accumulate: a delayed merge in one pass (NOTE: [Accumulate] in csrc/common.h) ----------
+
+def assert_bits(actual, expected, what=""):
+    """Same dtype, shape and bits (NaN payloads included)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    a, e = actual.reshape(-1).view(bits), expected.reshape(-1).view(bits)
+    if not torch.equal(a, e):
+        i = int((a != e).nonzero()[0])
+        raise AssertionError(f"{what}: {int((a != e).sum())} of {a.numel()} elements differ; "
+                             f"first at {i}: {actual.reshape(-1)[i].item()!r} vs "
+                             f"{expected.reshape(-1)[i].item()!r}")
+
+
+# The SGD options of the fused merge, as test_unflatten_average_sgd combines them (None: the
+# plain accumulate of unflatten_average_).
+ACCUMULATE_VARIANTS = {
+    "avg": None,
+    "sgd": dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    "momentum": dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                     maximize=False),
+    "nesterov_wd": dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True,
+                        maximize=False),
+    "dampened_maximize": dict(momentum=0.9, dampening=0.3, weight_decay=1e-3, nesterov=False,
+                              maximize=True),
+}
+
+
+def _accumulate_inputs(device, flat_dtype, param_dtype, shapes, align, gen, variant):
+    """Old params, a flat buffer in the layout, grads (some None) and buffers (first steps
+    mixed: those are prefilled with NaN, being write-only)."""
+    n = len(shapes)
+    old = make_params(shapes, param_dtype, device, gen)
+    flat = rand((ops.segment_layout(shapes, flat_dtype, align=align)[-1],), flat_dtype, device,
+                gen, -4, 4)
+    opts = ACCUMULATE_VARIANTS[variant]
+    grads = bufs = firsts = None
+    if opts is not None:
+        grads = [None if i % 7 == 2 else rand(s, param_dtype, device, gen)
+                 for i, s in enumerate(shapes)]
+        firsts = [i % 3 == 1 for i in range(n)]
+        bufs = [None] * n
+        if opts["momentum"] != 0:
+            bufs = [nan_like(p) if firsts[i] and grads[i] is not None
+                    else rand(s, param_dtype, device, gen) for i, (s, p) in enumerate(zip(shapes, old))]
+    return old, flat, grads, bufs, firsts, opts
+
+
+def _accumulate(impl, flat, params, grads, bufs, firsts, opts, *, scale, align, divergence=None):
+    if opts is None:
+        impl.unflatten_average_(flat, params, scale=scale, divergence=divergence, align=align,
+                                accumulate=True)
+    else:
+        impl.unflatten_average_sgd_(flat, params, grads, bufs, scale=scale, lr=0.05,
+                                    first_step=firsts, divergence=divergence, align=align,
+                                    accumulate=True, **opts)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flat_dtype,param_dtype", PAIRS, ids=lambda d: _name(d))
+@pytest.mark.parametrize("variant", list(ACCUMULATE_VARIANTS))
+@pytest.mark.parametrize("align", [1, ops.PADDED])
+def test_accumulate_matches_reference_bit_for_bit(device, flat_dtype, param_dtype, variant,
+                                                  align, gen):
+    """params = old params + flat * scale (then the SGD step), every element: the kernel and
+    the reference agree to the bit on params and buffers, at scale 1 (a merge) and another
+    scale, with and without divergence, which is the distance from the old params to the
+    point before the step."""
+    shapes = SMALL_SHAPES + BIG_SHAPES[:3]  # chunk / grain boundaries: several threads
+    old, flat, grads, bufs, firsts, opts = _accumulate_inputs(
+        device, flat_dtype, param_dtype, shapes, align, gen, variant)
+    for scale, measure in ((1.0, False), (1.0, True), (0.3, True)):
+        ours, theirs = [p.clone() for p in old], [p.clone() for p in old]
+        ob = None if bufs is None else [None if b is None else b.clone() for b in bufs]
+        tb = None if bufs is None else [None if b is None else b.clone() for b in bufs]
+        div = torch.full((1,), 0.5, dtype=torch.float64, device=device) if measure else None
+        div_r = None if div is None else div.clone()
+        _accumulate(ops, flat, ours, grads, ob, firsts, opts, scale=scale, align=align,
+                    divergence=div)
+        _accumulate(ref, flat, theirs, grads, tb, firsts, opts, scale=scale, align=align,
+                    divergence=div_r)
+        for i in range(len(shapes)):
+            assert_bits(ours[i], theirs[i], f"scale {scale}: params[{i}] shape {shapes[i]}")
+            if ob is not None and ob[i] is not None:
+                assert_bits(ob[i], tb[i], f"scale {scale}: momentum_buffers[{i}]")
+        if div is not None:
+            assert_sum_close(div, div_r, f"scale {scale}")
+            assert div.item() > 0.5
+    # Guard: the old params count (an op that overwrote them would give the same bits only
+    # if they were all zero).
+    plain = [p.clone() for p in old]
+    if opts is None:
+        ops.unflatten_average_(flat, plain, scale=0.3, align=align)
+    else:
+        ops.unflatten_average_sgd_(flat, plain, grads,
+                                   [None if b is None else b.clone() for b in bufs], scale=0.3,
+                                   lr=0.05, first_step=firsts, align=align, **opts)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, ours) if a.numel())
+
+
+# The bucket pairs of a round (prsgd_hvd.averaging.flat_dtype_for): what a merge meets.
+BUCKET_PAIRS = [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                (torch.float32, torch.bfloat16), (torch.float64, torch.float64)]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flat_dtype,param_dtype", BUCKET_PAIRS, ids=lambda d: _name(d))
+@pytest.mark.parametrize("variant", ["avg", "nesterov_wd", "dampened_maximize"])
+@pytest.mark.parametrize("impl", ["ext", "reference"])
+def test_accumulate_is_the_three_pass_merge(device, flat_dtype, param_dtype, variant, impl, gen):
+    """What the delayed merge computed before it was one pass -- flatten x into the flat
+    buffer, add the correction, write that at scale 1 (with the fused SGD step) -- is what
+    accumulate computes from the correction alone, to the bit (prsgd_hvd.streaming.merge)."""
+    k = ops if impl == "ext" else ref
+    shapes = SMALL_SHAPES + BIG_SHAPES[:2]
+    old, correction, grads, bufs, firsts, opts = _accumulate_inputs(
+        device, flat_dtype, param_dtype, shapes, ops.PADDED, gen, variant)
+    one, three = [p.clone() for p in old], [p.clone() for p in old]
+    b1 = None if bufs is None else [None if b is None else b.clone() for b in bufs]
+    b3 = None if bufs is None else [None if b is None else b.clone() for b in bufs]
+    _accumulate(k, correction, one, grads, b1, firsts, opts, scale=1.0, align=ops.PADDED)
+    payload = torch.empty_like(correction)
+    k.flatten(three, out=payload, align=ops.PADDED)
+    payload.add_(correction)
+    if opts is None:
+        k.unflatten_average_(payload, three, scale=1.0, align=ops.PADDED)
+    else:
+        k.unflatten_average_sgd_(payload, three, grads, b3, scale=1.0, lr=0.05,
+                                 first_step=firsts, align=ops.PADDED, **opts)
+    for i in range(len(shapes)):
+        assert_bits(one[i], three[i], f"params[{i}] shape {shapes[i]}")
+        if b1 is not None and b1[i] is not None:
+            assert_bits(b1[i], b3[i], f"momentum_buffers[{i}]")
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 ERR = (ValueError, TypeError, RuntimeError)
@@ -455,9 +592,10 @@ def test_schemas_mark_mutation():
     assert "Tensor(a!)[] params" in schema and "Tensor?(b!)[] momentum_buffers" in schema
     assert "Tensor(a!)[] params" in str(torch.ops.prsgd_hvd.unflatten_average_.default._schema)
     # divergence is written in place, last, and optional (old positional calls keep working)
+    # accumulate (NOTE: [Accumulate] in csrc/common.h) after them, for the same reason
     assert str(torch.ops.prsgd_hvd.unflatten_average_.default._schema).endswith(
-        "Tensor(b!)? divergence=None, int align=1) -> ()")
-    assert schema.endswith("Tensor(c!)? divergence=None, int align=1) -> ()")
+        "Tensor(b!)? divergence=None, int align=1, bool accumulate=False) -> ()")
+    assert schema.endswith("Tensor(c!)? divergence=None, int align=1, bool accumulate=False) -> ()")
     # flatten is functional; writing into `out` is its own in-place op, which returns nothing
     # (returning `out` would make it an alias of an output the schema does not declare).
     assert str(torch.ops.prsgd_hvd.flatten.default._schema).endswith(
@@ -487,6 +625,8 @@ def _opcheck_cases(device, align, gen):
         tag = "divergence" if div is not None else "no divergence"
         cases.append((f"unflatten_average_ {tag}", P.unflatten_average_.default,
                       (flat, [p.clone() for p in params], 0.5, div, align)))
+        cases.append((f"unflatten_average_ accumulate {tag}", P.unflatten_average_.default,
+                      (flat, [p.clone() for p in params], 1.0, div, align, True)))
         grads = [rand(s, f32, device, gen) for s in shapes]
         grads[1] = None
         full = [rand(s, f32, device, gen) for s in shapes]  # a buffer even where no grad is
@@ -498,6 +638,10 @@ def _opcheck_cases(device, align, gen):
                           (flat, [p.clone() for p in params], grads, bufs,
                            [True, False, False, momentum == 0.0], 0.5, 0.1, momentum, 0.0, 1e-2,
                            momentum != 0.0, True, div, align)))
+        cases.append((f"unflatten_average_sgd_ accumulate {tag}", P.unflatten_average_sgd_.default,
+                      (flat, [p.clone() for p in params], grads, full,
+                       [False, True, False, False], 1.0, 0.1, 0.9, 0.1, 1e-2, True, False, div,
+                       align, True)))
     return cases
 
 

@@ -11,7 +11,7 @@ import torch
 import prsgd_hvd as hvd
 from hvdrun import run_workers
 from reference_streaming import fragment_split, simulate_streaming, simulate_streaming_epochs
-from workers.common import make_model, steps_for_rank
+from workers.common import epoch_length, make_model, steps_for_rank
 
 SGD_MOMENTUM = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 DILOCO = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
@@ -108,6 +108,33 @@ def expected_rounds(spec, np):
     return sum(1 for m in merges if m <= last)
 
 
+def expected_merges(spec, np, rank):
+    """(one-pass merges, fused ones) in stats() of `rank`'s final optimizer: every delayed
+    round it merged goes through the one-pass MergeRound (NOTE: [streaming]) -- rounds restored
+    from a checkpoint excepted, they merge per tensor -- and with torch.optim.SGD on the whole
+    model the merges made at a step (not drained by finalize()) carry its update too."""
+    F, tau = spec.get("fragments", 1), spec.get("delay", 0)
+    if tau == 0:
+        return 0, 0
+    last = steps_for_rank(spec, rank, np)
+    if "schedule" in spec:
+        assert spec.get("finalize"), "every delayed epoch round merges only with finalize()"
+        ends, t = [], 0
+        for e in range(1, spec["schedule"]["epochs"] + 1):
+            t += epoch_length(spec["schedule"], rank, e)
+            ends.append(t)
+        merge_at = [end + 1 + tau for end in ends]  # fragment 0's rounds (the only ones if F=1)
+        one_pass = len(ends) * F
+    else:
+        every = spec["interval"] // F
+        starts = [t for t in range(1, last + 1) if t > spec.get("warmup", 0) and t % every == 0
+                  and t > spec.get("resume_at", 0)]
+        merge_at = [t + tau for t in starts]
+        one_pass = len(starts) if spec.get("finalize") else sum(m <= last for m in merge_at)
+    fusable = F == 1 and spec["opt"] == "sgd" and spec.get("fused") is not False
+    return one_pass, sum(m <= last for m in merge_at) if fusable else 0
+
+
 def check(np, spec):
     simulate = simulate_streaming_epochs if "schedule" in spec else simulate_streaming
     ref_traj, ref_final, _ = simulate(spec, np)
@@ -117,6 +144,8 @@ def check(np, spec):
         got = res[spec["name"]]
         assert got["local_step"] == len(ref_traj[rank])
         assert got["rounds"] == expected_rounds(spec, np), got["rounds"]
+        merges = (got["stats"]["one_pass_merges"], got["stats"]["fused_merges"])
+        assert merges == expected_merges(spec, np, rank), (rank, merges)
         if "rel_norm_tol" in spec:
             pairs = list(zip(got["traj"], ref_traj[rank])) + [(got["final"], ref_final[rank])]
             for t, (a, b) in enumerate(pairs):

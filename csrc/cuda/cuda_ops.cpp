@@ -225,8 +225,8 @@ struct CudaKernels {
                   [&](DType param, const Segment* table, int32_t n, int64_t chunks) {
                     return cuda::launch_unflatten_average(
                         to_dtype(flat.scalar_type()), param, table, n, chunks,
-                        flat.const_data_ptr(), call.options, call.sgd, call.divergence, sums,
-                        stream.stream());
+                        flat.const_data_ptr(), call.options, call.sgd, call.accumulate,
+                        call.divergence, sums, stream.stream());
                   });
   }
 

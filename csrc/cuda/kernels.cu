@@ -20,6 +20,8 @@
 //   the unflatten ops, with divergence: param is also read just before it is written, and
 //                             (old - average)^2 summed into per-block float64 sums
 //                             (NOTE: [Divergence] in csrc/common.h)
+//   unflatten_average_(_sgd_) with accumulate: param is read just before it is written, and
+//                             the average added to it (NOTE: [Accumulate] in csrc/common.h)
 //
 // Arithmetic is done in opmath (fp32; fp64 for double) and rounded once when stored.
 // Products and sums use __fmul_rn/__fadd_rn so nvcc cannot contract them into FMAs, and results
@@ -315,19 +317,23 @@ struct FlattenFunctor {
   }
 };
 
-// kDivergence: NOTE: [Divergence]; false compiles to the plain average / step, with no read
-// of the param.
-template <typename flat_t, typename param_t, bool kSgd, bool kDivergence>
+// kDivergence: NOTE: [Divergence]; kAccumulate: NOTE: [Accumulate] (csrc/common.h), the
+// average added to the old param (x = old + flat * scale) before any step. With both false
+// this compiles to the plain average / step, with no read of the param; with either, the old
+// param is read once.
+template <typename flat_t, typename param_t, bool kSgd, bool kDivergence, bool kAccumulate>
 struct AverageFunctor {
   static constexpr bool kReduces = kDivergence;
+  static constexpr bool kReadParam = kDivergence || kAccumulate;
   using op_t = opmath_t<param_t>;
   static constexpr int kILP = kILPOf<flat_t, param_t>;
   // Words a thread moves per vector step: flat, (old param), (grad, buf) in; param, (buf) out.
   static constexpr int kUnroll =
       unroll_for(kWordsOf<flat_t, kILP> +
-                 kWordsOf<param_t, kILP> * (1 + (kDivergence ? 1 : 0) + (kSgd ? 3 : 0)));
-  static constexpr bool kTunable =
-      std::is_same<flat_t, float>::value && std::is_same<param_t, float>::value;
+                 kWordsOf<param_t, kILP> * (1 + (kReadParam ? 1 : 0) + (kSgd ? 3 : 0)));
+  // Benchmark-only unroll counts: for the fp32 average/step, not its accumulate form.
+  static constexpr bool kTunable = std::is_same<flat_t, float>::value &&
+                                   std::is_same<param_t, float>::value && !kAccumulate;
   const flat_t* flat;
   SgdConsts<op_t> c;
   double* block_sums;  // kDivergence only
@@ -341,8 +347,8 @@ struct AverageFunctor {
     flat_t fr[U][kILP];
 #pragma unroll
     for (int u = 0; u < U; ++u) load_raw(fr[u], f, i + u * stride);
-    param_t old[kDivergence ? U : 1][kILP];
-    if constexpr (kDivergence) {
+    param_t old[kReadParam ? U : 1][kILP];
+    if constexpr (kReadParam) {
 #pragma unroll
       for (int u = 0; u < U; ++u) load_raw(old[u], p, i + u * stride);
     }
@@ -368,6 +374,10 @@ struct AverageFunctor {
       op_t x[kILP];
 #pragma unroll
       for (int k = 0; k < kILP; ++k) x[k] = mul(to_op(fr[u][k]), c.scale);
+      if constexpr (kAccumulate) {
+#pragma unroll
+        for (int k = 0; k < kILP; ++k) x[k] = add(to_op(old[u][k]), x[k]);
+      }
       if constexpr (kDivergence) {  // the distance is to the average, before any step
 #pragma unroll
         for (int k = 0; k < kILP; ++k) add_square(acc, to_op(old[u][k]), x[k]);
@@ -412,8 +422,12 @@ struct AverageFunctor {
     }
     for (; i < n_vec; i += stride) vector_steps<1>(f, p, g, b, read_buf, first, i, stride, acc);
     for (int64_t i = n_vec + threadIdx.x; i < len; i += blockDim.x) {
-      const op_t x = mul(to_op(f[i]), c.scale);
-      if constexpr (kDivergence) add_square(acc, to_op(p[i]), x);
+      op_t x = mul(to_op(f[i]), c.scale);
+      if constexpr (kReadParam) {
+        const op_t old = to_op(p[i]);
+        if constexpr (kAccumulate) x = add(old, x);
+        if constexpr (kDivergence) add_square(acc, old, x);
+      }
       if (g == nullptr) {
         p[i] = from_op<param_t>(x);
       } else {  // g and b were null-checked, so assumed global only here (the phi forgets it)
@@ -800,8 +814,9 @@ bool set_launch_config(const LaunchConfig& config) {
 
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
                                      int32_t num_segments, int64_t num_chunks, const void* flat,
-                                     const SgdOptions& options, bool sgd, double* divergence,
-                                     double* block_sums, cudaStream_t stream) {
+                                     const SgdOptions& options, bool sgd, bool accumulate,
+                                     double* divergence, double* block_sums,
+                                     cudaStream_t stream) {
   if (divergence != nullptr && block_sums == nullptr) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
   dispatch(flat_dtype, [&](auto flat_tag) {
@@ -815,9 +830,13 @@ cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const 
         const SgdConsts<op_t> c = make_consts<op_t>(options);
         int64_t grid = 0;
         auto run = [&](auto sgd_tag, auto divergence_tag) {
-          using Op = AverageFunctor<flat_t, param_t, decltype(sgd_tag)::value,
-                                    decltype(divergence_tag)::value>;
-          return launch(table, num_segments, num_chunks, Op{f, c, block_sums}, stream, &grid);
+          auto with = [&](auto accumulate_tag) {
+            using Op = AverageFunctor<flat_t, param_t, decltype(sgd_tag)::value,
+                                      decltype(divergence_tag)::value,
+                                      decltype(accumulate_tag)::value>;
+            return launch(table, num_segments, num_chunks, Op{f, c, block_sums}, stream, &grid);
+          };
+          return accumulate ? with(std::true_type{}) : with(std::false_type{});
         };
         using yes = std::true_type;
         using no = std::false_type;

@@ -26,7 +26,8 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
                            int64_t num_chunks, void* flat, cudaStream_t stream);
 
 // param[j] = flat[seg.flat_offset + j] * scale (opmath), when `sgd` is false; otherwise that
-// average followed by torch.optim.SGD's update (sgd_math in kernels.cu).
+// average followed by torch.optim.SGD's update (sgd_math in kernels.cu). `accumulate`: the
+// old param[j] plus that product instead, rounded once (NOTE: [Accumulate] in csrc/common.h).
 // flat/param: the same dtype, or fp32 flat with fp16/bf16 params.
 // divergence (device, one double) != nullptr: also *divergence += sum over the table of
 // (old param - average)^2 (NOTE: [Divergence] in csrc/common.h); `block_sums` is device
@@ -34,8 +35,9 @@ cudaError_t launch_flatten(DType src, DType dst, const Segment* table, int32_t n
 // kernel adds the per-block sums in order. Both null: the plain kernel, no extra read.
 cudaError_t launch_unflatten_average(DType flat_dtype, DType param_dtype, const Segment* table,
                                      int32_t num_segments, int64_t num_chunks, const void* flat,
-                                     const SgdOptions& options, bool sgd, double* divergence,
-                                     double* block_sums, cudaStream_t stream);
+                                     const SgdOptions& options, bool sgd, bool accumulate,
+                                     double* divergence, double* block_sums,
+                                     cudaStream_t stream);
 
 // unflatten_average_outer_sgd_ (ops_reference.unflatten_average_outer_sgd_): per element,
 // ybar = flat * outer.scale; theta0 (seg.anchor, flat's dtype) <- SGD(theta0, theta0 - ybar)

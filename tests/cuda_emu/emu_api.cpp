@@ -78,7 +78,8 @@ int prsgd_emu_flatten(int n, void* const* tensors, const int64_t* numels, const 
 int prsgd_emu_unflatten(int n, void* const* params, const void* const* grads,
                         void* const* bufs, const uint8_t* first_step, const int64_t* numels,
                         const int32_t* dtypes, const void* flat, int32_t flat_dtype,
-                        int64_t align_bytes, int sgd, const double* hyper, double* divergence) {
+                        int64_t align_bytes, int sgd, const double* hyper, double* divergence,
+                        int accumulate) {
   std::vector<int64_t> offsets;
   if (!layout(n, numels, flat_dtype, align_bytes, &offsets)) return cudaErrorInvalidValue;
   const bool momentum = sgd && hyper[2] != 0.0;
@@ -110,7 +111,7 @@ int prsgd_emu_unflatten(int n, void* const* params, const void* const* grads,
     DeviceTable table(g);
     err = prsgd::cuda::launch_unflatten_average(
         static_cast<DType>(flat_dtype), static_cast<DType>(d), table.data,
-        static_cast<int32_t>(g.segments.size()), g.chunks, flat, h, sgd != 0,
+        static_cast<int32_t>(g.segments.size()), g.chunks, flat, h, sgd != 0, accumulate != 0,
         block_sums != nullptr ? divergence : nullptr, block_sums, nullptr);
   }
   std::free(block_sums);

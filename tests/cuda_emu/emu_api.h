@@ -38,10 +38,12 @@ int prsgd_emu_flatten(int n, void* const* tensors, const int64_t* numels, const 
 // unflatten_average_ (sgd = 0: grads, bufs, first_step and hyper[1..] ignored) or
 // unflatten_average_sgd_ (sgd = 1). hyper = {scale, lr, momentum, dampening, weight_decay,
 // nesterov, maximize}. grads[i] / bufs[i] may be null. divergence: null, or one double.
+// accumulate = 1: the average is added to the params (NOTE: [Accumulate] in csrc/common.h).
 int prsgd_emu_unflatten(int n, void* const* params, const void* const* grads,
                         void* const* bufs, const uint8_t* first_step, const int64_t* numels,
                         const int32_t* dtypes, const void* flat, int32_t flat_dtype,
-                        int64_t align_bytes, int sgd, const double* hyper, double* divergence);
+                        int64_t align_bytes, int sgd, const double* hyper, double* divergence,
+                        int accumulate);
 
 // unflatten_average_outer_sgd_: outer_hyper and inner_hyper = {scale (outer only), lr,
 // momentum, dampening, weight_decay, nesterov, maximize}. anchors/outer_bufs have flat's dtype;

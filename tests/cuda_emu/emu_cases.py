@@ -27,6 +27,7 @@ import torch
 from prsgd_hvd import ops_reference as ref
 
 CHUNK = 32768  # kChunkSize in csrc/segment_table.h
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
         torch.float64: torch.int64}
@@ -73,7 +74,7 @@ def lib():
     lib.prsgd_emu_layout.argtypes = [ctypes.c_int, P, I32, I64, P]
     lib.prsgd_emu_flatten.argtypes = [ctypes.c_int, P, P, P, P, I32, I64]
     lib.prsgd_emu_unflatten.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, I32, I64, ctypes.c_int,
-                                        P, P]
+                                        P, P, ctypes.c_int]
     lib.prsgd_emu_unflatten_outer.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, P, P, P, I32, I64,
                                               P, P, P]
     return lib
@@ -284,7 +285,10 @@ SGD_VARIANTS = {
 @pytest.mark.parametrize("variant", list(SGD_VARIANTS))
 @pytest.mark.parametrize("divergence", [False, True], ids=["plain", "divergence"])
 @pytest.mark.parametrize("align", [1, 16])
-def test_unflatten(lib, flat_dtype, param_dtype, variant, divergence, align, rng):
+def test_unflatten(lib, flat_dtype, param_dtype, variant, divergence, align, rng,
+                   accumulate=False, scale=1.0 / 3.0):
+    """accumulate: the params take old + flat * scale (then the step), NOTE: [Accumulate] in
+    csrc/common.h; test_unflatten_accumulate runs it."""
     device = DEVICES[rng.randrange(len(DEVICES))]
     configure(lib, device, rng.randrange(2**63))
     opts = SGD_VARIANTS[variant]
@@ -295,10 +299,11 @@ def test_unflatten(lib, flat_dtype, param_dtype, variant, divergence, align, rng
     flat_values = rand(offsets[-1], flat_dtype, rng, -4, 4)
     flat = Arena(offsets[-1], flat_dtype, rng.randrange(8), rng, fill=flat_values)
     old = [rand(k, param_dtype, rng) for k in numels]
-    # Params prefilled with NaN unless divergence reads them; misaligned at random, each role
+    reads = divergence or accumulate  # the kernel reads the old params
+    # Params prefilled with NaN unless the kernel reads them; misaligned at random, each role
     # on its own, so that every mix of aligned and misaligned pointers is met.
     params = [Arena(k, param_dtype, rng.randrange(8), rng,
-                    fill=o if divergence else torch.full((k,), float("nan"), dtype=param_dtype))
+                    fill=o if reads else torch.full((k,), float("nan"), dtype=param_dtype))
               for k, o in zip(numels, old)]
     grads = [None if (not sgd or rng.random() < 0.2) else
              Arena(k, param_dtype, rng.randrange(8), rng, fill=rand(k, param_dtype, rng)) for k in numels]
@@ -312,17 +317,18 @@ def test_unflatten(lib, flat_dtype, param_dtype, variant, divergence, align, rng
                       else rand(k, param_dtype, rng))
                 for k, f, g in zip(numels, first, grads)]
     # The reference, on plain copies.
-    p_ref = [(o.clone() if divergence else torch.zeros(k, dtype=param_dtype)) for k, o in zip(numels, old)]
+    p_ref = [(o.clone() if reads else torch.zeros(k, dtype=param_dtype)) for k, o in zip(numels, old)]
     b_ref = [None if b is None else b.t.clone() for b in bufs]
     g_ref = [None if g is None else g.t.clone() for g in grads]
     div_ref = torch.full((1,), 0.25, dtype=torch.float64) if divergence else None
     div = div_ref.clone() if divergence else None
-    scale = 1.0 / 3.0
     if sgd:
         ref.unflatten_average_sgd_(flat_values, p_ref, g_ref, b_ref, scale=scale, lr=0.05,
-                                   first_step=first, divergence=div_ref, align=align, **opts)
+                                   first_step=first, divergence=div_ref, align=align,
+                                   accumulate=accumulate, **opts)
     else:
-        ref.unflatten_average_(flat_values, p_ref, scale=scale, divergence=div_ref, align=align)
+        ref.unflatten_average_(flat_values, p_ref, scale=scale, divergence=div_ref, align=align,
+                               accumulate=accumulate)
     hyper = [scale, 0.05] + ([opts["momentum"], opts["dampening"], opts["weight_decay"],
                               float(opts["nesterov"]), float(opts["maximize"])] if sgd else [0.0] * 5)
     err = lib.prsgd_emu_unflatten(
@@ -330,7 +336,7 @@ def test_unflatten(lib, flat_dtype, param_dtype, variant, divergence, align, rng
         ptrs([None if b is None else b.t for b in bufs]), arr([int(f) for f in first], ctypes.c_uint8),
         arr(numels, ctypes.c_int64), arr([DTYPES[param_dtype]] * n, ctypes.c_int32),
         flat.t.data_ptr(), DTYPES[flat_dtype], align, int(sgd), arr(hyper, ctypes.c_double),
-        div.data_ptr() if divergence else None)
+        div.data_ptr() if divergence else None, int(accumulate))
     assert err == 0, f"cudaError {err}"
     for i in range(n):
         assert_bits_equal(params[i].t, p_ref[i], f"params[{i}] (numel {numels[i]})")
@@ -353,6 +359,25 @@ def test_unflatten(lib, flat_dtype, param_dtype, variant, divergence, align, rng
         assert launches(lib) == grid
 
 
+# The accumulate mode (a delayed merge: scale 1, the correction in flat; the fused form with
+# every SGD variant): each dtype pair at least once, divergence and alignment mixed, and one
+# other scale. A subset, as for the outer kernel, to keep this suite's time on 2 cores.
+ACCUMULATE_CASES = [(F32, F32, "avg", False, 16, 1.0), (F32, F32, "momentum", True, 1, 1.0),
+                    (F32, F32, "dampened", False, 16, 1.0), (F32, F32, "sgd", True, 16, 0.3),
+                    (F32, F16, "momentum", False, 16, 1.0), (F32, BF16, "dampened", True, 16, 1.0),
+                    (F32, BF16, "avg", False, 1, 1.0), (F64, F64, "momentum", False, 16, 1.0),
+                    (F16, F16, "avg", True, 1, 0.3), (BF16, BF16, "sgd", False, 16, 1.0)]
+
+
+@pytest.mark.parametrize("flat_dtype,param_dtype,variant,divergence,align,scale", ACCUMULATE_CASES,
+                         ids=_name)
+def test_unflatten_accumulate(lib, flat_dtype, param_dtype, variant, divergence, align, scale, rng):
+    """params = old params + flat * scale, then the SGD step: bit for bit the reference, with
+    canaries, NaN-poisoned write-only buffers and misaligned roles as test_unflatten."""
+    test_unflatten(lib, flat_dtype, param_dtype, variant, divergence, align, rng,
+                   accumulate=True, scale=scale)
+
+
 @pytest.mark.parametrize("flat_dtype,param_dtype", [UNFLATTEN_PAIRS[0], UNFLATTEN_PAIRS[4]], ids=_name)
 def test_divergence_independent_of_scheduling(lib, flat_dtype, param_dtype, rng):
     """A fixed grid gives the same float64 bits whatever order blocks and threads run in."""
@@ -370,7 +395,8 @@ def test_divergence_independent_of_scheduling(lib, flat_dtype, param_dtype, rng)
             len(numels), ptrs(params), ptrs([None] * len(numels)), ptrs([None] * len(numels)),
             arr([0] * len(numels), ctypes.c_uint8), arr(numels, ctypes.c_int64),
             arr([DTYPES[param_dtype]] * len(numels), ctypes.c_int32), flat.data_ptr(),
-            DTYPES[flat_dtype], 16, 0, arr([0.5] + [0.0] * 6, ctypes.c_double), div.data_ptr()) == 0
+            DTYPES[flat_dtype], 16, 0, arr([0.5] + [0.0] * 6, ctypes.c_double), div.data_ptr(),
+            0) == 0
         results.append(div.view(torch.int64).item())
     assert len(set(results)) == 1, results
 
@@ -390,7 +416,7 @@ def test_tensor_pointer_is_not_read_for_empty_or_gradless(lib, rng):
     assert lib.prsgd_emu_unflatten(3, params, grads, bufs, arr([1, 1, 1], ctypes.c_uint8),
                                    arr(numels, ctypes.c_int64), arr([0, 0, 0], ctypes.c_int32),
                                    flat.data_ptr(), 0, 16, 1, arr([1.0, 0.1, 0.9, 0, 0, 0, 0], ctypes.c_double),
-                                   None) == 0
+                                   None, 0) == 0
     assert torch.equal(p[1], flat[offsets[1]:offsets[1] + 5])
 
 
@@ -406,6 +432,8 @@ def test_every_launch_config(lib, launch, rng):
         test_unflatten(lib, torch.float32, torch.float32, "sgd", False, 16, rng)
         test_unflatten(lib, torch.float32, torch.float32, "avg", True, 16, rng)
         test_unflatten(lib, torch.float16, torch.float16, "dampened", False, 16, rng)
+        test_unflatten(lib, torch.float32, torch.float32, "momentum", False, 16, rng,
+                       accumulate=True, scale=1.0)
     finally:
         _forced_launch[0] = None
 
@@ -423,7 +451,6 @@ OUTER_VARIANTS = {
                       outer_weight_decay=1e-2, outer_maximize=True), dict(lr=0.05), True, 16),
 }
 _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 # Every variant on fp32 and each dtype pair at least once (the full product would add a
 # minute to this suite on 2 cores; the CPU kernel runs the product in tests/test_ops_outer.py).
 OUTER_CASES = [(F32, F32, "diloco"), (F32, F32, "full"), (F32, F32, "dampened"),
