@@ -352,4 +352,30 @@ MUTANTS = [
            "        p = 1 if k == 0 else k // (self.epochs.epoch_steps() // self.fragments) + 2",
            ("tests/test_streaming_unit.py",),
            "a rank finishing mid-epoch would wait on the wrong fragment's round: a hang"),
+    # ---- 8-bit deltas (compression="int8", Int8Delta) ----------------------------------------
+    Mutant("int8_scale_from_the_chunk_sum", "prsgd_hvd/wire_formats.py",
+           "        amax = torch.amax(d.abs(), dim=1, keepdim=True)",
+           "        amax = d.abs().sum(dim=1, keepdim=True)",
+           ("tests/test_int8_unit.py::test_encode_decode_equal_the_reference_bit_for_bit",),
+           "each chunk's step would be sum|d|/127 instead of max|d|/127: most codes round to 0 "
+           "and every round sends a fraction of the change"),
+    Mutant("int8_residual_not_carried", "prsgd_hvd/wire_formats.py",
+           "                self._keep_lost(index, delta, work, weight)",
+           "                pass",
+           ("tests/test_int8_unit.py::test_error_feedback_keeps_rounding_from_accumulating",
+            "tests/test_trajectories.py::test_int8_error_feedback_makes_a_difference[2]"),
+           "error_feedback=True would do nothing for int8: the rounding of every round adds up"),
+    Mutant("int8_decode_sums_the_ranks_in_another_order", "prsgd_hvd/wire_formats.py",
+           "        for i, r in enumerate(range(size)):",
+           "        for i, r in enumerate(reversed(range(size))):",
+           ("tests/test_int8_unit.py::test_encode_decode_equal_the_reference_bit_for_bit",),
+           "the fp32 sum of the decoded messages would differ in its last bits from the "
+           "documented rank-order sum (a decoder in another order than its peers' would leave "
+           "the ranks on different models)"),
+    Mutant("int8_nonfinite_chunk_sent_as_zeros", "prsgd_hvd/wire_formats.py",
+           "        scale.copy_(amax / 127)",
+           "        scale.copy_((amax / 127).nan_to_num(0.0, 0.0, 0.0))",
+           ("tests/test_int8_unit.py::test_zero_huge_tiny_and_nonfinite_chunks",),
+           "a rank's inf/NaN would reach nobody: its chunk decoded as zeros, the round finite, "
+           "the non-finite policy never asked"),
 ]
