@@ -51,7 +51,8 @@ class SimRank:
     def set_anchor(self, values):
         self.pack(values)
         record = (1.0,) + (0.0,) * (CONTROL_FIELDS - 1)
-        self.anchor.follow(Round(self.layout, RoundId("scheduled", 1), [record], anchor=self.anchor))
+        self.anchor.follow(Round(self.layout, RoundId("scheduled", 1), [record],
+                                 anchor=self.anchor))
         assert self.fmt.for_round(self.layout, self.anchor) is self.fmt
 
 
@@ -316,3 +317,29 @@ def test_option_names_and_message_size():
     # no common point yet: the first round goes in full precision
     rk = SimRank([(10,)], torch.float32, 2)
     assert rk.fmt.for_round(rk.layout, rk.anchor) is FULL_PRECISION
+
+
+def test_reset_drops_the_residuals_and_the_next_round_starts_afresh():
+    """A layout change or an elastic reset (new averagers) leaves no residual: after reset()
+    and a new common point the first message is the reference's without a residual."""
+    n = 2500
+    ranks = [SimRank([(n,)], torch.float32, 2) for _ in range(2)]
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(n, generator=g)
+    for rk in ranks:
+        rk.set_anchor([base])
+    models = [[base + 1e-2 * torch.randn(n, generator=g)] for _ in range(2)]
+    _, _, rounds = run_round(ranks, models, [1.0, 1.0], 2)
+    for rk, rnd in zip(ranks, rounds):
+        rnd.accept()
+        assert rk.fmt._residual[0].abs().max() > 0
+        rk.fmt.reset()
+        rk.anchor.reset()
+        assert rk.fmt.for_round(rk.layout, rk.anchor) is FULL_PRECISION
+        rk.set_anchor([base])
+    xs, sent, _ = run_round(ranks, models, [1.0, 1.0], 3)
+    want, want_sent, _ = ref.round_of_ranks([x.to(F64) for x in xs], ranks[0].anchor.bucket(0),
+                                            [None, None], [1.0, 1.0], C)
+    for r, (msg, (codes, scale)) in enumerate(zip(sent, want_sent)):
+        check_message(msg, codes, scale, xs[0].numel(), f"after reset, rank {r}")
+    exact_equal(ranks[0].bucket.payload, want, "sum after reset")
