@@ -20,6 +20,21 @@ With divergence telemetry (``divergence=`` on the fused avg+step: the kernel als
 param before overwriting it, +4 B/elem fp32, so 24 B/elem) the avg+step time is measured
 again in the same run, interleaved with the plain one; the "div ms" column and "+div" ratio.
 
+The delayed merge of streaming rounds (``delay=``, NOTE: [streaming] in prsgd_hvd/streaming.py:
+x <- x + (c - x_sent), fused with the next step's SGD update) is measured in the same run, one
+pass against the three it took before, interleaved, on the round's padded layout (ops.PADDED):
+
+  three   ops.flatten(params, out=payload)                    pack          8 B/elem
+          payload.add_(correction)                            add          12 B/elem
+          ops.unflatten_average_sgd_(payload, ..., scale=1)   write + step 20 B/elem  (40)
+  one     ops.unflatten_average_sgd_(correction, ..., scale=1, accumulate=True)
+                                                              24 B/elem (x, correction, grad,
+                                                              buffer in; x, buffer out)
+
+and the same without the SGD update (a non-SGD inner optimizer, or fragments=F > 1, where the
+update runs on its own): 8 + 12 + 8 = 28 B/elem against accumulate's 12. Both forms are
+checked bit for bit against each other before they are timed. Bytes predict 1.67x and 2.33x.
+
 Bytes per element follow the performance model in docs/benchmarks.md (fp32, SGD with momentum): fused 8 + 20 = 28;
 unfused "about 44" of the performance model. Our own count of what the unfused path moves is printed too
 (cat 8, /=N 8, copy back 8, foreach SGD with weight decay 12 + 8 + 12 + 12 = 44, so 68 in all).
@@ -76,6 +91,8 @@ UNFUSED_BYTES_COUNTED = 8 + 8 + 8 + 44
 OUTER_STEP_BYTES = 20 + 16    # + theta0 and the outer buffer, each read and written
 OUTER_ROUND_BYTES = 8 + OUTER_STEP_BYTES
 OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9  # DiLoCo
+MERGE_SGD_BYTES = (8 + 12 + 20, 24)  # the delayed merge with the SGD update: three passes, one
+MERGE_BYTES = (8 + 12 + 8, 12)       # without it
 
 LR, MOMENTUM, WEIGHT_DECAY, WORLD = 0.1, 0.9, 5e-4, 4
 
@@ -198,10 +215,55 @@ def bench_model(name, device, repeats, gen):
         to.append(median_time(outer_step, device, max(1, repeats // 3)))
         rp.append(median_time(fused, device, max(1, repeats // 3)))
         ro.append(median_time(fused_outer, device, max(1, repeats // 3)))
+    merge = bench_merge(shapes, init, grads, device, repeats, gen)
     return dict(model=name, numel=numel, tensors=len(shapes), t_pack=t_pack, t_step=t_step,
                 t_step_div=t_step_div, t_fused=t_fused, t_unfused=t_unfused,
                 t_plain_step=min(tp), t_outer_step=min(to), t_plain_round=min(rp),
-                t_outer_round=min(ro))
+                t_outer_round=min(ro), **merge)
+
+
+def bench_merge(shapes, init, grads, device, repeats, gen):
+    """The delayed merge (module docstring): three passes against one, with and without the
+    SGD update, interleaved; the two forms checked bit for bit first."""
+    total = ops.segment_layout(shapes, torch.float32, align=ops.PADDED)[-1]
+    correction = (torch.randn(total, generator=gen) * 1e-3).to(device)
+    payload = torch.empty_like(correction)
+    params = [p.clone() for p in init]
+    bufs = [torch.zeros_like(p) for p in init]
+    sgd = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, align=ops.PADDED)
+
+    def three_sgd(ps=params, bs=bufs):
+        ops.flatten(ps, out=payload, align=ops.PADDED)
+        payload.add_(correction)
+        ops.unflatten_average_sgd_(payload, ps, grads, bs, scale=1.0, **sgd)
+
+    def one_sgd(ps=params, bs=bufs):
+        ops.unflatten_average_sgd_(correction, ps, grads, bs, scale=1.0, accumulate=True, **sgd)
+
+    def three(ps=params):
+        ops.flatten(ps, out=payload, align=ops.PADDED)
+        payload.add_(correction)
+        ops.unflatten_average_(payload, ps, scale=1.0, align=ops.PADDED)
+
+    def one(ps=params):
+        ops.unflatten_average_(correction, ps, scale=1.0, align=ops.PADDED, accumulate=True)
+
+    for a, b in ((three_sgd, one_sgd), (three, one)):
+        pa, pb = [p.clone() for p in init], [p.clone() for p in init]
+        ba, bb = [torch.ones_like(p) for p in init], [torch.ones_like(p) for p in init]
+        if a is three_sgd:
+            a(pa, ba)
+            b(pb, bb)
+        else:
+            a(pa)
+            b(pb)
+        assert all(torch.equal(x, y) for x, y in zip(pa + ba, pb + bb)), \
+            "the one-pass merge differs from the three-pass one"
+    t = {k: [] for k in ("t_merge3_sgd", "t_merge1_sgd", "t_merge3", "t_merge1")}
+    for _ in range(3):
+        for k, fn in zip(t, (three_sgd, one_sgd, three, one)):
+            t[k].append(median_time(fn, device, max(1, repeats // 3)))
+    return {k: min(v) for k, v in t.items()}
 
 
 def main():
@@ -266,6 +328,26 @@ def main():
               f"{r['t_plain_round'] * 1e3:8.3f} {pct(FUSED_BYTES, r['t_plain_round']):5.0f}% | "
               f"{r['t_outer_round'] * 1e3:9.3f} {pct(OUTER_ROUND_BYTES, r['t_outer_round']):5.0f}% "
               f"{r['t_outer_round'] / r['t_plain_round']:5.2f}x")
+    print()
+    print(f"delayed merge (streaming delay=; x += correction, padded layout): three passes "
+          f"(flatten, add, write) vs one (accumulate); bytes/elem with SGD's update "
+          f"{MERGE_SGD_BYTES[0]} vs {MERGE_SGD_BYTES[1]}, without {MERGE_BYTES[0]} vs "
+          f"{MERGE_BYTES[1]}; %copy = GB/s over the copy_ ceiling")
+    hdr = (f"{'model':9} | {'+sgd 3-pass ms':>14} {'%copy':>6} | {'1-pass ms':>9} {'%copy':>6} "
+           f"{'ratio':>6} | {'plain 3-pass ms':>15} {'%copy':>6} | {'1-pass ms':>9} {'%copy':>6} "
+           f"{'ratio':>6}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in outer_rows:
+        n = r["numel"]
+        pct = lambda b, t: 100 * b * n / t / 1e9 / copy_gbs  # noqa: E731
+        print(f"{r['model']:9} | {r['t_merge3_sgd'] * 1e3:14.3f} "
+              f"{pct(MERGE_SGD_BYTES[0], r['t_merge3_sgd']):5.0f}% | "
+              f"{r['t_merge1_sgd'] * 1e3:9.3f} {pct(MERGE_SGD_BYTES[1], r['t_merge1_sgd']):5.0f}% "
+              f"{r['t_merge3_sgd'] / r['t_merge1_sgd']:5.2f}x | "
+              f"{r['t_merge3'] * 1e3:15.3f} {pct(MERGE_BYTES[0], r['t_merge3']):5.0f}% | "
+              f"{r['t_merge1'] * 1e3:9.3f} {pct(MERGE_BYTES[1], r['t_merge1']):5.0f}% "
+              f"{r['t_merge3'] / r['t_merge1']:5.2f}x")
 
 
 if __name__ == "__main__":
