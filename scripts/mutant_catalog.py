@@ -352,6 +352,25 @@ MUTANTS = [
            "        p = 1 if k == 0 else k // (self.epochs.epoch_steps() // self.fragments) + 2",
            ("tests/test_streaming_unit.py",),
            "a rank finishing mid-epoch would wait on the wrong fragment's round: a hang"),
+    # ---- the one-pass delayed merge (accumulate mode of the unflatten kernels) -----------------
+    Mutant("accumulate_drops_x_old_in_the_vector_loop", "csrc/cpu_kernels_impl.h",
+           "        x0 = p0 + x0;\n        x1 = p1 + x1;\n",
+           "        x0 = p0 + x0;\n",
+           ("tests/test_ops.py::test_accumulate_matches_reference_bit_for_bit",),
+           "a delayed merge on CPU would replace half of every vector step's parameters by the "
+           "correction c - x_sent instead of adding it: the local progress and x_sent lost"),
+    Mutant("fused_merge_overwrites_instead_of_adding", "prsgd_hvd/fused_sgd.py",
+           "first_step=firsts, divergence=acc, align=ALIGN, accumulate=accumulate)",
+           "first_step=firsts, divergence=acc, align=ALIGN)",
+           (_stream("d2_i4_fused_merge"),),
+           "with torch.optim.SGD a delayed merge would set the parameters to the correction "
+           "(then step from there) instead of adding it"),
+    Mutant("plain_merge_overwrites_instead_of_adding", "prsgd_hvd/update_rules.py",
+           "                                           scale=self.scale, align=ALIGN, accumulate=True)",
+           "                                           scale=self.scale, align=ALIGN)",
+           (_stream("d1_i3_adam_warmup2"),),
+           "with Adam, or fragments, a delayed merge would overwrite the tensors with the "
+           "correction"),
     # ---- 8-bit deltas (compression="int8", Int8Delta) ----------------------------------------
     Mutant("int8_scale_from_the_chunk_sum", "prsgd_hvd/wire_formats.py",
            "        amax = torch.amax(d.abs(), dim=1, keepdim=True)",

@@ -53,8 +53,21 @@ def apply(mutant: Mutant, root: Path) -> None:
     path.write_text(mutated)
     # A mutant must be a bug, not a syntax error. Compiled in memory: a .pyc left in
     # __pycache__ would outlive the probe that restores the baseline's source -- same size, same
-    # second -- and the "unmutated" baseline would run the mutant.
-    compile(mutated, str(path), "exec")
+    # second -- and the "unmutated" baseline would run the mutant. (A C++ mutant is compiled by
+    # rebuild(); one that does not compile is reported as an error.)
+    if path.suffix == ".py":
+        compile(mutated, str(path), "exec")
+
+
+def rebuild(mutant: Mutant, root: Path) -> Optional[str]:
+    """A mutant of the CPU kernels (csrc/, not csrc/cuda/) needs the copy's extension built
+    from it; returns the build's output tail when that fails. csrc/cuda/ is compiled by the
+    tests that run it (tests/test_cuda_emu.py builds the emulation from the copy's sources)."""
+    if not mutant.path.startswith("csrc/") or mutant.path.startswith("csrc/cuda/"):
+        return None
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return None if proc.returncode == 0 else "\n".join(proc.stdout.splitlines()[-15:])
 
 
 def run_tests(root: Path, tests: Sequence[str], timeout: float) -> Tuple[str, str, float]:
@@ -134,7 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for i, m in enumerate(mutants, 1):
             root = scratch_copy(work / m.name)
             apply(m, root)
-            status, detail, took = run_tests(root, m.tests, args.timeout)
+            failed_build = rebuild(m, root)
+            if failed_build is not None:
+                status, detail, took = "error", "the mutant does not build:\n" + failed_build, 0.0
+            else:
+                status, detail, took = run_tests(root, m.tests, args.timeout)
             verdict = {"failed": "killed", "timeout": "killed", "passed": "SURVIVED"}.get(status, "ERROR")
             rows.append((m, verdict, detail, took))
             print(f"[{i}/{len(mutants)}] {m.name}: {verdict} ({took:.0f} s) {detail.splitlines()[0] if detail else ''}",
