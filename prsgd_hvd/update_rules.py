@@ -43,8 +43,6 @@ class MergeRound(Round):
     accumulate mode (csrc/common.h, NOTE: [Accumulate]). The result is bit for bit what packing
     x, adding the correction and writing that sum back gave in three passes."""
 
-    accumulate = True  # the rules add the payload to the tensors
-
     @classmethod
     def of(cls, layout: BucketLayout, identity: RoundId,
            corrections: List[torch.Tensor]) -> "MergeRound":

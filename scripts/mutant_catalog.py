@@ -279,10 +279,9 @@ MUTANTS = [
            "what it was at construction"),
     # ---- streaming rounds (delay=, fragments=) -------------------------------------------------
     Mutant("delayed_merge_drops_local_progress", "prsgd_hvd/streaming.py",
-           "                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)\n"
-           "                b.payload.add_(correction)",
-           "                e.config.kernels.flatten(b.tensors, out=b.payload, align=ALIGN)\n"
-           "                b.payload.zero_().add_(correction)",
+           "        rnd = MergeRound.of(r.averager.layout, r.identity, r.averager.sent)\n",
+           "        rnd = MergeRound.of(r.averager.layout, r.identity, r.averager.sent)\n"
+           "        [t.detach().zero_() for t in r.averager.layout.tensors]\n",
            (_stream("d2_i4_fused_merge"),),
            "a delayed round would throw away the tau local steps taken while it was in flight"),
     Mutant("delayed_merge_one_step_early", "prsgd_hvd/streaming.py",
