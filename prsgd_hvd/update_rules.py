@@ -53,20 +53,14 @@ class MergeRound(Round):
 
     @torch.no_grad()
     def write_back(self, kernels, measured: int = 0) -> Optional[float]:
-        """``tensor += correction`` for every tensor (PlainAverage's kernel, accumulate mode);
-        with ``measured`` > 0 also the squared distance of the first ``measured`` tensors
-        from the merged point, as Round.write_back measures it from the average."""
-        total = None if measured == 0 else 0.0
-        for b, n in zip(self.buckets, self.layout.leading(measured)):
-            if n:
-                acc = torch.zeros(1, dtype=torch.float64, device=b.device)
-                kernels.unflatten_average_(b.segment(0, n), b.tensors[:n], scale=self.scale,
-                                           divergence=acc, align=ALIGN, accumulate=True)
-                total += float(acc)
-            if n < len(b.tensors):
-                kernels.unflatten_average_(b.segment(n, len(b.tensors)), b.tensors[n:],
-                                           scale=self.scale, align=ALIGN, accumulate=True)
-        return total
+        """``tensor += correction`` for every tensor: PlainAverage's kernel in accumulate mode.
+        A merge measures nothing (the merge asks for no parameters: its round's divergence was
+        taken when it settled)."""
+        for b in self.buckets:
+            if b.tensors:
+                kernels.unflatten_average_(b.payload, b.tensors, scale=self.scale, align=ALIGN,
+                                           accumulate=True)
+        return None
 
 
 def accumulates(rnd: Round) -> bool:

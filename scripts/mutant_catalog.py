@@ -365,8 +365,9 @@ MUTANTS = [
            "with torch.optim.SGD a delayed merge would set the parameters to the correction "
            "(then step from there) instead of adding it"),
     Mutant("plain_merge_overwrites_instead_of_adding", "prsgd_hvd/update_rules.py",
-           "                                           scale=self.scale, align=ALIGN, accumulate=True)",
-           "                                           scale=self.scale, align=ALIGN)",
+           "kernels.unflatten_average_(b.payload, b.tensors, scale=self.scale, align=ALIGN,\n"
+           "                                           accumulate=True)",
+           "kernels.unflatten_average_(b.payload, b.tensors, scale=self.scale, align=ALIGN)",
            (_stream("d1_i3_adam_warmup2"),),
            "with Adam, or fragments, a delayed merge would overwrite the tensors with the "
            "correction"),
