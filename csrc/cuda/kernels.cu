@@ -378,7 +378,8 @@ struct AverageFunctor {
 #pragma unroll
         for (int k = 0; k < kILP; ++k) x[k] = add(to_op(old[u][k]), x[k]);
       }
-      if constexpr (kDivergence) {  // the distance is to the average, before any step
+      if constexpr (kDivergence) {  // the distance is to x (with kAccumulate, old + average),
+                                    // before any step
 #pragma unroll
         for (int k = 0; k < kILP; ++k) add_square(acc, to_op(old[u][k]), x[k]);
       }
