@@ -13,7 +13,7 @@ values (nothing was written back yet). Then:
 * ``"ignore"``: no check (saves one read of the summed buffer per round).
 
 A sum that overflowed while every model is finite is a false alarm and goes on, except with
-16-bit compression, where it means the change since the last average no longer fits.
+compressed deltas, where it means the change since the last average no longer fits.
 """
 from __future__ import annotations
 
@@ -53,6 +53,11 @@ class NonFinitePolicy:
         if not bad:
             if compressed_kind is None:
                 return rnd, False  # the sum overflowed but every model is finite: go on
+            if compressed_kind == "int8":  # codes cannot overflow; a scale can, with x - anchor
+                raise FloatingPointError(
+                    f"DistributedLocalSGD: the 8-bit compressed round is not finite at {where()} "
+                    f"though every model is: the change since the last average overflowed "
+                    f"float32. Average more often, or use no compression.")
             raise FloatingPointError(
                 f"DistributedLocalSGD: the 16-bit compressed sum overflowed at {where()}: the "
                 f"models moved further from the last average than {compressed_kind} can "

@@ -343,3 +343,20 @@ def test_reset_drops_the_residuals_and_the_next_round_starts_afresh():
     for r, (msg, (codes, scale)) in enumerate(zip(sent, want_sent)):
         check_message(msg, codes, scale, xs[0].numel(), f"after reset, rank {r}")
     exact_equal(ranks[0].bucket.payload, want, "sum after reset")
+
+
+def test_a_nonfinite_int8_round_from_finite_models_names_the_8_bit_overflow():
+    """Every model finite but the round not (x - anchor overflowed float32, so a chunk's scale
+    did): the error says so for the 8-bit format, not the 16-bit one."""
+    n = 1  # one element: the anchor's own finiteness check (a sum) must not overflow
+    ranks = [SimRank([(n,)], torch.float32, 2) for _ in range(2)]
+    for rk in ranks:
+        rk.set_anchor([torch.full((n,), -2e38)])
+    models = [[torch.full((n,), 2e38)] for _ in range(2)]
+    _, _, rounds = run_round(ranks, models, [1.0] * 2, 2)
+    assert not rounds[0].is_finite()
+    opt = torch.optim.SGD(ranks[0].tensors, lr=0.1)
+    with pytest.raises(FloatingPointError, match="8-bit compressed round is not finite .* "
+                                                 "overflowed float32"):
+        NonFinitePolicy("raise").settle(rounds[0], FakeSet([False, False]), lambda: "round 2",
+                                        "int8", None, opt)
