@@ -6,9 +6,10 @@
 # Streaming rounds (issue 22): with DEMO_DELAY and/or DEMO_FRAGMENTS set, the demo then runs the
 # 6.3M-parameter MLP of benchmarks/bench_cluster.py at the same rate: PyTorch's PostLocalSGD,
 # plain DistributedLocalSGD and the streaming variant, all at DEMO_INTERVAL (default 16), and
-# the no-communication ceiling, DEMO_REPEATS interleaved repeats (default 1). DEMO_FP16=1 adds
-# 16-bit deltas. DEMO_QUICKSTART=0 skips the quickstart. For example:
-#     DEMO_DELAY=8 DEMO_FRAGMENTS=4 DEMO_FP16=1 make demo-cluster
+# the no-communication ceiling, DEMO_REPEATS interleaved repeats (default 1). DEMO_WIRE=int8 or
+# fp16 sends compressed deltas (DEMO_FP16=1 is DEMO_WIRE=fp16). DEMO_QUICKSTART=0 skips the
+# quickstart. For example:
+#     DEMO_DELAY=8 DEMO_FRAGMENTS=4 DEMO_WIRE=int8 make demo-cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 hosts=${1:-3}
@@ -20,7 +21,11 @@ if [ -n "${DEMO_DELAY:-}" ] || [ -n "${DEMO_FRAGMENTS:-}" ]; then
   variant="ours${interval}"
   [ "${DEMO_FRAGMENTS:-1}" != 1 ] && variant+="f${DEMO_FRAGMENTS}"
   [ "${DEMO_DELAY:-0}" != 0 ] && variant+="d${DEMO_DELAY}"
-  [ "${DEMO_FP16:-0}" = 1 ] && variant+="fp16"
+  wire=${DEMO_WIRE:-}
+  [ -z "$wire" ] && [ "${DEMO_FP16:-0}" = 1 ] && wire=fp16
+  case "$wire" in ""|fp16|int8) variant+="$wire" ;;
+    *) echo "demo-cluster: DEMO_WIRE must be fp16, int8 or empty, got '$wire'" >&2; exit 2 ;;
+  esac
 fi
 cluster() { python3 scripts/cluster.py --name "$name" "$@"; }
 trap 'cluster down' EXIT
