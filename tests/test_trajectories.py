@@ -126,6 +126,10 @@ SCENARIOS.append(dict(next(s for s in SCENARIOS if s["name"] == "outer_sgd_momen
 # (test_outer_overlap_changes_nothing).
 SCENARIOS.append(dict(next(s for s in SCENARIOS if s["name"] == "outer_fp16_i2_finalize"),
                       name="outer_fp16_i2_finalize_no_overlap", overlap=False))
+# ... and on the unfused path (OuterStep: the pseudo-gradient, the outer optimizer's own step(),
+# theta0 into the 16-bit anchor), which the scenario itself no longer takes.
+SCENARIOS.append(dict(next(s for s in SCENARIOS if s["name"] == "outer_fp16_i2_finalize"),
+                      name="outer_fp16_i2_finalize_reference_path", fused=False))
 
 # outer_device="cpu": theta0 and the outer state in host memory, staged chunk by chunk at every
 # outer round (prsgd_hvd.outer_host). Copies of outer scenarios, same seeds, with chunks of one
@@ -348,8 +352,10 @@ def test_outer_moves_the_delta_anchor_to_theta0(np):
     """16-bit deltas are taken from theta0: after finalize()'s outer round (no update follows
     it) the shared anchor's parameter segments hold exactly the parameters, theta0."""
     for res in results_for(np):
-        gap = res["outer_fp16_i2_finalize"]["anchor_gap"]
-        assert gap is not None and gap == 0.0, gap
+        for name in ("outer_fp16_i2_finalize", "outer_fp16_i2_finalize_reference_path"):
+            gap = res[name]["anchor_gap"]
+            assert gap is not None and gap == 0.0, (name, gap)
+        assert res["outer_fp16_i2_finalize_reference_path"]["stats"]["fused_outer_rounds"] == 0
 
 
 @pytest.mark.parametrize("np", [2, 3])
