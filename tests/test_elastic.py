@@ -37,18 +37,25 @@ def _example_model():
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1)).double()
 
 
+@torch.no_grad()
+def _restore(starts):
+    """The reference workers of a phase: worker i's model and SGD at starts[i]'s parameters and
+    momentum."""
+    models = [_example_model() for _ in starts]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    for m, o, snap in zip(models, opts, starts):
+        for p, v, buf in zip(m.parameters(), snap["params"], snap["momentum"]):
+            p.copy_(v)
+            if buf is not None:
+                o.state[p]["momentum_buffer"] = buf.double().clone()
+    return models, opts
+
+
 def _phase(starts, until, interval):
     """Float64 run of examples/elastic.py on len(starts) workers, worker i from starts[i] (its
     parameters, momentum and step), up to step ``until``; returns the models and optimizers."""
     s = starts[0]["step"]
-    models = [_example_model() for _ in starts]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
-    for m, o, snap in zip(models, opts, starts):
-        with torch.no_grad():
-            for p, v, buf in zip(m.parameters(), snap["params"], snap["momentum"]):
-                p.copy_(v)
-                if buf is not None:
-                    o.state[p]["momentum_buffer"] = buf.double().clone()
+    models, opts = _restore(starts)
 
     def grad(r, k):  # local step s + k reads the batch of state.step == s + k - 1
         x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1000 * r + s + k - 1))
@@ -68,14 +75,9 @@ def _outer_phase(starts, until, interval, outer):
     theta0 - average, and every model <- theta0. Returns the models, optimizers and each
     worker's OuterReference."""
     s = starts[0]["step"]
-    models = [_example_model() for _ in starts]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    models, opts = _restore(starts)
     refs = []
-    for m, o, snap in zip(models, opts, starts):
-        for p, v, buf in zip(m.parameters(), snap["params"], snap["momentum"]):
-            p.copy_(v)
-            if buf is not None:
-                o.state[p]["momentum_buffer"] = buf.double().clone()
+    for m, snap in zip(models, starts):
         ref = OuterReference([m], outer)  # theta0 = the parameters: x^0 before the first step
         saved = snap["outer"]
         if saved["started"]:
@@ -123,14 +125,9 @@ def _stream_phase(starts, until, interval, fragments, delay):
     step t with (t - p*I/F) mod I == 0 and merges before the update of step t + delay.
     Returns the models, optimizers and each worker's rounds still in flight at ``until``."""
     s = starts[0]["step"]
-    models = [_example_model() for _ in starts]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    models, opts = _restore(starts)
     pending = []
-    for m, o, snap in zip(models, opts, starts):
-        for p, v, buf in zip(m.parameters(), snap["params"], snap["momentum"]):
-            p.copy_(v)
-            if buf is not None:
-                o.state[p]["momentum_buffer"] = buf.double().clone()
+    for snap in starts:
         pending.append([(e["merge_at"], {k[1]: c.double() for k, c in e["correction"].items()})
                         for e in snap["in_flight"]])
     params = [list(m.parameters()) for m in models]
