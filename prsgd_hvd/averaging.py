@@ -346,6 +346,8 @@ class Round:
     anchor: Optional[Anchor] = None    # the averager's (NOTE: [the anchor])
     wire: WireFormat = FULL_PRECISION  # the format the round travelled in
     _finite: Optional[bool] = field(default=None, repr=False)
+    # A rule adds the payload to the tensors instead of writing it (update_rules.MergeRound).
+    accumulate = False
 
     def __post_init__(self):
         self.buckets: List[Bucket] = self.layout.buckets

@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .averaging import ALIGN, BucketLayout, Round
-from .update_rules import UpdateRule, accumulates
+from .update_rules import UpdateRule
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -79,7 +79,7 @@ class FusedAverageSgd(UpdateRule):
         A delayed merge (update_rules.MergeRound) adds its correction to every tensor and
         steps the parameters from there, in the same one pass (``accumulate``); it measures
         nothing (its round's divergence was taken when it settled) and returns None."""
-        accumulate = accumulates(rnd)
+        accumulate = rnd.accumulate
         divergence = None if accumulate else 0.0
         for b, runs in zip(rnd.buckets, self.runs(rnd.layout)):
             acc = None if accumulate else torch.zeros(1, dtype=torch.float64, device=b.device)

@@ -43,6 +43,8 @@ class MergeRound(Round):
     accumulate mode (csrc/common.h, NOTE: [Accumulate]). The result is bit for bit what packing
     x, adding the correction and writing that sum back gave in three passes."""
 
+    accumulate = True  # the rules add the payload to the tensors (Round.accumulate)
+
     @classmethod
     def of(cls, layout: BucketLayout, identity: RoundId,
            corrections: List[torch.Tensor]) -> "MergeRound":
@@ -61,11 +63,6 @@ class MergeRound(Round):
                 kernels.unflatten_average_(b.payload, b.tensors, scale=self.scale, align=ALIGN,
                                            accumulate=True)
         return None
-
-
-def accumulates(rnd: Round) -> bool:
-    """Whether a rule adds ``rnd``'s payload to the tensors (a :class:`MergeRound`)."""
-    return isinstance(rnd, MergeRound)
 
 
 class UpdateRule:

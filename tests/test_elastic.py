@@ -51,16 +51,22 @@ def _restore(starts):
     return models, opts
 
 
+def _backward(model, opt, r: int, t: int) -> None:
+    """Worker r's gradient at local step t: examples/elastic.py's batch of state.step == t - 1."""
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1000 * r + t - 1))
+    opt.zero_grad()
+    with torch.enable_grad():
+        F.mse_loss(model(x.double()), x[:, :1].sin().double()).backward()
+
+
 def _phase(starts, until, interval):
     """Float64 run of examples/elastic.py on len(starts) workers, worker i from starts[i] (its
     parameters, momentum and step), up to step ``until``; returns the models and optimizers."""
     s = starts[0]["step"]
     models, opts = _restore(starts)
 
-    def grad(r, k):  # local step s + k reads the batch of state.step == s + k - 1
-        x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1000 * r + s + k - 1))
-        opts[r].zero_grad()
-        F.mse_loss(models[r](x.double()), x[:, :1].sin().double()).backward()
+    def grad(r, k):  # local step s + k
+        _backward(models[r], opts[r], r, s + k)
     n = until - s
     rounds = [k for k in range(1, n + 1) if (s + k) % interval == 0]
     simulate_rounds(models, opts, grad, [n] * len(starts), [rounds] * len(starts), finalize=False)
@@ -88,10 +94,7 @@ def _outer_phase(starts, until, interval, outer):
         refs.append(ref)
     for t in range(s + 1, until + 1):
         for r, (m, o) in enumerate(zip(models, opts)):
-            x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1000 * r + t - 1))
-            o.zero_grad()
-            with torch.enable_grad():
-                F.mse_loss(m(x.double()), x[:, :1].sin().double()).backward()
+            _backward(m, o, r, t)
         if t % interval == 0:
             for ps in zip(*(m.parameters() for m in models)):
                 mean = torch.stack(ps).mean(0)
@@ -135,10 +138,7 @@ def _stream_phase(starts, until, interval, fragments, delay):
     gap = interval // fragments
     for t in range(s + 1, until + 1):
         for r, (m, o) in enumerate(zip(models, opts)):
-            x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1000 * r + t - 1))
-            o.zero_grad()
-            with torch.enable_grad():
-                F.mse_loss(m(x.double()), x[:, :1].sin().double()).backward()
+            _backward(m, o, r, t)
             for merge_at, corr in [e for e in pending[r] if e[0] <= t]:
                 for i, c in corr.items():
                     params[r][i].add_(c)
