@@ -96,12 +96,14 @@ def main():
     mb = args.numel * 4 / 1e6
     print(f"{args.numel / 1e6:.2f}M fp32 elements ({mb:.1f} MB), {args.ranks} ranks, "
           f"{args.device}, {args.threads} threads, medians of {args.repeats}")
-    print(f"{'format':<7} {'B/elem sent':>11} {'encode ms':>10} {'ms/MB':>7} "
-          f"{'decode ms':>10} {'ms/MB':>7}")
+    # Ratios against fp16, the format measured beside it in the same interleaved passes.
+    base_e, base_d = statistics.median(enc["fp16"]), statistics.median(dec["fp16"])
+    print(f"{'format':<7} {'B/elem sent':>11} {'encode ms':>10} {'ms/MB':>7} {'vs fp16':>8} "
+          f"{'decode ms':>10} {'ms/MB':>7} {'vs fp16':>8}")
     for k, s in setups.items():
         e, d = statistics.median(enc[k]), statistics.median(dec[k])
         print(f"{k:<7} {s.sent_bytes / args.numel:>11.3f} {e:>10.2f} {e / mb:>7.3f} "
-              f"{d:>10.2f} {d / mb:>7.3f}")
+              f"{e / base_e:>7.2f}x {d:>10.2f} {d / mb:>7.3f} {d / base_d:>7.2f}x")
 
 
 if __name__ == "__main__":
